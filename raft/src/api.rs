@@ -1,0 +1,311 @@
+//! The cluster API as seen by clients: the status schema and a typed gRPC client.
+//!
+//! `migrator`, joining daemons and the integration tests all talk to a node through
+//! [`ClusterClient`], so there is one place that turns gRPC statuses into readable errors.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+use crate::command::{Command, Outcome, Request as CommandRequest, Response};
+use crate::pb::cluster_client::ClusterClient as PbClusterClient;
+use crate::pb::{self};
+use crate::state::NodeSpec;
+use crate::{CLUSTER_ID_HEADER, NodeId};
+
+/// A member's role in the Raft membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Votes in elections and counts toward the commit quorum.
+    Voter,
+    /// Receives the log but does not vote.
+    Learner,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Voter => "voter",
+            Role::Learner => "learner",
+        })
+    }
+}
+
+/// A node as `cluster status` and `node list` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Node id.
+    pub id: NodeId,
+    /// Raft role.
+    pub role: Role,
+    /// gRPC address.
+    pub grpc_addr: String,
+    /// iSCSI portal address.
+    pub iscsi_addr: String,
+    /// Live-migration address.
+    pub migration_addr: String,
+    /// `up`, `down` (no heartbeat for [`crate::node::DOWN_AFTER`]), `draining`, or `joining`
+    /// (in the Raft membership but not yet in the node table).
+    pub state: String,
+    /// csvd version.
+    pub version: String,
+    /// Node-to-node protocol version.
+    pub protocol_version: u32,
+    /// Processor model.
+    pub cpu_model: String,
+    /// Virtual switches.
+    pub switches: Vec<String>,
+    /// Physical memory in bytes.
+    pub memory_bytes: u64,
+    /// Milliseconds since the node's last committed heartbeat, by the serving node's clock.
+    pub last_heartbeat_age_ms: Option<u64>,
+}
+
+/// The answer to `cluster status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The cluster's identity, or `None` before `cluster init`.
+    pub cluster_id: Option<String>,
+    /// The current leader, or `None` while there is none.
+    pub leader: Option<NodeId>,
+    /// The current Raft term.
+    pub term: u64,
+    /// Index of the last committed log entry.
+    pub committed_index: u64,
+    /// Index of the last entry applied by the node that answered.
+    pub applied_index: u64,
+    /// The node that answered.
+    pub served_by: NodeId,
+    /// Every member, by id.
+    pub members: Vec<MemberStatus>,
+}
+
+/// What a client call can fail with, worded for an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint could not be reached at all.
+    #[error("cannot reach {endpoint}: {reason}")]
+    Unreachable {
+        /// The endpoint tried.
+        endpoint: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The endpoint answered with an error.
+    #[error("{0}")]
+    Refused(String),
+    /// The endpoint answered but is not a csvd node.
+    #[error("{endpoint} is not a csvd node ({reason})")]
+    NotCsvd {
+        /// The endpoint tried.
+        endpoint: String,
+        /// What it said.
+        reason: String,
+    },
+    /// The state machine rejected the command.
+    #[error("{0}")]
+    Rejected(crate::ApplyError),
+    /// The reply could not be decoded.
+    #[error("undecodable reply from {endpoint}: {reason}")]
+    BadReply {
+        /// The endpoint.
+        endpoint: String,
+        /// The decoding error.
+        reason: String,
+    },
+}
+
+impl ClientError {
+    /// The gRPC code of a refusal, if this is one.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, ClientError::Unreachable { .. })
+    }
+}
+
+/// A typed client of one node's Cluster service.
+#[derive(Debug, Clone)]
+pub struct ClusterClient {
+    endpoint: String,
+    inner: PbClusterClient<Channel>,
+    cluster_id: Option<String>,
+    timeout: Duration,
+}
+
+impl ClusterClient {
+    /// A client for the node at `endpoint` (`http://host:port` or `host:port`). Connects on
+    /// first use. With `cluster_id`, every call asserts that the node belongs to that cluster.
+    pub fn new(endpoint: &str, cluster_id: Option<String>) -> Result<Self, ClientError> {
+        let url = if endpoint.contains("://") {
+            endpoint.to_string()
+        } else {
+            format!("http://{endpoint}")
+        };
+        let bad = |reason: String| ClientError::Unreachable {
+            endpoint: endpoint.to_string(),
+            reason,
+        };
+        let ep = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| bad(format!("invalid endpoint: {e}")))?;
+        if ep.uri().host().is_none() || ep.uri().port_u16().is_none() {
+            return Err(bad("the endpoint must name a host and a port, like http://127.0.0.1:7001".into()));
+        }
+        let channel = ep
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            endpoint: url,
+            inner: PbClusterClient::new(channel).max_decoding_message_size(64 << 20),
+            cluster_id,
+            timeout: Duration::from_secs(30),
+        })
+    }
+
+    /// The endpoint this client talks to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Sets the per-call deadline (default 30 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    fn request<T>(&self, msg: T) -> Request<T> {
+        let mut req = Request::new(msg);
+        req.set_timeout(self.timeout);
+        if let Some(id) = &self.cluster_id
+            && let Ok(v) = id.parse()
+        {
+            req.metadata_mut().insert(CLUSTER_ID_HEADER, v);
+        }
+        req
+    }
+
+    fn error(&self, status: Status) -> ClientError {
+        classify_status(&self.endpoint, status)
+    }
+
+    /// Bootstraps a new cluster on this node; returns the new cluster id.
+    pub async fn init(&mut self) -> Result<String, ClientError> {
+        let req = self.request(pb::InitRequest {});
+        let resp = self.inner.init(req).await.map_err(|s| self.error(s))?;
+        Ok(resp.into_inner().cluster_id)
+    }
+
+    /// Asks the cluster to admit `node`; returns the cluster id and the role given.
+    pub async fn join(&mut self, node: &NodeSpec, expected_cluster_id: Option<&str>) -> Result<(String, String), ClientError> {
+        let req = self.request(pb::JoinRequest {
+            node: Some(spec_to_pb(node)),
+            expected_cluster_id: expected_cluster_id.unwrap_or_default().to_string(),
+        });
+        let resp = self.inner.join(req).await.map_err(|s| self.error(s))?.into_inner();
+        Ok((resp.cluster_id, resp.role))
+    }
+
+    /// Removes node `id` from the cluster (`0`: the node this client talks to).
+    pub async fn leave(&mut self, id: NodeId) -> Result<(), ClientError> {
+        let req = self.request(pb::LeaveRequest { node_id: id });
+        self.inner.leave(req).await.map_err(|s| self.error(s))?;
+        Ok(())
+    }
+
+    /// Reads the cluster status linearizably.
+    pub async fn status(&mut self) -> Result<ClusterStatus, ClientError> {
+        let req = self.request(pb::StatusRequest {});
+        let resp = self.inner.status(req).await.map_err(|s| self.error(s))?.into_inner();
+        serde_json::from_slice(&resp.json).map_err(|e| ClientError::BadReply {
+            endpoint: self.endpoint.clone(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Proposes a command; returns its outcome and log index, or the state machine's typed
+    /// rejection as [`ClientError::Rejected`].
+    pub async fn write(&mut self, cmd: Command) -> Result<(Outcome, u64), ClientError> {
+        let json = serde_json::to_vec(&CommandRequest::new(cmd)).map_err(|e| ClientError::BadReply {
+            endpoint: self.endpoint.clone(),
+            reason: format!("encoding the command: {e}"),
+        })?;
+        let req = self.request(pb::WriteRequest { json });
+        let resp = self.inner.write(req).await.map_err(|s| self.error(s))?.into_inner();
+        let result: Response = serde_json::from_slice(&resp.json).map_err(|e| ClientError::BadReply {
+            endpoint: self.endpoint.clone(),
+            reason: e.to_string(),
+        })?;
+        result.map(|o| (o, resp.log_index)).map_err(ClientError::Rejected)
+    }
+}
+
+/// Turns a gRPC status into an operator-readable error.
+pub fn classify_status(endpoint: &str, status: Status) -> ClientError {
+    match status.code() {
+        Code::Unavailable if status.message().contains("tcp connect") || status.message().contains("transport") => {
+            ClientError::Unreachable {
+                endpoint: endpoint.to_string(),
+                reason: connect_reason(&status),
+            }
+        }
+        Code::Unimplemented => ClientError::NotCsvd {
+            endpoint: endpoint.to_string(),
+            reason: "it does not serve the csvd cluster API".into(),
+        },
+        Code::DeadlineExceeded => ClientError::Unreachable {
+            endpoint: endpoint.to_string(),
+            reason: "no answer before the deadline".into(),
+        },
+        Code::Unknown | Code::Internal if status.message().contains("h2 protocol error") || status.message().contains("transport") => {
+            ClientError::NotCsvd {
+                endpoint: endpoint.to_string(),
+                reason: status.message().to_string(),
+            }
+        }
+        _ => ClientError::Refused(status.message().to_string()),
+    }
+}
+
+fn connect_reason(status: &Status) -> String {
+    use std::error::Error as _;
+    let mut source: Option<&dyn std::error::Error> = status.source();
+    let mut last = status.message().to_string();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    last
+}
+
+/// Converts a node description to its wire form.
+pub fn spec_to_pb(s: &NodeSpec) -> pb::NodeSpec {
+    pb::NodeSpec {
+        id: s.id,
+        grpc_addr: s.grpc_addr.clone(),
+        iscsi_addr: s.iscsi_addr.clone(),
+        migration_addr: s.migration_addr.clone(),
+        cpu_model: s.cpu_model.clone(),
+        cpu_flags: s.cpu_flags.clone(),
+        switches: s.switches.clone(),
+        memory_bytes: s.memory_bytes,
+        version: s.version.clone(),
+        protocol_version: s.protocol_version,
+    }
+}
+
+/// Converts a node description from its wire form.
+pub fn spec_from_pb(s: pb::NodeSpec) -> NodeSpec {
+    NodeSpec {
+        id: s.id,
+        grpc_addr: s.grpc_addr,
+        iscsi_addr: s.iscsi_addr,
+        migration_addr: s.migration_addr,
+        cpu_model: s.cpu_model,
+        cpu_flags: s.cpu_flags,
+        switches: s.switches,
+        memory_bytes: s.memory_bytes,
+        version: s.version,
+        protocol_version: s.protocol_version,
+    }
+}

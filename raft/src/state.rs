@@ -1,0 +1,551 @@
+//! The cluster metadata state and the pure function that applies commands to it.
+//!
+//! [`ClusterState::apply`] is deterministic and never panics: a command that does not fit the
+//! current state is rejected with an [`ApplyError`] that is returned to the proposer and
+//! leaves the state untouched. Every node applies the same log and holds the same state.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::command::{COMMAND_VERSION, Command, Outcome, Request};
+use crate::{MIN_PROTOCOL_VERSION, NodeId, PROTOCOL_VERSION};
+
+/// What a node reports about itself when it joins or restarts.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// The node's id (never 0).
+    pub id: NodeId,
+    /// Address of the node's gRPC server (Raft and cluster API), `host:port`.
+    pub grpc_addr: String,
+    /// Address of the node's iSCSI portal, `host:port`.
+    pub iscsi_addr: String,
+    /// Address QEMU listens on for incoming live migrations, `host:port`.
+    pub migration_addr: String,
+    /// The processor model name.
+    pub cpu_model: String,
+    /// The processor feature flags, sorted.
+    pub cpu_flags: Vec<String>,
+    /// Names of the virtual switches this node has.
+    pub switches: Vec<String>,
+    /// Physical memory in bytes.
+    pub memory_bytes: u64,
+    /// The csvd software version.
+    pub version: String,
+    /// The node-to-node protocol version the node speaks.
+    pub protocol_version: u32,
+}
+
+/// A node's administrative state, set by operators; liveness is derived from heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeAdminState {
+    /// Takes part in everything.
+    #[default]
+    Active,
+    /// In maintenance: takes no new work.
+    Draining,
+}
+
+impl std::fmt::Display for NodeAdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeAdminState::Active => "active",
+            NodeAdminState::Draining => "draining",
+        })
+    }
+}
+
+/// One row of the node table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// What the node last reported about itself.
+    pub spec: NodeSpec,
+    /// Administrative state.
+    pub admin_state: NodeAdminState,
+    /// When the node was registered (proposer's clock, ms since the Unix epoch).
+    pub joined_at_ms: u64,
+    /// The node's clock at its last committed heartbeat, if any.
+    pub last_heartbeat_ms: Option<u64>,
+}
+
+/// The whole replicated metadata.
+///
+/// Each kind of object lives in its own map keyed by id, so later kinds (volumes, LUNs,
+/// reservations, VMs, migrations) are siblings of `nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// The cluster's identity, set once by [`Command::InitCluster`].
+    pub cluster_id: Option<Uuid>,
+    /// The node table.
+    pub nodes: BTreeMap<NodeId, NodeRecord>,
+}
+
+/// Why a command was rejected. The messages are what the operator reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "error", rename_all = "snake_case")]
+pub enum ApplyError {
+    /// The command was encoded with a command-set version this node does not know.
+    #[error("command version {got} is not supported (this node applies versions up to {supported})")]
+    UnsupportedCommandVersion {
+        /// The version in the log entry.
+        got: u32,
+        /// The newest version this node applies.
+        supported: u32,
+    },
+    /// The cluster has no identity yet.
+    #[error("the cluster is not initialized")]
+    NotInitialized,
+    /// The cluster already has an identity.
+    #[error("the cluster is already initialized as {cluster_id}")]
+    AlreadyInitialized {
+        /// The existing identity.
+        cluster_id: Uuid,
+    },
+    /// No node has this id.
+    #[error("node {id} is not a member of the cluster")]
+    UnknownNode {
+        /// The id asked for.
+        id: NodeId,
+    },
+    /// Another node already uses this id.
+    #[error("node id {id} is already used by the node at {existing_addr}")]
+    DuplicateNodeId {
+        /// The contested id.
+        id: NodeId,
+        /// The gRPC address of the node that holds the id.
+        existing_addr: String,
+    },
+    /// Another node already uses this address.
+    #[error("address {addr} is already used by node {holder}")]
+    DuplicateAddress {
+        /// The contested address.
+        addr: String,
+        /// The node that holds it.
+        holder: NodeId,
+    },
+    /// The node speaks a protocol version the cluster cannot speak.
+    #[error(
+        "node {id} speaks protocol version {got}; this cluster speaks versions \
+         {min} to {max}: run matching csvd software on every node"
+    )]
+    IncompatibleProtocol {
+        /// The node.
+        id: NodeId,
+        /// The version the node reported.
+        got: u32,
+        /// Oldest version the cluster speaks.
+        min: u32,
+        /// Newest version the cluster speaks.
+        max: u32,
+    },
+    /// A field of the command is not acceptable on its own.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The offending field.
+        field: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// The command does not fit the current state.
+    #[error("precondition failed: {0}")]
+    PreconditionFailed(String),
+}
+
+impl ClusterState {
+    /// Applies one log entry's request. On error the state is unchanged.
+    pub fn apply(&mut self, req: &Request) -> Result<Outcome, ApplyError> {
+        if req.v > COMMAND_VERSION || req.v == 0 {
+            return Err(ApplyError::UnsupportedCommandVersion {
+                got: req.v,
+                supported: COMMAND_VERSION,
+            });
+        }
+        match &req.cmd {
+            Command::InitCluster { cluster_id } => self.init_cluster(*cluster_id),
+            Command::RegisterNode { spec, now_ms } => {
+                self.require_initialized()?;
+                self.register_node(spec, *now_ms)
+            }
+            Command::UpdateNode { spec } => {
+                self.require_initialized()?;
+                self.update_node(spec)
+            }
+            Command::Heartbeat { id, at_ms } => {
+                self.require_initialized()?;
+                let node = self.node_mut(*id)?;
+                // Clocks of different nodes are not compared; a heartbeat only moves forward.
+                if node.last_heartbeat_ms.is_some_and(|t| t >= *at_ms) {
+                    return Ok(Outcome::Unchanged);
+                }
+                node.last_heartbeat_ms = Some(*at_ms);
+                Ok(Outcome::Applied)
+            }
+            Command::SetNodeState { id, state } => {
+                self.require_initialized()?;
+                let node = self.node_mut(*id)?;
+                if node.admin_state == *state {
+                    return Ok(Outcome::Unchanged);
+                }
+                node.admin_state = *state;
+                Ok(Outcome::Applied)
+            }
+            Command::RemoveNode { id } => {
+                self.require_initialized()?;
+                match self.nodes.remove(id) {
+                    Some(_) => Ok(Outcome::Applied),
+                    None => Err(ApplyError::UnknownNode { id: *id }),
+                }
+            }
+        }
+    }
+
+    fn require_initialized(&self) -> Result<Uuid, ApplyError> {
+        self.cluster_id.ok_or(ApplyError::NotInitialized)
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> Result<&mut NodeRecord, ApplyError> {
+        self.nodes.get_mut(&id).ok_or(ApplyError::UnknownNode { id })
+    }
+
+    fn init_cluster(&mut self, cluster_id: Uuid) -> Result<Outcome, ApplyError> {
+        match self.cluster_id {
+            Some(existing) if existing == cluster_id => Ok(Outcome::Unchanged),
+            Some(existing) => Err(ApplyError::AlreadyInitialized { cluster_id: existing }),
+            None if cluster_id.is_nil() => Err(ApplyError::InvalidArgument {
+                field: "cluster_id".into(),
+                reason: "the nil UUID is not a cluster identity".into(),
+            }),
+            None => {
+                self.cluster_id = Some(cluster_id);
+                Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    fn register_node(&mut self, spec: &NodeSpec, now_ms: u64) -> Result<Outcome, ApplyError> {
+        validate_spec(spec)?;
+        if let Some(existing) = self.nodes.get(&spec.id) {
+            if existing.spec.grpc_addr != spec.grpc_addr {
+                return Err(ApplyError::DuplicateNodeId {
+                    id: spec.id,
+                    existing_addr: existing.spec.grpc_addr.clone(),
+                });
+            }
+            // The same node asking again (a retried join): refresh what it reports.
+            return self.update_node(spec);
+        }
+        self.check_addresses_free(spec)?;
+        self.nodes.insert(
+            spec.id,
+            NodeRecord {
+                spec: spec.clone(),
+                admin_state: NodeAdminState::Active,
+                joined_at_ms: now_ms,
+                last_heartbeat_ms: None,
+            },
+        );
+        Ok(Outcome::Applied)
+    }
+
+    fn update_node(&mut self, spec: &NodeSpec) -> Result<Outcome, ApplyError> {
+        validate_spec(spec)?;
+        if !self.nodes.contains_key(&spec.id) {
+            return Err(ApplyError::UnknownNode { id: spec.id });
+        }
+        self.check_addresses_free(spec)?;
+        let node = self.node_mut(spec.id)?;
+        if node.spec == *spec {
+            return Ok(Outcome::Unchanged);
+        }
+        node.spec = spec.clone();
+        Ok(Outcome::Applied)
+    }
+
+    /// Rejects a spec whose addresses another node already uses.
+    fn check_addresses_free(&self, spec: &NodeSpec) -> Result<(), ApplyError> {
+        for (other_id, other) in &self.nodes {
+            if *other_id == spec.id {
+                continue;
+            }
+            let theirs = [
+                &other.spec.grpc_addr,
+                &other.spec.iscsi_addr,
+                &other.spec.migration_addr,
+            ];
+            for addr in [&spec.grpc_addr, &spec.iscsi_addr, &spec.migration_addr] {
+                if !addr.is_empty() && theirs.contains(&addr) {
+                    return Err(ApplyError::DuplicateAddress {
+                        addr: addr.clone(),
+                        holder: *other_id,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks a node description on its own, before it is compared with the state.
+pub fn validate_spec(spec: &NodeSpec) -> Result<(), ApplyError> {
+    if spec.id == 0 {
+        return Err(ApplyError::InvalidArgument {
+            field: "node id".into(),
+            reason: "0 is reserved; use 1 or more".into(),
+        });
+    }
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&spec.protocol_version) {
+        return Err(ApplyError::IncompatibleProtocol {
+            id: spec.id,
+            got: spec.protocol_version,
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+        });
+    }
+    if spec.grpc_addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApplyError::InvalidArgument {
+            field: "grpc_addr".into(),
+            reason: format!("{:?} is not an IP:port address", spec.grpc_addr),
+        });
+    }
+    for (field, addr) in [
+        ("iscsi_addr", &spec.iscsi_addr),
+        ("migration_addr", &spec.migration_addr),
+    ] {
+        if !addr.is_empty() && addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApplyError::InvalidArgument {
+                field: field.into(),
+                reason: format!("{addr:?} is not an IP:port address"),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: NodeId) -> NodeSpec {
+        NodeSpec {
+            id,
+            grpc_addr: format!("127.0.0.1:{}", 7000 + id),
+            iscsi_addr: format!("127.0.0.1:{}", 3260 + id),
+            migration_addr: format!("127.0.0.1:{}", 8000 + id),
+            cpu_model: "test cpu".into(),
+            cpu_flags: vec!["sse2".into()],
+            switches: vec!["lan".into()],
+            memory_bytes: 1 << 30,
+            version: "0.1.0".into(),
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
+
+    fn initialized() -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply(&Request::new(Command::InitCluster {
+            cluster_id: Uuid::from_u128(7),
+        }))
+        .unwrap();
+        s
+    }
+
+    fn apply(s: &mut ClusterState, cmd: Command) -> Result<Outcome, ApplyError> {
+        s.apply(&Request::new(cmd))
+    }
+
+    /// Applies a command expected to fail and checks that the state did not change.
+    fn rejected(s: &mut ClusterState, cmd: Command) -> ApplyError {
+        let before = s.clone();
+        let err = apply(s, cmd).unwrap_err();
+        assert_eq!(*s, before, "a rejected command must leave the state unchanged");
+        err
+    }
+
+    #[test]
+    fn test_apply_init_once() {
+        let mut s = initialized();
+        assert_eq!(s.cluster_id, Some(Uuid::from_u128(7)));
+        assert_eq!(
+            apply(&mut s, Command::InitCluster { cluster_id: Uuid::from_u128(7) }),
+            Ok(Outcome::Unchanged)
+        );
+        assert_eq!(
+            rejected(&mut s, Command::InitCluster { cluster_id: Uuid::from_u128(8) }),
+            ApplyError::AlreadyInitialized { cluster_id: Uuid::from_u128(7) }
+        );
+    }
+
+    #[test]
+    fn test_apply_init_rejects_nil() {
+        let mut s = ClusterState::default();
+        assert!(matches!(
+            rejected(&mut s, Command::InitCluster { cluster_id: Uuid::nil() }),
+            ApplyError::InvalidArgument { .. }
+        ));
+    }
+
+    #[test]
+    fn test_apply_rejects_before_init() {
+        let mut s = ClusterState::default();
+        for cmd in [
+            Command::RegisterNode { spec: spec(1), now_ms: 1 },
+            Command::UpdateNode { spec: spec(1) },
+            Command::Heartbeat { id: 1, at_ms: 1 },
+            Command::SetNodeState { id: 1, state: NodeAdminState::Draining },
+            Command::RemoveNode { id: 1 },
+        ] {
+            assert_eq!(rejected(&mut s, cmd), ApplyError::NotInitialized);
+        }
+    }
+
+    #[test]
+    fn test_apply_rejects_unknown_version() {
+        let mut s = initialized();
+        let req = Request { v: COMMAND_VERSION + 1, cmd: Command::RemoveNode { id: 1 } };
+        let before = s.clone();
+        assert!(matches!(s.apply(&req), Err(ApplyError::UnsupportedCommandVersion { .. })));
+        assert_eq!(s, before);
+        let req = Request { v: 0, cmd: Command::RemoveNode { id: 1 } };
+        assert!(matches!(s.apply(&req), Err(ApplyError::UnsupportedCommandVersion { .. })));
+    }
+
+    #[test]
+    fn test_apply_register_and_retry() {
+        let mut s = initialized();
+        assert_eq!(apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 5 }), Ok(Outcome::Applied));
+        assert_eq!(s.nodes[&1].joined_at_ms, 5);
+        assert_eq!(s.nodes[&1].admin_state, NodeAdminState::Active);
+        // A retried join of the same node is idempotent.
+        assert_eq!(
+            apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 9 }),
+            Ok(Outcome::Unchanged)
+        );
+        assert_eq!(s.nodes[&1].joined_at_ms, 5);
+    }
+
+    #[test]
+    fn test_apply_register_rejects_duplicate_id() {
+        let mut s = initialized();
+        apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 1 }).unwrap();
+        let mut other = spec(1);
+        other.grpc_addr = "127.0.0.2:7001".into();
+        other.iscsi_addr = "127.0.0.2:3261".into();
+        other.migration_addr = "127.0.0.2:8001".into();
+        assert_eq!(
+            rejected(&mut s, Command::RegisterNode { spec: other, now_ms: 1 }),
+            ApplyError::DuplicateNodeId { id: 1, existing_addr: "127.0.0.1:7001".into() }
+        );
+    }
+
+    #[test]
+    fn test_apply_register_rejects_duplicate_address() {
+        let mut s = initialized();
+        apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 1 }).unwrap();
+        let mut clash = spec(2);
+        clash.iscsi_addr = spec(1).iscsi_addr;
+        assert_eq!(
+            rejected(&mut s, Command::RegisterNode { spec: clash, now_ms: 1 }),
+            ApplyError::DuplicateAddress { addr: "127.0.0.1:3261".into(), holder: 1 }
+        );
+    }
+
+    #[test]
+    fn test_apply_register_rejects_bad_spec() {
+        let mut s = initialized();
+        let mut zero = spec(1);
+        zero.id = 0;
+        assert!(matches!(
+            rejected(&mut s, Command::RegisterNode { spec: zero, now_ms: 1 }),
+            ApplyError::InvalidArgument { .. }
+        ));
+        let mut bad_addr = spec(1);
+        bad_addr.grpc_addr = "not-an-address".into();
+        assert!(matches!(
+            rejected(&mut s, Command::RegisterNode { spec: bad_addr, now_ms: 1 }),
+            ApplyError::InvalidArgument { field, .. } if field == "grpc_addr"
+        ));
+        let mut bad_iscsi = spec(1);
+        bad_iscsi.iscsi_addr = "1.2.3.4".into();
+        assert!(matches!(
+            rejected(&mut s, Command::RegisterNode { spec: bad_iscsi, now_ms: 1 }),
+            ApplyError::InvalidArgument { field, .. } if field == "iscsi_addr"
+        ));
+    }
+
+    #[test]
+    fn test_apply_register_rejects_incompatible_protocol() {
+        let mut s = initialized();
+        let mut newer = spec(2);
+        newer.protocol_version = PROTOCOL_VERSION + 1;
+        let err = rejected(&mut s, Command::RegisterNode { spec: newer, now_ms: 1 });
+        assert!(matches!(err, ApplyError::IncompatibleProtocol { id: 2, .. }));
+        assert!(err.to_string().contains("matching csvd software"));
+    }
+
+    #[test]
+    fn test_apply_update_node() {
+        let mut s = initialized();
+        assert_eq!(
+            rejected(&mut s, Command::UpdateNode { spec: spec(1) }),
+            ApplyError::UnknownNode { id: 1 }
+        );
+        apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 1 }).unwrap();
+        apply(&mut s, Command::RegisterNode { spec: spec(2), now_ms: 1 }).unwrap();
+        let mut upgraded = spec(1);
+        upgraded.version = "0.2.0".into();
+        assert_eq!(apply(&mut s, Command::UpdateNode { spec: upgraded }), Ok(Outcome::Applied));
+        assert_eq!(s.nodes[&1].spec.version, "0.2.0");
+        let mut clash = spec(1);
+        clash.grpc_addr = spec(2).grpc_addr;
+        assert!(matches!(
+            rejected(&mut s, Command::UpdateNode { spec: clash }),
+            ApplyError::DuplicateAddress { holder: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn test_apply_heartbeat_moves_forward() {
+        let mut s = initialized();
+        assert_eq!(
+            rejected(&mut s, Command::Heartbeat { id: 3, at_ms: 1 }),
+            ApplyError::UnknownNode { id: 3 }
+        );
+        apply(&mut s, Command::RegisterNode { spec: spec(3), now_ms: 1 }).unwrap();
+        assert_eq!(apply(&mut s, Command::Heartbeat { id: 3, at_ms: 100 }), Ok(Outcome::Applied));
+        assert_eq!(apply(&mut s, Command::Heartbeat { id: 3, at_ms: 50 }), Ok(Outcome::Unchanged));
+        assert_eq!(s.nodes[&3].last_heartbeat_ms, Some(100));
+    }
+
+    #[test]
+    fn test_apply_set_state_and_remove() {
+        let mut s = initialized();
+        assert_eq!(
+            rejected(&mut s, Command::SetNodeState { id: 4, state: NodeAdminState::Draining }),
+            ApplyError::UnknownNode { id: 4 }
+        );
+        apply(&mut s, Command::RegisterNode { spec: spec(4), now_ms: 1 }).unwrap();
+        assert_eq!(
+            apply(&mut s, Command::SetNodeState { id: 4, state: NodeAdminState::Draining }),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(
+            apply(&mut s, Command::SetNodeState { id: 4, state: NodeAdminState::Draining }),
+            Ok(Outcome::Unchanged)
+        );
+        assert_eq!(apply(&mut s, Command::RemoveNode { id: 4 }), Ok(Outcome::Applied));
+        assert_eq!(rejected(&mut s, Command::RemoveNode { id: 4 }), ApplyError::UnknownNode { id: 4 });
+    }
+
+    #[test]
+    fn test_request_json_roundtrip() {
+        let req = Request::new(Command::RegisterNode { spec: spec(1), now_ms: 3 });
+        let json = serde_json::to_string(&req).unwrap();
+        assert!(json.contains("\"op\":\"register_node\""), "{json}");
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
+        let resp: crate::Response = Err(ApplyError::UnknownNode { id: 9 });
+        let back: crate::Response = serde_json::from_str(&serde_json::to_string(&resp).unwrap()).unwrap();
+        assert_eq!(back, resp);
+    }
+}
