@@ -1,1 +1,214 @@
-fn main() {}
+//! `csvd`: the node daemon. It wires the metadata service (Raft) to its gRPC server and runs
+//! the node's agents; later layers (csv-fs, the iSCSI target, the hypervisor) hang off it.
+
+mod config;
+mod host;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use csvd_raft::api::ClusterClient;
+use csvd_raft::node::{LEFT_MARKER, MetaNode, MetaOptions};
+use csvd_raft::pb::cluster_server::ClusterServer;
+use csvd_raft::pb::raft_server::RaftServer;
+use csvd_raft::service::ClusterService;
+use csvd_raft::state::NodeSpec;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{Config, Flags, LogFormat};
+
+/// Largest gRPC message accepted (snapshots travel in one message).
+const MAX_MESSAGE: usize = 256 << 20;
+
+fn main() -> ExitCode {
+    let flags = match Flags::try_parse() {
+        Ok(f) => f,
+        Err(e) => return clap_exit(e),
+    };
+    let (config, effective) = match config::load(&flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("csvd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("csvd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, effective)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("csvd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a command-line error as one line (help and version print in full).
+fn clap_exit(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.render().to_string();
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    eprintln!("csvd: {line} (see csvd --help)");
+    ExitCode::from(2)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,openraft=error,h2=warn,tower=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn node_spec(config: &Config) -> NodeSpec {
+    let (cpu_model, cpu_flags) = host::cpu();
+    NodeSpec {
+        id: config.node_id,
+        grpc_addr: config.grpc_addr.to_string(),
+        iscsi_addr: config.iscsi_addr.map(|a| a.to_string()).unwrap_or_default(),
+        migration_addr: config
+            .migration_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        cpu_model,
+        cpu_flags,
+        switches: config.switches.clone(),
+        memory_bytes: host::memory_bytes(),
+        version: csvd_raft::CSVD_VERSION.to_string(),
+        protocol_version: csvd_raft::PROTOCOL_VERSION,
+    }
+}
+
+async fn run(config: Config, effective: config::FileConfig) -> Result<(), String> {
+    let dir = &config.data_dir;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("{}: cannot create the data dir: {e}", dir.display()))?;
+    let marker = dir.join(LEFT_MARKER);
+    if marker.exists() {
+        let cluster = std::fs::read_to_string(&marker).unwrap_or_default();
+        return Err(format!(
+            "{}: this node left cluster {cluster}; empty the data dir to use it again",
+            dir.display()
+        ));
+    }
+    config::save(dir, &effective)
+        .map_err(|e| format!("{}: cannot save the configuration: {e}", dir.display()))?;
+
+    let listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .map_err(|e| format!("cannot listen on grpc_addr {}: {e}", config.grpc_addr))?;
+
+    let mut opts = MetaOptions::new(node_spec(&config), dir.clone());
+    opts.snapshot_every_entries = config.snapshot_every_entries;
+    let node = MetaNode::open(opts).await.map_err(|e| e.to_string())?;
+
+    if let Some(expected) = config.cluster_id
+        && let Some(actual) = node.local_view().state.cluster_id
+        && actual != expected
+    {
+        return Err(format!(
+            "wrong cluster: the data dir belongs to cluster {actual}, not {expected}"
+        ));
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = {
+        let raft = RaftServer::new(node.raft_service())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let cluster = ClusterServer::new(ClusterService::new(node.clone()))
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE);
+        let mut stop = stop_rx.clone();
+        let incoming = tokio_stream_from(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(raft)
+                .add_service(cluster)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        )
+    };
+    tracing::info!(node = config.node_id, grpc = %config.grpc_addr, "csvd is serving");
+
+    if !node.is_initialized().await.map_err(|e| e.to_string())? {
+        match config.join {
+            Some(join) => join_cluster(&node, &config, &join.to_string()).await?,
+            None => tracing::info!(
+                "not in a cluster yet: waiting for `migrator cluster init` or a restart with --join"
+            ),
+        }
+    }
+
+    let agents = node.spawn_agents();
+    let mut removed = node.removed();
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = removed.wait_for(|r| *r) => tracing::info!("removed from the cluster: shutting down"),
+    }
+    node.shutdown().await;
+    agents.abort();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), server).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Asks the cluster at `join` to admit this node, retrying while it is unreachable or
+/// between leaders. A refusal (wrong cluster, duplicate id, incompatible version) is final.
+async fn join_cluster(node: &MetaNode, config: &Config, join: &str) -> Result<(), String> {
+    let spec = node_spec(config);
+    let expected = config.cluster_id.map(|c| c.to_string());
+    let mut client = ClusterClient::new(join, None).map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        match client.join(&spec, expected.as_deref()).await {
+            Ok((cluster_id, role)) => {
+                tracing::info!(%cluster_id, %role, via = join, "joined the cluster");
+                node.cluster_cell().set(cluster_id);
+                return Ok(());
+            }
+            Err(e) if e.is_unavailable() => {
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!("could not join via {join}: {e}"));
+                }
+                tracing::warn!(error = %e, "join not possible yet; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(format!("join refused by {join}: {e}")),
+        }
+    }
+}
+
+fn tokio_stream_from(listener: TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}

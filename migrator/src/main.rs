@@ -1,1 +1,5 @@
-fn main() {}
+//! `migrator`: the csvd operator CLI.
+
+fn main() -> std::process::ExitCode {
+    csvd_migrator::cli::main()
+}

@@ -95,8 +95,13 @@ pub enum ClientError {
         reason: String,
     },
     /// The endpoint answered with an error.
-    #[error("{0}")]
-    Refused(String),
+    #[error("{message}")]
+    Refused {
+        /// The gRPC status code.
+        code: Code,
+        /// The node's explanation.
+        message: String,
+    },
     /// The endpoint answered but is not a csvd node.
     #[error("{endpoint} is not a csvd node ({reason})")]
     NotCsvd {
@@ -119,9 +124,17 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    /// The gRPC code of a refusal, if this is one.
+    /// Whether trying again later may succeed: the node was unreachable, or it answered that
+    /// the cluster is not available yet (no leader, not initialized).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, ClientError::Unreachable { .. })
+        matches!(
+            self,
+            ClientError::Unreachable { .. }
+                | ClientError::Refused {
+                    code: Code::Unavailable,
+                    ..
+                }
+        )
     }
 }
 
@@ -147,9 +160,12 @@ impl ClusterClient {
             endpoint: endpoint.to_string(),
             reason,
         };
-        let ep = tonic::transport::Endpoint::from_shared(url.clone()).map_err(|e| bad(format!("invalid endpoint: {e}")))?;
+        let ep = tonic::transport::Endpoint::from_shared(url.clone())
+            .map_err(|e| bad(format!("invalid endpoint: {e}")))?;
         if ep.uri().host().is_none() || ep.uri().port_u16().is_none() {
-            return Err(bad("the endpoint must name a host and a port, like http://127.0.0.1:7001".into()));
+            return Err(bad(
+                "the endpoint must name a host and a port, like http://127.0.0.1:7001".into(),
+            ));
         }
         let channel = ep
             .connect_timeout(Duration::from_secs(2))
@@ -197,12 +213,21 @@ impl ClusterClient {
     }
 
     /// Asks the cluster to admit `node`; returns the cluster id and the role given.
-    pub async fn join(&mut self, node: &NodeSpec, expected_cluster_id: Option<&str>) -> Result<(String, String), ClientError> {
+    pub async fn join(
+        &mut self,
+        node: &NodeSpec,
+        expected_cluster_id: Option<&str>,
+    ) -> Result<(String, String), ClientError> {
         let req = self.request(pb::JoinRequest {
             node: Some(spec_to_pb(node)),
             expected_cluster_id: expected_cluster_id.unwrap_or_default().to_string(),
         });
-        let resp = self.inner.join(req).await.map_err(|s| self.error(s))?.into_inner();
+        let resp = self
+            .inner
+            .join(req)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
         Ok((resp.cluster_id, resp.role))
     }
 
@@ -215,8 +240,22 @@ impl ClusterClient {
 
     /// Reads the cluster status linearizably.
     pub async fn status(&mut self) -> Result<ClusterStatus, ClientError> {
-        let req = self.request(pb::StatusRequest {});
-        let resp = self.inner.status(req).await.map_err(|s| self.error(s))?.into_inner();
+        self.status_with(false).await
+    }
+
+    /// Reads the status from the node's own applied state, which may lag the leader.
+    pub async fn local_status(&mut self) -> Result<ClusterStatus, ClientError> {
+        self.status_with(true).await
+    }
+
+    async fn status_with(&mut self, local: bool) -> Result<ClusterStatus, ClientError> {
+        let req = self.request(pb::StatusRequest { local });
+        let resp = self
+            .inner
+            .status(req)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
         serde_json::from_slice(&resp.json).map_err(|e| ClientError::BadReply {
             endpoint: self.endpoint.clone(),
             reason: e.to_string(),
@@ -226,24 +265,36 @@ impl ClusterClient {
     /// Proposes a command; returns its outcome and log index, or the state machine's typed
     /// rejection as [`ClientError::Rejected`].
     pub async fn write(&mut self, cmd: Command) -> Result<(Outcome, u64), ClientError> {
-        let json = serde_json::to_vec(&CommandRequest::new(cmd)).map_err(|e| ClientError::BadReply {
-            endpoint: self.endpoint.clone(),
-            reason: format!("encoding the command: {e}"),
-        })?;
+        let json =
+            serde_json::to_vec(&CommandRequest::new(cmd)).map_err(|e| ClientError::BadReply {
+                endpoint: self.endpoint.clone(),
+                reason: format!("encoding the command: {e}"),
+            })?;
         let req = self.request(pb::WriteRequest { json });
-        let resp = self.inner.write(req).await.map_err(|s| self.error(s))?.into_inner();
-        let result: Response = serde_json::from_slice(&resp.json).map_err(|e| ClientError::BadReply {
-            endpoint: self.endpoint.clone(),
-            reason: e.to_string(),
-        })?;
-        result.map(|o| (o, resp.log_index)).map_err(ClientError::Rejected)
+        let resp = self
+            .inner
+            .write(req)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        let result: Response =
+            serde_json::from_slice(&resp.json).map_err(|e| ClientError::BadReply {
+                endpoint: self.endpoint.clone(),
+                reason: e.to_string(),
+            })?;
+        result
+            .map(|o| (o, resp.log_index))
+            .map_err(ClientError::Rejected)
     }
 }
 
 /// Turns a gRPC status into an operator-readable error.
 pub fn classify_status(endpoint: &str, status: Status) -> ClientError {
     match status.code() {
-        Code::Unavailable if status.message().contains("tcp connect") || status.message().contains("transport") => {
+        Code::Unavailable
+            if status.message().contains("tcp connect")
+                || status.message().contains("transport") =>
+        {
             ClientError::Unreachable {
                 endpoint: endpoint.to_string(),
                 reason: connect_reason(&status),
@@ -257,13 +308,19 @@ pub fn classify_status(endpoint: &str, status: Status) -> ClientError {
             endpoint: endpoint.to_string(),
             reason: "no answer before the deadline".into(),
         },
-        Code::Unknown | Code::Internal if status.message().contains("h2 protocol error") || status.message().contains("transport") => {
+        Code::Unknown | Code::Internal
+            if status.message().contains("h2 protocol error")
+                || status.message().contains("transport") =>
+        {
             ClientError::NotCsvd {
                 endpoint: endpoint.to_string(),
                 reason: status.message().to_string(),
             }
         }
-        _ => ClientError::Refused(status.message().to_string()),
+        _ => ClientError::Refused {
+            code: status.code(),
+            message: status.message().to_string(),
+        },
     }
 }
 

@@ -26,7 +26,10 @@ pub struct Request {
 impl Request {
     /// Wraps a command in the current envelope version.
     pub fn new(cmd: Command) -> Self {
-        Self { v: COMMAND_VERSION, cmd }
+        Self {
+            v: COMMAND_VERSION,
+            cmd,
+        }
     }
 }
 

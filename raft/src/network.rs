@@ -16,8 +16,8 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
     TransferLeaderResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, OptionalSend};
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::{BasicNode, OptionalSend};
 use serde::{Deserialize, Serialize};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -143,7 +143,13 @@ impl From<CallError> for StreamingError<TypeConfig> {
 }
 
 impl GrpcPeer {
-    async fn call<Req, Resp, F, Fut>(&mut self, ttl: Duration, req: &Req, data: Vec<u8>, f: F) -> Result<Resp, CallError>
+    async fn call<Req, Resp, F, Fut>(
+        &mut self,
+        ttl: Duration,
+        req: &Req,
+        data: Vec<u8>,
+        f: F,
+    ) -> Result<Resp, CallError>
     where
         Req: Serialize,
         Resp: serde::de::DeserializeOwned,
@@ -156,26 +162,40 @@ impl GrpcPeer {
                 self.target, self.addr
             )));
         };
-        let json = serde_json::to_vec(req).map_err(|e| CallError::Network(format!("encoding: {e}")))?;
+        let json =
+            serde_json::to_vec(req).map_err(|e| CallError::Network(format!("encoding: {e}")))?;
         let mut request = Request::new(RaftMessage { json, data });
         self.cluster.stamp(&mut request);
         request.set_timeout(ttl);
         let reply = match tokio::time::timeout(ttl, f(client, request)).await {
-            Err(_) => return Err(CallError::Network(format!("node {} did not answer within {ttl:?}", self.target))),
+            Err(_) => {
+                return Err(CallError::Network(format!(
+                    "node {} did not answer within {ttl:?}",
+                    self.target
+                )));
+            }
             Ok(Err(status)) => return Err(classify(self.target, &self.addr, status)),
             Ok(Ok(r)) => r.into_inner(),
         };
-        serde_json::from_slice(&reply.json)
-            .map_err(|e| CallError::Network(format!("node {} sent an undecodable reply: {e}", self.target)))
+        serde_json::from_slice(&reply.json).map_err(|e| {
+            CallError::Network(format!(
+                "node {} sent an undecodable reply: {e}",
+                self.target
+            ))
+        })
     }
 }
 
 fn classify(target: NodeId, addr: &str, status: Status) -> CallError {
     match status.code() {
-        tonic::Code::Unavailable | tonic::Code::Unknown => {
-            CallError::Unreachable(format!("node {target} at {addr} is unreachable: {}", status.message()))
-        }
-        _ => CallError::Network(format!("node {target} at {addr} refused: {}", status.message())),
+        tonic::Code::Unavailable | tonic::Code::Unknown => CallError::Unreachable(format!(
+            "node {target} at {addr} is unreachable: {}",
+            status.message()
+        )),
+        _ => CallError::Network(format!(
+            "node {target} at {addr} refused: {}",
+            status.message()
+        )),
     }
 }
 
@@ -188,7 +208,9 @@ impl RaftNetworkV2<TypeConfig> for GrpcPeer {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         Ok(self
-            .call(option.hard_ttl(), &rpc, Vec::new(), |mut c, r| async move { c.append_entries(r).await })
+            .call(option.hard_ttl(), &rpc, Vec::new(), |mut c, r| async move {
+                c.append_entries(r).await
+            })
             .await?)
     }
 
@@ -198,7 +220,9 @@ impl RaftNetworkV2<TypeConfig> for GrpcPeer {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         Ok(self
-            .call(option.hard_ttl(), &rpc, Vec::new(), |mut c, r| async move { c.vote(r).await })
+            .call(option.hard_ttl(), &rpc, Vec::new(), |mut c, r| async move {
+                c.vote(r).await
+            })
             .await?)
     }
 
@@ -208,7 +232,9 @@ impl RaftNetworkV2<TypeConfig> for GrpcPeer {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         Ok(self
-            .call(option.hard_ttl(), &rpc, Vec::new(), |mut c, r| async move { c.pre_vote(r).await })
+            .call(option.hard_ttl(), &rpc, Vec::new(), |mut c, r| async move {
+                c.pre_vote(r).await
+            })
             .await?)
     }
 
@@ -219,7 +245,10 @@ impl RaftNetworkV2<TypeConfig> for GrpcPeer {
         cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let header = SnapshotHeader { vote, meta: snapshot.meta };
+        let header = SnapshotHeader {
+            vote,
+            meta: snapshot.meta,
+        };
         let ttl = option.hard_ttl().max(Duration::from_secs(30));
         let send = self.call(ttl, &header, snapshot.snapshot, |mut c, r| async move {
             c.install_snapshot(r).await
@@ -236,7 +265,9 @@ impl RaftNetworkV2<TypeConfig> for GrpcPeer {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         Ok(self
-            .call(option.hard_ttl(), &req, Vec::new(), |mut c, r| async move { c.transfer_leader(r).await })
+            .call(option.hard_ttl(), &req, Vec::new(), |mut c, r| async move {
+                c.transfer_leader(r).await
+            })
             .await?)
     }
 }
@@ -260,17 +291,26 @@ impl RaftService {
         Self { raft, cluster }
     }
 
-    fn decode<T: serde::de::DeserializeOwned>(&self, req: &Request<RaftMessage>) -> Result<T, Status> {
+    fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        req: &Request<RaftMessage>,
+    ) -> Result<T, Status> {
         self.cluster.check(req)?;
         serde_json::from_slice(&req.get_ref().json)
             .map_err(|e| Status::invalid_argument(format!("undecodable Raft message: {e}")))
     }
 }
 
-fn reply<T: Serialize, E: std::fmt::Display>(res: Result<T, E>) -> Result<Response<RaftMessage>, Status> {
+fn reply<T: Serialize, E: std::fmt::Display>(
+    res: Result<T, E>,
+) -> Result<Response<RaftMessage>, Status> {
     let value = res.map_err(|e| Status::unavailable(format!("raft is not serving: {e}")))?;
-    let json = serde_json::to_vec(&value).map_err(|e| Status::internal(format!("encoding the reply: {e}")))?;
-    Ok(Response::new(RaftMessage { json, data: Vec::new() }))
+    let json = serde_json::to_vec(&value)
+        .map_err(|e| Status::internal(format!("encoding the reply: {e}")))?;
+    Ok(Response::new(RaftMessage {
+        json,
+        data: Vec::new(),
+    }))
 }
 
 #[tonic::async_trait]
@@ -285,12 +325,18 @@ impl pb::raft_server::Raft for RaftService {
         reply(self.raft.pre_vote(rpc).await)
     }
 
-    async fn append_entries(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> = self.decode(&req)?;
         reply(self.raft.append_entries(rpc).await)
     }
 
-    async fn install_snapshot(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let header: SnapshotHeader = self.decode(&req)?;
         // The snapshot must decode before openraft sees it: a bad one is the peer's fault.
         serde_json::from_slice::<crate::ClusterState>(&req.get_ref().data)
@@ -302,7 +348,10 @@ impl pb::raft_server::Raft for RaftService {
         reply(self.raft.install_full_snapshot(header.vote, snapshot).await)
     }
 
-    async fn transfer_leader(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+    async fn transfer_leader(
+        &self,
+        req: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
         let rpc: TransferLeaderRequest<TypeConfig> = self.decode(&req)?;
         reply(self.raft.handle_transfer_leader(rpc).await)
     }

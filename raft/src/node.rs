@@ -78,7 +78,9 @@ pub enum NodeError {
     #[error("no leader: the cluster has no quorum reachable from node {0}")]
     NoLeader(NodeId),
     /// This node was never initialized and joined no cluster.
-    #[error("node {0} is not part of a cluster yet: run `migrator cluster init` on one node or start it with --join")]
+    #[error(
+        "node {0} is not part of a cluster yet: run `migrator cluster init` on one node or start it with --join"
+    )]
     NotInitialized(NodeId),
     /// `init` on a node that already belongs to a cluster.
     #[error("node {id} already belongs to cluster {cluster}")]
@@ -99,6 +101,9 @@ pub enum NodeError {
     /// A membership change could not be made.
     #[error("membership change failed: {0}")]
     Membership(String),
+    /// Another membership change is still in progress; try again shortly.
+    #[error("another membership change is in progress; try again")]
+    Busy,
     /// The leader answered a forwarded request with an error.
     #[error("{}", .0.message())]
     Remote(Status),
@@ -108,6 +113,36 @@ pub enum NodeError {
     /// The Raft core stopped.
     #[error("raft stopped: {0}")]
     Fatal(String),
+}
+
+impl NodeError {
+    /// Whether the same request may succeed a moment later (leader change, membership change
+    /// in progress).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NodeError::NoLeader(_) | NodeError::Busy => true,
+            NodeError::Remote(s) => s.code() == tonic::Code::Unavailable,
+            _ => false,
+        }
+    }
+}
+
+/// Runs `op` again while it fails with a transient error, for up to [`LEADER_WAIT`].
+async fn retry_transient<T, F, Fut>(mut op: F) -> Result<T, NodeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, NodeError>>,
+{
+    let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+    loop {
+        match op().await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "transient failure; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 impl From<NodeError> for Status {
@@ -126,8 +161,10 @@ impl From<NodeError> for Status {
                 | ApplyError::IncompatibleProtocol { .. }
                 | ApplyError::PreconditionFailed(_) => Status::failed_precondition(msg),
             },
-            NodeError::NoLeader(_) => Status::unavailable(msg),
-            NodeError::NotInitialized(_) | NodeError::WrongCluster { .. } => Status::failed_precondition(msg),
+            NodeError::NoLeader(_) | NodeError::NotInitialized(_) | NodeError::Busy => {
+                Status::unavailable(msg)
+            }
+            NodeError::WrongCluster { .. } => Status::failed_precondition(msg),
             NodeError::AlreadyInitialized { .. } => Status::already_exists(msg),
             NodeError::Membership(_) => Status::failed_precondition(msg),
             NodeError::Storage(_) | NodeError::Fatal(_) => Status::internal(msg),
@@ -148,7 +185,13 @@ pub fn now_ms() -> u64 {
 /// the odd count below it while needing a larger quorum.
 pub fn desired_voters(members: usize) -> usize {
     let n = members.min(MAX_VOTERS);
-    if n == 0 { 0 } else if n % 2 == 0 { n - 1 } else { n }
+    if n == 0 {
+        0
+    } else if n.is_multiple_of(2) {
+        n - 1
+    } else {
+        n
+    }
 }
 
 /// Which learners to promote so the voter count reaches [`desired_voters`]. Only learners
@@ -165,6 +208,22 @@ pub fn plan_promotions(
         return BTreeSet::new();
     }
     ready.into_iter().take(target - voters.len()).collect()
+}
+
+/// Classifies a failed membership change.
+fn membership_error(
+    id: NodeId,
+    e: RaftError<crate::TypeConfig, ClientWriteError<crate::TypeConfig>>,
+) -> NodeError {
+    use openraft::error::ChangeMembershipError;
+    match e {
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            ChangeMembershipError::InProgress(_),
+        )) => NodeError::Busy,
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => NodeError::NoLeader(id),
+        RaftError::APIError(e) => NodeError::Membership(e.to_string()),
+        RaftError::Fatal(e) => NodeError::Fatal(e.to_string()),
+    }
 }
 
 /// One metadata node. Cheap to clone.
@@ -184,11 +243,15 @@ struct Inner {
     snapshot_every_bytes: u64,
     /// Set once this node saw itself removed from the cluster.
     removed: watch::Sender<bool>,
+    /// Serializes this leader's membership changes (joins, leaves, promotions).
+    membership_lock: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for MetaNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MetaNode").field("id", &self.inner.id).finish_non_exhaustive()
+        f.debug_struct("MetaNode")
+            .field("id", &self.inner.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -213,10 +276,20 @@ impl MetaNode {
             install_snapshot_timeout: 10_000,
             ..Default::default()
         };
-        let config = Arc::new(config.validate().map_err(|e| NodeError::Fatal(e.to_string()))?);
-        let raft = Raft::new(id, config, GrpcNetwork::new(cluster.clone()), log.clone(), sm.clone())
-            .await
-            .map_err(|e| NodeError::Fatal(e.to_string()))?;
+        let config = Arc::new(
+            config
+                .validate()
+                .map_err(|e| NodeError::Fatal(e.to_string()))?,
+        );
+        let raft = Raft::new(
+            id,
+            config,
+            GrpcNetwork::new(cluster.clone()),
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::Fatal(e.to_string()))?;
         let (removed, _) = watch::channel(false);
         let node = MetaNode {
             inner: Arc::new(Inner {
@@ -229,6 +302,7 @@ impl MetaNode {
                 cluster,
                 snapshot_every_bytes: opts.snapshot_every_bytes,
                 removed,
+                membership_lock: tokio::sync::Mutex::new(()),
             }),
         };
         Ok(node)
@@ -271,7 +345,11 @@ impl MetaNode {
 
     /// Whether this node has a Raft membership (bootstrapped or joined).
     pub async fn is_initialized(&self) -> Result<bool, NodeError> {
-        self.inner.raft.is_initialized().await.map_err(|e| NodeError::Fatal(e.to_string()))
+        self.inner
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|e| NodeError::Fatal(e.to_string()))
     }
 
     /// The current leader according to this node.
@@ -280,12 +358,20 @@ impl MetaNode {
     }
 
     fn leader_addr(&self, leader: NodeId) -> Option<String> {
-        let m = self.inner.raft.metrics().borrow_watched().membership_config.clone();
+        let m = self
+            .inner
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .clone();
         m.membership().get_node(&leader).map(|n| n.addr.clone())
     }
 
     fn forward_client(&self, leader: NodeId) -> Result<ClusterClient, NodeError> {
-        let addr = self.leader_addr(leader).ok_or(NodeError::NoLeader(self.inner.id))?;
+        let addr = self
+            .leader_addr(leader)
+            .ok_or(NodeError::NoLeader(self.inner.id))?;
         ClusterClient::new(&addr, self.inner.cluster.get())
             .map(|c| c.with_timeout(Duration::from_secs(20)))
             .map_err(|e| NodeError::Fatal(e.to_string()))
@@ -314,7 +400,11 @@ impl MetaNode {
         if self.is_initialized().await? {
             return Err(NodeError::AlreadyInitialized {
                 id: self.inner.id,
-                cluster: self.inner.cluster.get().unwrap_or_else(|| "(not yet named)".into()),
+                cluster: self
+                    .inner
+                    .cluster
+                    .get()
+                    .unwrap_or_else(|| "(not yet named)".into()),
             });
         }
         let members = BTreeMap::from([(self.inner.id, BasicNode::new(&self.inner.spec.grpc_addr))]);
@@ -339,7 +429,12 @@ impl MetaNode {
     pub async fn write(&self, cmd: Command) -> Result<(Outcome, u64), NodeError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         loop {
-            match self.inner.raft.client_write(Request::new(cmd.clone())).await {
+            match self
+                .inner
+                .raft
+                .client_write(Request::new(cmd.clone()))
+                .await
+            {
                 Ok(resp) => {
                     let index = resp.log_id.index;
                     return Ok((resp.data?, index));
@@ -351,9 +446,18 @@ impl MetaNode {
                         let mut client = self.forward_client(leader)?;
                         match client.write(cmd.clone()).await {
                             Ok(r) => return Ok(r),
-                            Err(crate::api::ClientError::Rejected(e)) => return Err(NodeError::Rejected(e)),
-                            Err(e) if e.is_unavailable() && tokio::time::Instant::now() < deadline => {}
-                            Err(e) => return Err(NodeError::Remote(Status::unavailable(e.to_string()))),
+                            Err(crate::api::ClientError::Rejected(e)) => {
+                                return Err(NodeError::Rejected(e));
+                            }
+                            Err(e)
+                                if e.is_unavailable() && tokio::time::Instant::now() < deadline => {
+                            }
+                            Err(crate::api::ClientError::Refused { code, message }) => {
+                                return Err(NodeError::Remote(Status::new(code, message)));
+                            }
+                            Err(e) => {
+                                return Err(NodeError::Remote(Status::unavailable(e.to_string())));
+                            }
                         }
                     }
                 }
@@ -399,6 +503,11 @@ impl MetaNode {
         }
     }
 
+    /// The status from this node's own applied state (possibly stale).
+    pub fn local_status(&self) -> ClusterStatus {
+        self.build_status(&self.inner.sm.view())
+    }
+
     fn build_status(&self, view: &StateView) -> ClusterStatus {
         let metrics = self.inner.raft.metrics().borrow_watched().clone();
         let membership = view.membership.membership();
@@ -406,9 +515,15 @@ impl MetaNode {
         let now = now_ms();
         let mut members = Vec::new();
         for (id, node) in membership.nodes() {
-            let role = if voters.contains(id) { Role::Voter } else { Role::Learner };
+            let role = if voters.contains(id) {
+                Role::Voter
+            } else {
+                Role::Learner
+            };
             let rec = view.state.nodes.get(id);
-            let age = rec.and_then(|r| r.last_heartbeat_ms).map(|t| now.saturating_sub(t));
+            let age = rec
+                .and_then(|r| r.last_heartbeat_ms)
+                .map(|t| now.saturating_sub(t));
             let state = match rec {
                 None => "joining",
                 Some(r) if r.admin_state == NodeAdminState::Draining => "draining",
@@ -449,7 +564,19 @@ impl MetaNode {
     /// Admits a node: registers it, adds it as a learner, waits until it has caught up and
     /// promotes learners while the cluster has fewer than [`MAX_VOTERS`] voters (keeping the
     /// count odd). Forwarded to the leader when called elsewhere. Returns cluster id and role.
-    pub async fn join(&self, spec: NodeSpec, expected_cluster: Option<String>) -> Result<(String, Role), NodeError> {
+    pub async fn join(
+        &self,
+        spec: NodeSpec,
+        expected_cluster: Option<String>,
+    ) -> Result<(String, Role), NodeError> {
+        retry_transient(|| self.join_once(spec.clone(), expected_cluster.clone())).await
+    }
+
+    async fn join_once(
+        &self,
+        spec: NodeSpec,
+        expected_cluster: Option<String>,
+    ) -> Result<(String, Role), NodeError> {
         let view = self.inner.sm.view();
         let Some(cluster_id) = view.state.cluster_id.map(|c| c.to_string()) else {
             return Err(NodeError::NotInitialized(self.inner.id));
@@ -457,7 +584,10 @@ impl MetaNode {
         if let Some(theirs) = expected_cluster.filter(|c| !c.is_empty())
             && theirs != cluster_id
         {
-            return Err(NodeError::WrongCluster { ours: cluster_id, theirs });
+            return Err(NodeError::WrongCluster {
+                ours: cluster_id,
+                theirs,
+            });
         }
         validate_spec(&spec)?;
         let leader = self.await_leader().await?;
@@ -466,17 +596,31 @@ impl MetaNode {
             let (cid, role) = client
                 .join(&spec, Some(&cluster_id))
                 .await
-                .map_err(|e| NodeError::Remote(Status::failed_precondition(e.to_string())))?;
-            let role = if role == "voter" { Role::Voter } else { Role::Learner };
+                .map_err(|e| match e {
+                    crate::api::ClientError::Refused { code, message } => {
+                        NodeError::Remote(Status::new(code, message))
+                    }
+                    other => NodeError::Remote(Status::unavailable(other.to_string())),
+                })?;
+            let role = if role == "voter" {
+                Role::Voter
+            } else {
+                Role::Learner
+            };
             return Ok((cid, role));
         }
-        self.write(Command::RegisterNode { spec: spec.clone(), now_ms: now_ms() }).await?;
+        let _guard = self.inner.membership_lock.lock().await;
+        self.write(Command::RegisterNode {
+            spec: spec.clone(),
+            now_ms: now_ms(),
+        })
+        .await?;
         self.inner
             .raft
             .add_learner(spec.id, BasicNode::new(&spec.grpc_addr), true)
             .await
-            .map_err(|e| NodeError::Membership(e.to_string()))?;
-        self.reconcile_voters().await?;
+            .map_err(|e| membership_error(self.inner.id, e))?;
+        self.reconcile_locked().await?;
         let role = if self.inner.raft.voter_ids().any(|v| v == spec.id) {
             Role::Voter
         } else {
@@ -489,6 +633,11 @@ impl MetaNode {
     /// Promotes caught-up learners while there are fewer voters than [`desired_voters`].
     /// A no-op on followers.
     pub async fn reconcile_voters(&self) -> Result<(), NodeError> {
+        let _guard = self.inner.membership_lock.lock().await;
+        self.reconcile_locked().await
+    }
+
+    async fn reconcile_locked(&self) -> Result<(), NodeError> {
         if !self.inner.raft.is_leader() {
             return Ok(());
         }
@@ -515,7 +664,7 @@ impl MetaNode {
             .raft
             .change_membership(ChangeMembers::AddVoterIds(promote), true)
             .await
-            .map_err(|e| NodeError::Membership(e.to_string()))?;
+            .map_err(|e| membership_error(self.inner.id, e))?;
         Ok(())
     }
 
@@ -523,6 +672,10 @@ impl MetaNode {
     /// the leader, leadership moves to another voter first.
     pub async fn leave(&self, id: Option<NodeId>) -> Result<(), NodeError> {
         let id = id.unwrap_or(self.inner.id);
+        retry_transient(|| self.leave_once(id)).await
+    }
+
+    async fn leave_once(&self, id: NodeId) -> Result<(), NodeError> {
         if !self.is_initialized().await? {
             return Err(NodeError::NotInitialized(self.inner.id));
         }
@@ -534,11 +687,21 @@ impl MetaNode {
         if leader != self.inner.id {
             let mut client = self.forward_client(leader)?;
             return client.leave(id).await.map_err(|e| match e {
-                crate::api::ClientError::Refused(m) => NodeError::Remote(Status::failed_precondition(m)),
+                crate::api::ClientError::Refused { code, message } => {
+                    NodeError::Remote(Status::new(code, message))
+                }
                 other => NodeError::Remote(Status::unavailable(other.to_string())),
             });
         }
-        let membership = self.inner.raft.metrics().borrow_watched().membership_config.membership().clone();
+        let _guard = self.inner.membership_lock.lock().await;
+        let membership = self
+            .inner
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let is_member = membership.get_node(&id).is_some();
         let in_table = self.inner.sm.view().state.nodes.contains_key(&id);
@@ -555,19 +718,19 @@ impl MetaNode {
                 .raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
                 .await
-                .map_err(|e| NodeError::Membership(e.to_string()))?;
+                .map_err(|e| membership_error(self.inner.id, e))?;
         } else if is_member {
             self.inner
                 .raft
                 .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
                 .await
-                .map_err(|e| NodeError::Membership(e.to_string()))?;
+                .map_err(|e| membership_error(self.inner.id, e))?;
         }
         match self.write(Command::RemoveNode { id }).await {
             Ok(_) | Err(NodeError::Rejected(ApplyError::UnknownNode { .. })) => {}
             Err(e) => return Err(e),
         }
-        self.reconcile_voters().await?;
+        self.reconcile_locked().await?;
         tracing::info!(node = id, "node removed from the cluster");
         Ok(())
     }
@@ -585,7 +748,14 @@ impl MetaNode {
             .membership()
             .voter_ids()
             .filter(|v| *v != self.inner.id)
-            .max_by_key(|v| replication.get(v).cloned().flatten().map(|l| l.index).unwrap_or(0));
+            .max_by_key(|v| {
+                replication
+                    .get(v)
+                    .cloned()
+                    .flatten()
+                    .map(|l| l.index)
+                    .unwrap_or(0)
+            });
         let Some(target) = target else {
             return Ok(());
         };
@@ -600,7 +770,11 @@ impl MetaNode {
         let me = self.inner.id;
         let moved = async move {
             loop {
-                if rx.borrow_and_update().current_leader.is_some_and(|l| l != me) {
+                if rx
+                    .borrow_and_update()
+                    .current_leader
+                    .is_some_and(|l| l != me)
+                {
                     return true;
                 }
                 if rx.changed().await.is_err() {
@@ -624,33 +798,49 @@ impl MetaNode {
     async fn agent_loop(&self) {
         let mut tick = tokio::time::interval(AGENT_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut was_member = false;
+        let mut round: u64 = 0;
         loop {
             tick.tick().await;
-            if self.inner.raft.metrics().borrow_watched().running_state.is_err() {
+            round += 1;
+            if self
+                .inner
+                .raft
+                .metrics()
+                .borrow_watched()
+                .running_state
+                .is_err()
+            {
                 return;
             }
             let view = self.inner.sm.view();
             if let Some(c) = view.state.cluster_id {
                 self.inner.cluster.set(c.to_string());
             }
-            let is_member = view.membership.membership().get_node(&self.inner.id).is_some();
-            if was_member && !is_member && !view.state.nodes.contains_key(&self.inner.id) {
-                tracing::warn!("this node was removed from the cluster");
-                let cluster = self.inner.cluster.get().unwrap_or_default();
-                let _ = std::fs::write(self.inner.data_dir.join(LEFT_MARKER), cluster);
-                self.inner.removed.send_replace(true);
+            // A removed node stops hearing from the leader, so its own log may never show the
+            // removal: every few rounds a follower asks the cluster whether it is still in it.
+            if round.is_multiple_of(5)
+                && !self.inner.raft.is_leader()
+                && self.removed_per_cluster(&view).await
+            {
+                self.mark_removed();
                 return;
             }
-            was_member |= is_member;
             if let Some(rec) = view.state.nodes.get(&self.inner.id) {
                 if rec.spec != self.inner.spec {
-                    let cmd = Command::UpdateNode { spec: self.inner.spec.clone() };
+                    let cmd = Command::UpdateNode {
+                        spec: self.inner.spec.clone(),
+                    };
                     if let Err(e) = self.write(cmd).await {
                         tracing::warn!(error = %e, "could not update this node's record");
                     }
                 }
-                if let Err(e) = self.write(Command::Heartbeat { id: self.inner.id, at_ms: now_ms() }).await {
+                if let Err(e) = self
+                    .write(Command::Heartbeat {
+                        id: self.inner.id,
+                        at_ms: now_ms(),
+                    })
+                    .await
+                {
                     tracing::debug!(error = %e, "heartbeat not committed");
                 }
             }
@@ -658,10 +848,51 @@ impl MetaNode {
                 tracing::warn!(error = %e, "voter reconciliation failed");
             }
             if self.inner.log.unpurged_bytes() > self.inner.snapshot_every_bytes {
-                tracing::info!(bytes = self.inner.log.unpurged_bytes(), "log over its size limit: snapshotting");
+                tracing::info!(
+                    bytes = self.inner.log.unpurged_bytes(),
+                    "log over its size limit: snapshotting"
+                );
                 let _ = self.inner.raft.trigger().snapshot().await;
             }
         }
+    }
+
+    /// Asks the other members for the cluster status; true if one of them answers that this
+    /// node is neither in the membership nor in the node table.
+    async fn removed_per_cluster(&self, view: &StateView) -> bool {
+        let Some(cluster) = view.state.cluster_id.map(|c| c.to_string()) else {
+            return false;
+        };
+        let peers: Vec<String> = view
+            .membership
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != self.inner.id)
+            .map(|(_, n)| n.addr.clone())
+            .collect();
+        for addr in peers {
+            let Ok(client) = ClusterClient::new(&addr, Some(cluster.clone())) else {
+                continue;
+            };
+            let mut client = client.with_timeout(Duration::from_secs(3));
+            if let Ok(status) = client.status().await {
+                return status.cluster_id.as_deref() == Some(cluster.as_str())
+                    && status.leader.is_some()
+                    && !status.members.iter().any(|m| m.id == self.inner.id);
+            }
+        }
+        false
+    }
+
+    /// Records that this node left its cluster: a marker in the data dir (so a restart does
+    /// not come back as a stale member) and a signal to the daemon to stop.
+    pub fn mark_removed(&self) {
+        tracing::warn!("this node is no longer a member of the cluster");
+        let cluster = self.inner.cluster.get().unwrap_or_default();
+        if let Err(e) = std::fs::write(self.inner.data_dir.join(LEFT_MARKER), cluster) {
+            tracing::error!(error = %e, "cannot write the left marker");
+        }
+        self.inner.removed.send_replace(true);
     }
 
     /// Leaves leadership to another voter (if leader), then stops the Raft core.
@@ -692,11 +923,17 @@ mod tests {
         // 1 voter + 1 learner: stay at 1 voter (2 would be even).
         assert!(plan_promotions(&set(&[1]), &set(&[2]), |_| true).is_empty());
         // 1 voter + 2 learners: promote both.
-        assert_eq!(plan_promotions(&set(&[1]), &set(&[2, 3]), |_| true), set(&[2, 3]));
+        assert_eq!(
+            plan_promotions(&set(&[1]), &set(&[2, 3]), |_| true),
+            set(&[2, 3])
+        );
         // 3 voters + 1 learner: stay.
         assert!(plan_promotions(&set(&[1, 2, 3]), &set(&[4]), |_| true).is_empty());
         // 3 voters + 3 learners: promote two to reach 5.
-        assert_eq!(plan_promotions(&set(&[1, 2, 3]), &set(&[4, 5, 6]), |_| true), set(&[4, 5]));
+        assert_eq!(
+            plan_promotions(&set(&[1, 2, 3]), &set(&[4, 5, 6]), |_| true),
+            set(&[4, 5])
+        );
         // 5 voters: never more.
         assert!(plan_promotions(&set(&[1, 2, 3, 4, 5]), &set(&[6, 7]), |_| true).is_empty());
     }
@@ -706,6 +943,9 @@ mod tests {
         // Learner 3 is not caught up: only 2 is ready, and 1+1 would be even.
         assert!(plan_promotions(&set(&[1]), &set(&[2, 3]), |id| id == 2).is_empty());
         // After a voter left: 2 voters + 1 ready learner -> 3.
-        assert_eq!(plan_promotions(&set(&[1, 2]), &set(&[4]), |_| true), set(&[4]));
+        assert_eq!(
+            plan_promotions(&set(&[1, 2]), &set(&[4]), |_| true),
+            set(&[4])
+        );
     }
 }

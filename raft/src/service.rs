@@ -26,7 +26,10 @@ impl ClusterService {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn init(&self, req: Request<pb::InitRequest>) -> Result<Response<pb::InitResponse>, Status> {
+    async fn init(
+        &self,
+        req: Request<pb::InitRequest>,
+    ) -> Result<Response<pb::InitResponse>, Status> {
         self.check(&req)?;
         let cluster_id = self.node.init().await?;
         Ok(Response::new(pb::InitResponse {
@@ -35,7 +38,10 @@ impl Cluster for ClusterService {
         }))
     }
 
-    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         self.check(&req)?;
         let req = req.into_inner();
         let spec = req
@@ -50,21 +56,38 @@ impl Cluster for ClusterService {
         }))
     }
 
-    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+    async fn leave(
+        &self,
+        req: Request<pb::LeaveRequest>,
+    ) -> Result<Response<pb::LeaveResponse>, Status> {
         self.check(&req)?;
-        let id = Some(req.into_inner().node_id).filter(|id| *id != 0);
+        let id = Some(req.into_inner().node_id).filter(|id| *id != 0 && *id != self.node.id());
         self.node.leave(id).await?;
+        if id.is_none() {
+            // This node was the one removed: stop serving as a member.
+            self.node.mark_removed();
+        }
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         self.check(&req)?;
-        let status = self.node.status().await?;
+        let status = if req.get_ref().local {
+            self.node.local_status()
+        } else {
+            self.node.status().await?
+        };
         let json = serde_json::to_vec(&status).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::StatusResponse { json }))
     }
 
-    async fn write(&self, req: Request<pb::WriteRequest>) -> Result<Response<pb::WriteResponse>, Status> {
+    async fn write(
+        &self,
+        req: Request<pb::WriteRequest>,
+    ) -> Result<Response<pb::WriteResponse>, Status> {
         self.check(&req)?;
         let request: CommandRequest = serde_json::from_slice(&req.get_ref().json)
             .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
@@ -82,6 +105,9 @@ impl Cluster for ClusterService {
         };
         let response: crate::Response = result.0;
         let json = serde_json::to_vec(&response).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::WriteResponse { json, log_index: result.1 }))
+        Ok(Response::new(pb::WriteResponse {
+            json,
+            log_index: result.1,
+        }))
     }
 }

@@ -87,7 +87,9 @@ pub struct ClusterState {
 #[serde(tag = "error", rename_all = "snake_case")]
 pub enum ApplyError {
     /// The command was encoded with a command-set version this node does not know.
-    #[error("command version {got} is not supported (this node applies versions up to {supported})")]
+    #[error(
+        "command version {got} is not supported (this node applies versions up to {supported})"
+    )]
     UnsupportedCommandVersion {
         /// The version in the log entry.
         got: u32,
@@ -206,13 +208,17 @@ impl ClusterState {
     }
 
     fn node_mut(&mut self, id: NodeId) -> Result<&mut NodeRecord, ApplyError> {
-        self.nodes.get_mut(&id).ok_or(ApplyError::UnknownNode { id })
+        self.nodes
+            .get_mut(&id)
+            .ok_or(ApplyError::UnknownNode { id })
     }
 
     fn init_cluster(&mut self, cluster_id: Uuid) -> Result<Outcome, ApplyError> {
         match self.cluster_id {
             Some(existing) if existing == cluster_id => Ok(Outcome::Unchanged),
-            Some(existing) => Err(ApplyError::AlreadyInitialized { cluster_id: existing }),
+            Some(existing) => Err(ApplyError::AlreadyInitialized {
+                cluster_id: existing,
+            }),
             None if cluster_id.is_nil() => Err(ApplyError::InvalidArgument {
                 field: "cluster_id".into(),
                 reason: "the nil UUID is not a cluster identity".into(),
@@ -359,7 +365,10 @@ mod tests {
     fn rejected(s: &mut ClusterState, cmd: Command) -> ApplyError {
         let before = s.clone();
         let err = apply(s, cmd).unwrap_err();
-        assert_eq!(*s, before, "a rejected command must leave the state unchanged");
+        assert_eq!(
+            *s, before,
+            "a rejected command must leave the state unchanged"
+        );
         err
     }
 
@@ -368,12 +377,24 @@ mod tests {
         let mut s = initialized();
         assert_eq!(s.cluster_id, Some(Uuid::from_u128(7)));
         assert_eq!(
-            apply(&mut s, Command::InitCluster { cluster_id: Uuid::from_u128(7) }),
+            apply(
+                &mut s,
+                Command::InitCluster {
+                    cluster_id: Uuid::from_u128(7)
+                }
+            ),
             Ok(Outcome::Unchanged)
         );
         assert_eq!(
-            rejected(&mut s, Command::InitCluster { cluster_id: Uuid::from_u128(8) }),
-            ApplyError::AlreadyInitialized { cluster_id: Uuid::from_u128(7) }
+            rejected(
+                &mut s,
+                Command::InitCluster {
+                    cluster_id: Uuid::from_u128(8)
+                }
+            ),
+            ApplyError::AlreadyInitialized {
+                cluster_id: Uuid::from_u128(7)
+            }
         );
     }
 
@@ -381,7 +402,12 @@ mod tests {
     fn test_apply_init_rejects_nil() {
         let mut s = ClusterState::default();
         assert!(matches!(
-            rejected(&mut s, Command::InitCluster { cluster_id: Uuid::nil() }),
+            rejected(
+                &mut s,
+                Command::InitCluster {
+                    cluster_id: Uuid::nil()
+                }
+            ),
             ApplyError::InvalidArgument { .. }
         ));
     }
@@ -390,10 +416,16 @@ mod tests {
     fn test_apply_rejects_before_init() {
         let mut s = ClusterState::default();
         for cmd in [
-            Command::RegisterNode { spec: spec(1), now_ms: 1 },
+            Command::RegisterNode {
+                spec: spec(1),
+                now_ms: 1,
+            },
             Command::UpdateNode { spec: spec(1) },
             Command::Heartbeat { id: 1, at_ms: 1 },
-            Command::SetNodeState { id: 1, state: NodeAdminState::Draining },
+            Command::SetNodeState {
+                id: 1,
+                state: NodeAdminState::Draining,
+            },
             Command::RemoveNode { id: 1 },
         ] {
             assert_eq!(rejected(&mut s, cmd), ApplyError::NotInitialized);
@@ -403,23 +435,50 @@ mod tests {
     #[test]
     fn test_apply_rejects_unknown_version() {
         let mut s = initialized();
-        let req = Request { v: COMMAND_VERSION + 1, cmd: Command::RemoveNode { id: 1 } };
+        let req = Request {
+            v: COMMAND_VERSION + 1,
+            cmd: Command::RemoveNode { id: 1 },
+        };
         let before = s.clone();
-        assert!(matches!(s.apply(&req), Err(ApplyError::UnsupportedCommandVersion { .. })));
+        assert!(matches!(
+            s.apply(&req),
+            Err(ApplyError::UnsupportedCommandVersion { .. })
+        ));
         assert_eq!(s, before);
-        let req = Request { v: 0, cmd: Command::RemoveNode { id: 1 } };
-        assert!(matches!(s.apply(&req), Err(ApplyError::UnsupportedCommandVersion { .. })));
+        let req = Request {
+            v: 0,
+            cmd: Command::RemoveNode { id: 1 },
+        };
+        assert!(matches!(
+            s.apply(&req),
+            Err(ApplyError::UnsupportedCommandVersion { .. })
+        ));
     }
 
     #[test]
     fn test_apply_register_and_retry() {
         let mut s = initialized();
-        assert_eq!(apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 5 }), Ok(Outcome::Applied));
+        assert_eq!(
+            apply(
+                &mut s,
+                Command::RegisterNode {
+                    spec: spec(1),
+                    now_ms: 5
+                }
+            ),
+            Ok(Outcome::Applied)
+        );
         assert_eq!(s.nodes[&1].joined_at_ms, 5);
         assert_eq!(s.nodes[&1].admin_state, NodeAdminState::Active);
         // A retried join of the same node is idempotent.
         assert_eq!(
-            apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 9 }),
+            apply(
+                &mut s,
+                Command::RegisterNode {
+                    spec: spec(1),
+                    now_ms: 9
+                }
+            ),
             Ok(Outcome::Unchanged)
         );
         assert_eq!(s.nodes[&1].joined_at_ms, 5);
@@ -428,26 +487,58 @@ mod tests {
     #[test]
     fn test_apply_register_rejects_duplicate_id() {
         let mut s = initialized();
-        apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 1 }).unwrap();
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(1),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
         let mut other = spec(1);
         other.grpc_addr = "127.0.0.2:7001".into();
         other.iscsi_addr = "127.0.0.2:3261".into();
         other.migration_addr = "127.0.0.2:8001".into();
         assert_eq!(
-            rejected(&mut s, Command::RegisterNode { spec: other, now_ms: 1 }),
-            ApplyError::DuplicateNodeId { id: 1, existing_addr: "127.0.0.1:7001".into() }
+            rejected(
+                &mut s,
+                Command::RegisterNode {
+                    spec: other,
+                    now_ms: 1
+                }
+            ),
+            ApplyError::DuplicateNodeId {
+                id: 1,
+                existing_addr: "127.0.0.1:7001".into()
+            }
         );
     }
 
     #[test]
     fn test_apply_register_rejects_duplicate_address() {
         let mut s = initialized();
-        apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 1 }).unwrap();
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(1),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
         let mut clash = spec(2);
         clash.iscsi_addr = spec(1).iscsi_addr;
         assert_eq!(
-            rejected(&mut s, Command::RegisterNode { spec: clash, now_ms: 1 }),
-            ApplyError::DuplicateAddress { addr: "127.0.0.1:3261".into(), holder: 1 }
+            rejected(
+                &mut s,
+                Command::RegisterNode {
+                    spec: clash,
+                    now_ms: 1
+                }
+            ),
+            ApplyError::DuplicateAddress {
+                addr: "127.0.0.1:3261".into(),
+                holder: 1
+            }
         );
     }
 
@@ -457,7 +548,13 @@ mod tests {
         let mut zero = spec(1);
         zero.id = 0;
         assert!(matches!(
-            rejected(&mut s, Command::RegisterNode { spec: zero, now_ms: 1 }),
+            rejected(
+                &mut s,
+                Command::RegisterNode {
+                    spec: zero,
+                    now_ms: 1
+                }
+            ),
             ApplyError::InvalidArgument { .. }
         ));
         let mut bad_addr = spec(1);
@@ -479,8 +576,17 @@ mod tests {
         let mut s = initialized();
         let mut newer = spec(2);
         newer.protocol_version = PROTOCOL_VERSION + 1;
-        let err = rejected(&mut s, Command::RegisterNode { spec: newer, now_ms: 1 });
-        assert!(matches!(err, ApplyError::IncompatibleProtocol { id: 2, .. }));
+        let err = rejected(
+            &mut s,
+            Command::RegisterNode {
+                spec: newer,
+                now_ms: 1,
+            },
+        );
+        assert!(matches!(
+            err,
+            ApplyError::IncompatibleProtocol { id: 2, .. }
+        ));
         assert!(err.to_string().contains("matching csvd software"));
     }
 
@@ -491,11 +597,28 @@ mod tests {
             rejected(&mut s, Command::UpdateNode { spec: spec(1) }),
             ApplyError::UnknownNode { id: 1 }
         );
-        apply(&mut s, Command::RegisterNode { spec: spec(1), now_ms: 1 }).unwrap();
-        apply(&mut s, Command::RegisterNode { spec: spec(2), now_ms: 1 }).unwrap();
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(1),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(2),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
         let mut upgraded = spec(1);
         upgraded.version = "0.2.0".into();
-        assert_eq!(apply(&mut s, Command::UpdateNode { spec: upgraded }), Ok(Outcome::Applied));
+        assert_eq!(
+            apply(&mut s, Command::UpdateNode { spec: upgraded }),
+            Ok(Outcome::Applied)
+        );
         assert_eq!(s.nodes[&1].spec.version, "0.2.0");
         let mut clash = spec(1);
         clash.grpc_addr = spec(2).grpc_addr;
@@ -512,9 +635,22 @@ mod tests {
             rejected(&mut s, Command::Heartbeat { id: 3, at_ms: 1 }),
             ApplyError::UnknownNode { id: 3 }
         );
-        apply(&mut s, Command::RegisterNode { spec: spec(3), now_ms: 1 }).unwrap();
-        assert_eq!(apply(&mut s, Command::Heartbeat { id: 3, at_ms: 100 }), Ok(Outcome::Applied));
-        assert_eq!(apply(&mut s, Command::Heartbeat { id: 3, at_ms: 50 }), Ok(Outcome::Unchanged));
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(3),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            apply(&mut s, Command::Heartbeat { id: 3, at_ms: 100 }),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(
+            apply(&mut s, Command::Heartbeat { id: 3, at_ms: 50 }),
+            Ok(Outcome::Unchanged)
+        );
         assert_eq!(s.nodes[&3].last_heartbeat_ms, Some(100));
     }
 
@@ -522,30 +658,65 @@ mod tests {
     fn test_apply_set_state_and_remove() {
         let mut s = initialized();
         assert_eq!(
-            rejected(&mut s, Command::SetNodeState { id: 4, state: NodeAdminState::Draining }),
+            rejected(
+                &mut s,
+                Command::SetNodeState {
+                    id: 4,
+                    state: NodeAdminState::Draining
+                }
+            ),
             ApplyError::UnknownNode { id: 4 }
         );
-        apply(&mut s, Command::RegisterNode { spec: spec(4), now_ms: 1 }).unwrap();
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(4),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
         assert_eq!(
-            apply(&mut s, Command::SetNodeState { id: 4, state: NodeAdminState::Draining }),
+            apply(
+                &mut s,
+                Command::SetNodeState {
+                    id: 4,
+                    state: NodeAdminState::Draining
+                }
+            ),
             Ok(Outcome::Applied)
         );
         assert_eq!(
-            apply(&mut s, Command::SetNodeState { id: 4, state: NodeAdminState::Draining }),
+            apply(
+                &mut s,
+                Command::SetNodeState {
+                    id: 4,
+                    state: NodeAdminState::Draining
+                }
+            ),
             Ok(Outcome::Unchanged)
         );
-        assert_eq!(apply(&mut s, Command::RemoveNode { id: 4 }), Ok(Outcome::Applied));
-        assert_eq!(rejected(&mut s, Command::RemoveNode { id: 4 }), ApplyError::UnknownNode { id: 4 });
+        assert_eq!(
+            apply(&mut s, Command::RemoveNode { id: 4 }),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(
+            rejected(&mut s, Command::RemoveNode { id: 4 }),
+            ApplyError::UnknownNode { id: 4 }
+        );
     }
 
     #[test]
     fn test_request_json_roundtrip() {
-        let req = Request::new(Command::RegisterNode { spec: spec(1), now_ms: 3 });
+        let req = Request::new(Command::RegisterNode {
+            spec: spec(1),
+            now_ms: 3,
+        });
         let json = serde_json::to_string(&req).unwrap();
         assert!(json.contains("\"op\":\"register_node\""), "{json}");
         assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), req);
         let resp: crate::Response = Err(ApplyError::UnknownNode { id: 9 });
-        let back: crate::Response = serde_json::from_str(&serde_json::to_string(&resp).unwrap()).unwrap();
+        let back: crate::Response =
+            serde_json::from_str(&serde_json::to_string(&resp).unwrap()).unwrap();
         assert_eq!(back, resp);
     }
 }

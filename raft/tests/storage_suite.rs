@@ -1,13 +1,12 @@
 //! Runs openraft's own storage conformance suite against the redb log store and the state
 //! machine, and checks that what they acknowledged survives closing and reopening the files.
 
-
 use csvd_raft::store::{LogStore, StateMachine};
 use csvd_raft::{Command, Request, TypeConfig};
 use openraft::storage::{IOFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::testing::log::{StoreBuilder, Suite};
-use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::type_config::TypeConfigExt;
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{EntryPayload, StorageError};
 use tempfile::TempDir;
 use uuid::Uuid;
@@ -25,7 +24,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for Builder {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_storage_conformance_suite() {
-    Suite::test_all(Builder).await.expect("openraft storage suite");
+    Suite::test_all(Builder)
+        .await
+        .expect("openraft storage suite");
 }
 
 fn log_id(term: u64, node: u64, index: u64) -> LogIdOf<TypeConfig> {
@@ -38,7 +39,9 @@ async fn test_log_and_vote_survive_reopen() {
     let path = dir.path().join("raft-log.redb");
     {
         let mut log = LogStore::open(&path).unwrap();
-        log.save_vote(&VoteOf::<TypeConfig>::new(3, 1)).await.unwrap();
+        log.save_vote(&VoteOf::<TypeConfig>::new(3, 1))
+            .await
+            .unwrap();
         let entries: Vec<EntryOf<TypeConfig>> = (1..=5)
             .map(|i| EntryOf::<TypeConfig> {
                 log_id: log_id(3, 1, i),
@@ -59,9 +62,15 @@ async fn test_log_and_vote_survive_reopen() {
     assert_eq!(state.last_purged_log_id, Some(log_id(3, 1, 2)));
     assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3, 1, 4)));
     use openraft::RaftLogReader;
-    assert_eq!(log.read_vote().await.unwrap(), Some(VoteOf::<TypeConfig>::new(3, 1)));
+    assert_eq!(
+        log.read_vote().await.unwrap(),
+        Some(VoteOf::<TypeConfig>::new(3, 1))
+    );
     let got = log.try_get_log_entries(0..10).await.unwrap();
-    assert_eq!(got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert_eq!(
+        got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

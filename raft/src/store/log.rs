@@ -10,9 +10,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
+use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftLogReader};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -37,18 +37,25 @@ pub struct LogStore {
 impl LogStore {
     /// Opens (or creates) the log database at `path`.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let db = Database::create(path).map_err(|e| io_err(&format!("opening {}", path.display()), e))?;
-        let txn = db.begin_write().map_err(|e| io_err("starting a write", e))?;
+        let db = Database::create(path)
+            .map_err(|e| io_err(&format!("opening {}", path.display()), e))?;
+        let txn = db
+            .begin_write()
+            .map_err(|e| io_err("starting a write", e))?;
         {
-            txn.open_table(LOGS).map_err(|e| io_err("creating the log table", e))?;
-            txn.open_table(META).map_err(|e| io_err("creating the meta table", e))?;
+            txn.open_table(LOGS)
+                .map_err(|e| io_err("creating the log table", e))?;
+            txn.open_table(META)
+                .map_err(|e| io_err("creating the meta table", e))?;
         }
         txn.commit().map_err(|e| io_err("committing", e))?;
         let store = Self {
             db: Arc::new(db),
             unpurged_bytes: Arc::new(AtomicU64::new(0)),
         };
-        store.unpurged_bytes.store(store.stored_bytes()?, Ordering::Relaxed);
+        store
+            .unpurged_bytes
+            .store(store.stored_bytes()?, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -58,8 +65,13 @@ impl LogStore {
     }
 
     fn stored_bytes(&self) -> io::Result<u64> {
-        let txn = self.db.begin_read().map_err(|e| io_err("starting a read", e))?;
-        let table = txn.open_table(LOGS).map_err(|e| io_err("opening the log table", e))?;
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| io_err("starting a read", e))?;
+        let table = txn
+            .open_table(LOGS)
+            .map_err(|e| io_err("opening the log table", e))?;
         let mut total = 0u64;
         for row in table.iter().map_err(|e| io_err("reading the log", e))? {
             let (_, v) = row.map_err(|e| io_err("reading the log", e))?;
@@ -69,8 +81,13 @@ impl LogStore {
     }
 
     fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
-        let txn = self.db.begin_read().map_err(|e| io_err("starting a read", e))?;
-        let table = txn.open_table(META).map_err(|e| io_err("opening the meta table", e))?;
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| io_err("starting a read", e))?;
+        let table = txn
+            .open_table(META)
+            .map_err(|e| io_err("opening the meta table", e))?;
         match table.get(key).map_err(|e| io_err("reading meta", e))? {
             Some(v) => Ok(Some(decode(key, v.value())?)),
             None => Ok(None),
@@ -80,11 +97,16 @@ impl LogStore {
     /// Writes one meta value durably.
     fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> io::Result<()> {
         let bytes = encode(key, value)?;
-        let mut txn = self.db.begin_write().map_err(|e| io_err("starting a write", e))?;
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(|e| io_err("starting a write", e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| io_err("setting durability", e))?;
         {
-            let mut table = txn.open_table(META).map_err(|e| io_err("opening the meta table", e))?;
+            let mut table = txn
+                .open_table(META)
+                .map_err(|e| io_err("opening the meta table", e))?;
             table
                 .insert(key, bytes.as_slice())
                 .map_err(|e| io_err("writing meta", e))?;
@@ -105,13 +127,22 @@ impl LogStore {
     }
 
     /// Deletes every entry whose index lies in `range`; returns the bytes removed.
-    fn delete_range(&self, range: impl RangeBounds<u64>, durability: Durability) -> io::Result<u64> {
-        let mut txn = self.db.begin_write().map_err(|e| io_err("starting a write", e))?;
+    fn delete_range(
+        &self,
+        range: impl RangeBounds<u64>,
+        durability: Durability,
+    ) -> io::Result<u64> {
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(|e| io_err("starting a write", e))?;
         txn.set_durability(durability)
             .map_err(|e| io_err("setting durability", e))?;
         let mut removed = 0u64;
         {
-            let mut table = txn.open_table(LOGS).map_err(|e| io_err("opening the log table", e))?;
+            let mut table = txn
+                .open_table(LOGS)
+                .map_err(|e| io_err("opening the log table", e))?;
             let gone = table
                 .extract_from_if(range, |_, _| true)
                 .map_err(|e| io_err("deleting log entries", e))?;
@@ -133,8 +164,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
         self.blocking(move |s| {
-            let txn = s.db.begin_read().map_err(|e| io_err("starting a read", e))?;
-            let table = txn.open_table(LOGS).map_err(|e| io_err("opening the log table", e))?;
+            let txn =
+                s.db.begin_read()
+                    .map_err(|e| io_err("starting a read", e))?;
+            let table = txn
+                .open_table(LOGS)
+                .map_err(|e| io_err("opening the log table", e))?;
             let mut out = Vec::new();
             for row in table
                 .range::<u64>((start, end))
@@ -158,14 +193,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged: Option<LogIdOf<TypeConfig>> = self.get_meta(KEY_PURGED)?;
-        let txn = self.db.begin_read().map_err(|e| io_err("starting a read", e))?;
-        let table = txn.open_table(LOGS).map_err(|e| io_err("opening the log table", e))?;
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| io_err("starting a read", e))?;
+        let table = txn
+            .open_table(LOGS)
+            .map_err(|e| io_err("opening the log table", e))?;
         let last = match table.last().map_err(|e| io_err("reading the log", e))? {
             Some((_, v)) => Some(decode::<EntryOf<TypeConfig>>("log entry", v.value())?.log_id()),
             None => None,
         };
         Ok(LogState {
-            last_log_id: last.or_else(|| last_purged.clone()),
+            last_log_id: last.or(last_purged),
             last_purged_log_id: last_purged,
         })
     }
@@ -175,19 +215,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
-        let vote = vote.clone();
+        let vote = *vote;
         self.blocking(move |s| s.put_meta(KEY_VOTE, &vote)).await
     }
 
-    async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
-        self.blocking(move |s| s.put_meta(KEY_COMMITTED, &committed)).await
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
+        self.blocking(move |s| s.put_meta(KEY_COMMITTED, &committed))
+            .await
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
-        Ok(self.get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -198,12 +248,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let res = self
             .blocking(move |s| {
-                let mut txn = s.db.begin_write().map_err(|e| io_err("starting a write", e))?;
+                let mut txn =
+                    s.db.begin_write()
+                        .map_err(|e| io_err("starting a write", e))?;
                 txn.set_durability(Durability::Immediate)
                     .map_err(|e| io_err("setting durability", e))?;
                 let mut bytes = 0u64;
                 {
-                    let mut table = txn.open_table(LOGS).map_err(|e| io_err("opening the log table", e))?;
+                    let mut table = txn
+                        .open_table(LOGS)
+                        .map_err(|e| io_err("opening the log table", e))?;
                     for (index, value) in &encoded {
                         table
                             .insert(*index, value.as_slice())
@@ -229,12 +283,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
     }
 
-    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+    async fn truncate_after(
+        &mut self,
+        last_log_id: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
         let from = last_log_id.map(|id| id.index() + 1).unwrap_or(0);
         let removed = self
             .blocking(move |s| s.delete_range(from.., Durability::Immediate))
             .await?;
-        self.unpurged_bytes.fetch_sub(removed.min(self.unpurged_bytes()), Ordering::Relaxed);
+        self.unpurged_bytes
+            .fetch_sub(removed.min(self.unpurged_bytes()), Ordering::Relaxed);
         Ok(())
     }
 
@@ -248,8 +306,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 s.delete_range(..=upto, Durability::Immediate)
             })
             .await?;
-        self.unpurged_bytes.fetch_sub(removed.min(self.unpurged_bytes()), Ordering::Relaxed);
+        self.unpurged_bytes
+            .fetch_sub(removed.min(self.unpurged_bytes()), Ordering::Relaxed);
         Ok(())
     }
 }
-

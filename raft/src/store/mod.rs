@@ -19,8 +19,12 @@ pub(crate) fn io_err(context: &str, e: impl std::fmt::Display) -> io::Error {
 
 /// Decodes a JSON value stored by this crate; corrupt bytes become `InvalidData`.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> io::Result<T> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("stored {what} is corrupt: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("stored {what} is corrupt: {e}"),
+        )
+    })
 }
 
 /// Encodes a value for storage.

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, TryStreamExt};
-use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::type_config::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -58,8 +58,11 @@ pub struct StateMachine {
 impl StateMachine {
     /// Opens (or creates) the snapshot database at `path` and restores the last snapshot.
     pub fn open(path: &Path) -> io::Result<Self> {
-        let db = Database::create(path).map_err(|e| io_err(&format!("opening {}", path.display()), e))?;
-        let txn = db.begin_write().map_err(|e| io_err("starting a write", e))?;
+        let db = Database::create(path)
+            .map_err(|e| io_err(&format!("opening {}", path.display()), e))?;
+        let txn = db
+            .begin_write()
+            .map_err(|e| io_err("starting a write", e))?;
         txn.open_table(SNAPSHOT)
             .map_err(|e| io_err("creating the snapshot table", e))?;
         txn.commit().map_err(|e| io_err("committing", e))?;
@@ -101,7 +104,10 @@ impl StateMachine {
 
     fn persist_snapshot(&self, meta: &SnapshotMetaOf<TypeConfig>, data: &[u8]) -> io::Result<()> {
         let meta = encode("snapshot meta", meta)?;
-        let mut txn = self.db.begin_write().map_err(|e| io_err("starting a write", e))?;
+        let mut txn = self
+            .db
+            .begin_write()
+            .map_err(|e| io_err("starting a write", e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| io_err("setting durability", e))?;
         {
@@ -110,9 +116,11 @@ impl StateMachine {
                 .map_err(|e| io_err("opening the snapshot table", e))?;
             t.insert(KEY_META, meta.as_slice())
                 .map_err(|e| io_err("writing the snapshot", e))?;
-            t.insert(KEY_DATA, data).map_err(|e| io_err("writing the snapshot", e))?;
+            t.insert(KEY_DATA, data)
+                .map_err(|e| io_err("writing the snapshot", e))?;
         }
-        txn.commit().map_err(|e| io_err("committing the snapshot", e))
+        txn.commit()
+            .map_err(|e| io_err("committing the snapshot", e))
     }
 }
 
@@ -121,10 +129,17 @@ fn read_snapshot(db: &Database) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>
     let t = txn
         .open_table(SNAPSHOT)
         .map_err(|e| io_err("opening the snapshot table", e))?;
-    let meta = t.get(KEY_META).map_err(|e| io_err("reading the snapshot", e))?;
-    let data = t.get(KEY_DATA).map_err(|e| io_err("reading the snapshot", e))?;
+    let meta = t
+        .get(KEY_META)
+        .map_err(|e| io_err("reading the snapshot", e))?;
+    let data = t
+        .get(KEY_DATA)
+        .map_err(|e| io_err("reading the snapshot", e))?;
     match (meta, data) {
-        (Some(m), Some(d)) => Ok(Some((decode("snapshot meta", m.value())?, d.value().to_vec()))),
+        (Some(m), Some(d)) => Ok(Some((
+            decode("snapshot meta", m.value())?,
+            d.value().to_vec(),
+        ))),
         _ => Ok(None),
     }
 }
@@ -132,7 +147,7 @@ fn read_snapshot(db: &Database) -> io::Result<Option<(SnapshotMetaOf<TypeConfig>
 fn view_from_snapshot(meta: &SnapshotMetaOf<TypeConfig>, data: &[u8]) -> io::Result<StateView> {
     Ok(StateView {
         state: decode("snapshot", data)?,
-        last_applied: meta.last_log_id.clone(),
+        last_applied: meta.last_log_id,
         membership: meta.last_membership.clone(),
     })
 }
@@ -144,7 +159,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let view = self.view();
         let data = encode("snapshot", &view.state)?;
         let meta = SnapshotMetaOf::<TypeConfig> {
-            last_log_id: view.last_applied.clone(),
+            last_log_id: view.last_applied,
             last_membership: view.membership.clone(),
         };
         let this = self.clone();
@@ -153,8 +168,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         })
         .await
         .map_err(|e| io_err("snapshot task", e))??;
-        tracing::info!(index = view.applied_index(), bytes = data.len(), "built a snapshot");
-        Ok(SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot: data })
+        tracing::info!(
+            index = view.applied_index(),
+            bytes = data.len(),
+            "built a snapshot"
+        );
+        Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
+            meta,
+            snapshot: data,
+        })
     }
 }
 
@@ -166,7 +188,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         &mut self,
     ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
         let view = self.view();
-        Ok((view.last_applied.clone(), view.membership.clone()))
+        Ok((view.last_applied, view.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -188,7 +210,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     res
                 }
                 EntryPayload::Membership(m) => {
-                    v.membership = StoredMembershipOf::<TypeConfig>::new(Some(entry.log_id()), m.clone());
+                    v.membership =
+                        StoredMembershipOf::<TypeConfig>::new(Some(entry.log_id()), m.clone());
                     Ok(Outcome::Internal)
                 }
             };
@@ -219,12 +242,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         tokio::task::spawn_blocking(move || this.persist_snapshot(&meta_owned, &snapshot))
             .await
             .map_err(|e| io_err("snapshot task", e))??;
-        tracing::info!(index = view.applied_index(), "installed a snapshot from the leader");
+        tracing::info!(
+            index = view.applied_index(),
+            "installed a snapshot from the leader"
+        );
         self.publish(Arc::new(view));
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
         let db = self.db.clone();
         let found = tokio::task::spawn_blocking(move || read_snapshot(&db))
             .await

@@ -1,0 +1,264 @@
+//! The `migrator` command line: parsing, calls to a node's cluster API, human and JSON output.
+//!
+//! Every failure prints exactly one line on stderr and exits non-zero: 1 for an operation
+//! that failed, 2 for bad arguments.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use csvd_raft::api::{ClusterClient, ClusterStatus};
+
+/// Operator CLI for a csvd cluster.
+#[derive(Debug, Parser)]
+#[command(
+    name = "migrator",
+    version,
+    about = "Operate a csvd cluster: membership, volumes, LUNs, VMs, live migration"
+)]
+pub struct Cli {
+    /// gRPC endpoint of any cluster node.
+    #[arg(
+        long,
+        global = true,
+        env = "CSVD_ENDPOINT",
+        default_value = "http://127.0.0.1:7001"
+    )]
+    pub endpoint: String,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Refuse to act unless the endpoint belongs to this cluster.
+    #[arg(long, global = true, env = "CSVD_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    #[command(subcommand)]
+    pub command: Noun,
+}
+
+/// What to operate on.
+#[derive(Debug, Subcommand)]
+pub enum Noun {
+    /// Cluster membership and status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// Nodes of the cluster.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+/// `migrator cluster ...`
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Bootstrap a new cluster on the endpoint node.
+    Init,
+    /// Show the leader, term, commit index and every member.
+    Status,
+    /// Remove a node from the cluster (the endpoint node unless --node is given).
+    Leave {
+        /// Id of the node to remove (for example a dead one).
+        #[arg(long)]
+        node: Option<u64>,
+    },
+}
+
+/// `migrator node ...`
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List the nodes with their role, state, addresses and version.
+    List,
+}
+
+/// Runs the CLI with the process arguments.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .next()
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("migrator: {line} (see migrator --help)");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("migrator: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&cli)) {
+        Ok(out) => {
+            if !out.is_empty() {
+                println!("{out}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("migrator: {}", e.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: &Cli) -> Result<String, String> {
+    if let Some(id) = &cli.cluster_id
+        && id.parse::<uuid_check::Uuid>().is_err()
+    {
+        return Err(format!("--cluster-id {id:?} is not a UUID"));
+    }
+    let mut client =
+        ClusterClient::new(&cli.endpoint, cli.cluster_id.clone()).map_err(|e| e.to_string())?;
+    match &cli.command {
+        Noun::Cluster(ClusterCmd::Init) => {
+            let id = client.init().await.map_err(|e| e.to_string())?;
+            Ok(if cli.json {
+                serde_json::json!({ "cluster_id": id }).to_string()
+            } else {
+                format!("initialized cluster {id}")
+            })
+        }
+        Noun::Cluster(ClusterCmd::Status) => {
+            let status = client.status().await.map_err(|e| e.to_string())?;
+            Ok(if cli.json {
+                to_json(&status)
+            } else {
+                render_status(&status)
+            })
+        }
+        Noun::Cluster(ClusterCmd::Leave { node }) => {
+            client
+                .leave(node.unwrap_or(0))
+                .await
+                .map_err(|e| e.to_string())?;
+            let who = node
+                .map(|n| format!("node {n}"))
+                .unwrap_or_else(|| format!("the node at {}", cli.endpoint));
+            Ok(if cli.json {
+                serde_json::json!({ "left": node }).to_string()
+            } else {
+                format!("{who} left the cluster")
+            })
+        }
+        Noun::Node(NodeCmd::List) => {
+            let status = client.status().await.map_err(|e| e.to_string())?;
+            Ok(if cli.json {
+                to_json(&status.members)
+            } else {
+                render_members(&status)
+            })
+        }
+    }
+}
+
+mod uuid_check {
+    /// Minimal UUID syntax check (8-4-4-4-12 hex digits).
+    #[derive(Debug)]
+    pub struct Uuid;
+
+    impl std::str::FromStr for Uuid {
+        type Err = ();
+        fn from_str(s: &str) -> Result<Self, ()> {
+            let parts: Vec<&str> = s.split('-').collect();
+            let ok = parts.len() == 5
+                && parts
+                    .iter()
+                    .zip([8, 4, 4, 4, 12])
+                    .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()));
+            if ok { Ok(Uuid) } else { Err(()) }
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// Renders `cluster status` for people.
+pub fn render_status(s: &ClusterStatus) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "cluster   {}\nleader    {}\nterm      {}\ncommitted {}\n\n",
+        s.cluster_id.as_deref().unwrap_or("(not initialized)"),
+        s.leader
+            .map(|l| format!("node {l}"))
+            .unwrap_or_else(|| "none".into()),
+        s.term,
+        s.committed_index
+    ));
+    out.push_str(&render_members(s));
+    out
+}
+
+/// Renders the member table.
+pub fn render_members(s: &ClusterStatus) -> String {
+    let mut rows = vec![[
+        "ID".to_string(),
+        "ROLE".into(),
+        "STATE".into(),
+        "GRPC".into(),
+        "ISCSI".into(),
+        "VERSION".into(),
+        "HEARTBEAT".into(),
+    ]];
+    for m in &s.members {
+        let leader = if s.leader == Some(m.id) { "*" } else { "" };
+        rows.push([
+            format!("{}{leader}", m.id),
+            m.role.to_string(),
+            m.state.clone(),
+            m.grpc_addr.clone(),
+            if m.iscsi_addr.is_empty() {
+                "-".into()
+            } else {
+                m.iscsi_addr.clone()
+            },
+            format!(
+                "{} (proto {})",
+                if m.version.is_empty() {
+                    "?"
+                } else {
+                    &m.version
+                },
+                m.protocol_version
+            ),
+            m.last_heartbeat_age_ms
+                .map(|a| format!("{:.1}s ago", a as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -1,0 +1,306 @@
+//! Shared helpers for cluster scenarios: start real `csvd` processes on loopback with
+//! temporary data directories, stop and kill them, wait for conditions, run `migrator`.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use csvd_raft::api::{ClusterClient, ClusterStatus};
+
+/// Path of a binary built by this workspace (`csvd` or `migrator`).
+pub fn bin(name: &str) -> PathBuf {
+    if name == "csvd" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_csvd"));
+    }
+    // Other packages' binaries sit next to ours in the target directory.
+    let dir = Path::new(env!("CARGO_BIN_EXE_csvd"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` (the test command does)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One csvd node: its addresses, data dir and (while running) its process.
+pub struct Node {
+    pub id: u64,
+    pub grpc: String,
+    pub iscsi: String,
+    pub migration: String,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+    pub starts: u32,
+}
+
+impl Node {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn client(&self) -> ClusterClient {
+        ClusterClient::new(&self.grpc, None)
+            .unwrap()
+            .with_timeout(Duration::from_secs(10))
+    }
+
+    /// The log file of the current (or last) run.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("csvd-{}.log", self.starts))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the process with `args` after the common flags.
+    pub fn start_with(&mut self, args: &[&str]) {
+        assert!(self.child.is_none(), "node {} is already running", self.id);
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new(bin("csvd"))
+            .args(["--data-dir", self.dir.to_str().unwrap()])
+            .args(args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn csvd");
+        self.child = Some(child);
+    }
+
+    /// First start: every address as a flag.
+    pub fn start_fresh(&mut self, join: Option<&str>, extra: &[&str]) {
+        let id = self.id.to_string();
+        let (grpc, iscsi, migration) = (
+            self.grpc.clone(),
+            self.iscsi.clone(),
+            self.migration.clone(),
+        );
+        let mut args = vec![
+            "--node-id",
+            &id,
+            "--grpc-addr",
+            &grpc,
+            "--iscsi-addr",
+            &iscsi,
+            "--migration-addr",
+            &migration,
+            "--switches",
+            "lan",
+        ];
+        if let Some(j) = join {
+            args.extend(["--join", j]);
+        }
+        args.extend(extra);
+        self.start_with(&args);
+    }
+
+    /// Restart: the data dir alone.
+    pub fn restart(&mut self) {
+        self.start_with(&[]);
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("node not running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                return st;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = c.kill();
+                panic!(
+                    "node {} did not stop within 20 s of SIGTERM\n{}",
+                    self.id,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit on its own; returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Some(st) = c.try_wait().unwrap()
+            {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "node {} did not exit\n{}",
+                self.id,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn local_status(&self) -> Option<ClusterStatus> {
+        self.client().local_status().await.ok()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A set of nodes on loopback sharing one temporary directory.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Allocates `n` nodes (ids 1..=n) without starting them.
+    pub fn new(n: u64) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let nodes = (1..=n).map(|id| Self::make_node(tmp.path(), id)).collect();
+        Self { nodes, tmp }
+    }
+
+    fn make_node(root: &Path, id: u64) -> Node {
+        let dir = root.join(format!("node{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Node {
+            id,
+            grpc: format!("127.0.0.1:{}", free_port()),
+            iscsi: format!("127.0.0.1:{}", free_port()),
+            migration: format!("127.0.0.1:{}", free_port()),
+            dir,
+            child: None,
+            starts: 0,
+        }
+    }
+
+    /// Adds one more (unstarted) node.
+    pub fn add_node(&mut self) -> usize {
+        let id = self.nodes.len() as u64 + 1;
+        self.nodes.push(Self::make_node(self.tmp.path(), id));
+        self.nodes.len() - 1
+    }
+
+    pub fn node(&mut self, id: u64) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.id == id).unwrap()
+    }
+
+    /// Starts node 1, runs `cluster init` on it, starts the others with `--join` node 1 and
+    /// waits until all are voters with one leader. Returns the cluster id.
+    pub async fn start_initialized(&mut self, extra: &[&str]) -> String {
+        self.nodes[0].start_fresh(None, extra);
+        let mut c = self.nodes[0].client();
+        let cluster_id = wait_until("cluster init", Duration::from_secs(20), || {
+            let mut c = c.clone();
+            async move { c.init().await.ok() }
+        })
+        .await;
+        let join = self.nodes[0].grpc.clone();
+        for n in self.nodes.iter_mut().skip(1) {
+            n.start_fresh(Some(&join), extra);
+        }
+        let want = self.nodes.len();
+        let voters = want.min(5) - (1 - want.min(5) % 2);
+        wait_until("all nodes to be members", Duration::from_secs(60), || {
+            let mut c = c.clone();
+            async move {
+                let s = c.status().await.ok()?;
+                let v = s
+                    .members
+                    .iter()
+                    .filter(|m| m.role == csvd_raft::api::Role::Voter)
+                    .count();
+                (s.members.len() == want && v == voters && s.leader.is_some()).then_some(())
+            }
+        })
+        .await;
+        let _ = &mut c;
+        cluster_id
+    }
+
+    /// Waits for a leader seen from `via`; returns (leader id, status).
+    pub async fn leader_via(&self, via: u64) -> (u64, ClusterStatus) {
+        let client = self.nodes.iter().find(|n| n.id == via).unwrap().client();
+        wait_until("a leader", Duration::from_secs(30), || {
+            let mut c = client.clone();
+            async move {
+                let s = c.status().await.ok()?;
+                s.leader.map(|l| (l, s))
+            }
+        })
+        .await
+    }
+}
+
+/// Runs `migrator` with `args`; returns its output.
+pub fn migrator(args: &[&str]) -> Output {
+    Command::new(bin("migrator"))
+        .args(args)
+        .env_remove("CSVD_ENDPOINT")
+        .env_remove("CSVD_CLUSTER_ID")
+        .output()
+        .expect("run migrator")
+}
+
+/// stderr of a finished process as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// stdout of a finished process as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
