@@ -144,7 +144,7 @@ pub fn parse_file(name: &str, text: &str) -> Result<FileConfig, ConfigError> {
             .map(|s| {
                 format!(
                     "line {}: ",
-                    text[..s.start.min(text.len())].lines().count().max(1)
+                    text[..s.start.min(text.len())].matches('\n').count() + 1
                 )
             })
             .unwrap_or_default();

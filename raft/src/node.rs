@@ -290,6 +290,21 @@ impl MetaNode {
         )
         .await
         .map_err(|e| NodeError::Fatal(e.to_string()))?;
+        // The cluster id becomes known when InitCluster is applied (here or by replication);
+        // from then on every RPC is stamped with and checked against it.
+        let mut changes = sm.subscribe();
+        let cell = cluster.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(c) = changes.borrow_and_update().state.cluster_id {
+                    cell.set(c.to_string());
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         let (removed, _) = watch::channel(false);
         let node = MetaNode {
             inner: Arc::new(Inner {

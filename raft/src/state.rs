@@ -249,7 +249,8 @@ impl ClusterState {
                 spec: spec.clone(),
                 admin_state: NodeAdminState::Active,
                 joined_at_ms: now_ms,
-                last_heartbeat_ms: None,
+                // Registering is proof of life: the node is up until heartbeats say otherwise.
+                last_heartbeat_ms: Some(now_ms),
             },
         );
         Ok(Outcome::Applied)
