@@ -336,12 +336,18 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
     })
 }
 
-/// Saves the effective configuration into the data directory.
+/// Saves the effective configuration into the data directory, durably: a restart depends on
+/// it, so it is written to a temporary file, synced, renamed into place and the directory
+/// synced.
 pub fn save(dir: &Path, f: &FileConfig) -> std::io::Result<()> {
+    use std::io::Write;
     let text = toml::to_string(f).map_err(std::io::Error::other)?;
     let tmp = dir.join(format!("{SAVED_CONFIG}.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, dir.join(SAVED_CONFIG))
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(tmp, dir.join(SAVED_CONFIG))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ async fn test_lagging_node_catches_up_from_snapshot() {
     cluster.node(lagging).terminate();
     let mut c = cluster.node(leader).client();
     let mut last = 0;
-    for i in 0..150u64 {
+    for i in 0..400u64 {
         let state = if i % 2 == 0 {
             NodeAdminState::Draining
         } else {

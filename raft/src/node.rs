@@ -194,20 +194,40 @@ pub fn desired_voters(members: usize) -> usize {
     }
 }
 
-/// Which learners to promote so the voter count reaches [`desired_voters`]. Only learners
-/// that `ready` accepts (caught up and alive) are promoted, lowest id first; voters are never
-/// demoted here. Returns an empty set when nothing should change.
-pub fn plan_promotions(
+/// A change of voters that brings the count to [`desired_voters`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VoterPlan {
+    /// Learners to make voters.
+    pub promote: BTreeSet<NodeId>,
+    /// Voters to make learners.
+    pub demote: BTreeSet<NodeId>,
+}
+
+/// Plans the voter set: promotes learners that `ready` accepts (caught up and alive), lowest
+/// id first, while there are fewer voters than [`desired_voters`]; when there are more (an even
+/// count after a voter left and no learner can replace it), demotes the voters that `ready`
+/// rejects first, then the highest ids, never `leader`. Empty when nothing should change.
+pub fn plan_voters(
     voters: &BTreeSet<NodeId>,
     learners: &BTreeSet<NodeId>,
+    leader: NodeId,
     ready: impl Fn(NodeId) -> bool,
-) -> BTreeSet<NodeId> {
-    let ready: Vec<NodeId> = learners.iter().copied().filter(|id| ready(*id)).collect();
-    let target = desired_voters(voters.len() + ready.len());
-    if target <= voters.len() {
-        return BTreeSet::new();
+) -> VoterPlan {
+    let ready_learners: Vec<NodeId> = learners.iter().copied().filter(|id| ready(*id)).collect();
+    let target = desired_voters(voters.len() + ready_learners.len()).max(1);
+    let mut plan = VoterPlan::default();
+    if target > voters.len() {
+        plan.promote = ready_learners
+            .into_iter()
+            .take(target - voters.len())
+            .collect();
+    } else if target < voters.len() {
+        let mut candidates: Vec<NodeId> = voters.iter().copied().filter(|v| *v != leader).collect();
+        // Unready voters first, then the highest ids.
+        candidates.sort_by_key(|v| (ready(*v), std::cmp::Reverse(*v)));
+        plan.demote = candidates.into_iter().take(voters.len() - target).collect();
     }
-    ready.into_iter().take(target - voters.len()).collect()
+    plan
 }
 
 /// Classifies a failed membership change.
@@ -413,21 +433,31 @@ impl MetaNode {
     /// Bootstraps a single-node cluster on this node and names it. Returns the cluster id.
     pub async fn init(&self) -> Result<Uuid, NodeError> {
         if self.is_initialized().await? {
-            return Err(NodeError::AlreadyInitialized {
-                id: self.inner.id,
-                cluster: self
-                    .inner
-                    .cluster
-                    .get()
-                    .unwrap_or_else(|| "(not yet named)".into()),
-            });
+            let view = self.inner.sm.view();
+            let voters: Vec<NodeId> = view.membership.membership().voter_ids().collect();
+            // An init that crashed after bootstrapping but before naming the cluster is
+            // finished now; anything else is a real second init.
+            let unnamed_bootstrap = view.state.cluster_id.is_none() && voters == [self.inner.id];
+            if !unnamed_bootstrap {
+                return Err(NodeError::AlreadyInitialized {
+                    id: self.inner.id,
+                    cluster: view
+                        .state
+                        .cluster_id
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "(not yet named)".into()),
+                });
+            }
+            tracing::info!("finishing an interrupted cluster init");
+        } else {
+            let members =
+                BTreeMap::from([(self.inner.id, BasicNode::new(&self.inner.spec.grpc_addr))]);
+            self.inner
+                .raft
+                .initialize(members)
+                .await
+                .map_err(|e| NodeError::Fatal(e.to_string()))?;
         }
-        let members = BTreeMap::from([(self.inner.id, BasicNode::new(&self.inner.spec.grpc_addr))]);
-        self.inner
-            .raft
-            .initialize(members)
-            .await
-            .map_err(|e| NodeError::Fatal(e.to_string()))?;
         let cluster_id = Uuid::new_v4();
         self.write(Command::InitCluster { cluster_id }).await?;
         self.write(Command::RegisterNode {
@@ -665,21 +695,41 @@ impl MetaNode {
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
         let last = metrics.last_log_index.unwrap_or(0);
         let replication = metrics.replication.clone().unwrap_or_default();
-        let promote = plan_promotions(&voters, &learners, |id| {
-            replication
-                .get(&id)
-                .and_then(|m| m.as_ref())
-                .is_some_and(|m| m.index + 100 >= last)
-        });
-        if promote.is_empty() {
-            return Ok(());
+        let view = self.inner.sm.view();
+        let now = now_ms();
+        let me = self.inner.id;
+        // Ready: replicated to within 100 entries of the leader and heard from recently.
+        let ready = |id: NodeId| {
+            let caught_up = id == me
+                || replication
+                    .get(&id)
+                    .and_then(|m| m.as_ref())
+                    .is_some_and(|m| m.index + 100 >= last);
+            let alive = id == me
+                || view
+                    .state
+                    .nodes
+                    .get(&id)
+                    .and_then(|n| n.last_heartbeat_ms)
+                    .is_some_and(|t| now.saturating_sub(t) <= DOWN_AFTER.as_millis() as u64);
+            caught_up && alive
+        };
+        let plan = plan_voters(&voters, &learners, me, ready);
+        if !plan.promote.is_empty() {
+            tracing::info!(promote = ?plan.promote, "promoting learners to voters");
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::AddVoterIds(plan.promote), true)
+                .await
+                .map_err(|e| membership_error(me, e))?;
+        } else if !plan.demote.is_empty() {
+            tracing::info!(demote = ?plan.demote, "demoting voters to learners to keep an odd voter count");
+            self.inner
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(plan.demote), true)
+                .await
+                .map_err(|e| membership_error(me, e))?;
         }
-        tracing::info!(?promote, "promoting learners to voters");
-        self.inner
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(promote), true)
-            .await
-            .map_err(|e| membership_error(self.inner.id, e))?;
         Ok(())
     }
 
@@ -904,7 +954,13 @@ impl MetaNode {
     pub fn mark_removed(&self) {
         tracing::warn!("this node is no longer a member of the cluster");
         let cluster = self.inner.cluster.get().unwrap_or_default();
-        if let Err(e) = std::fs::write(self.inner.data_dir.join(LEFT_MARKER), cluster) {
+        let write = |path: &std::path::Path| -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(path)?;
+            f.write_all(cluster.as_bytes())?;
+            f.sync_all()
+        };
+        if let Err(e) = write(&self.inner.data_dir.join(LEFT_MARKER)) {
             tracing::error!(error = %e, "cannot write the left marker");
         }
         self.inner.removed.send_replace(true);
@@ -933,34 +989,62 @@ mod tests {
         ids.iter().copied().collect()
     }
 
-    #[test]
-    fn test_plan_promotions_keeps_odd() {
-        // 1 voter + 1 learner: stay at 1 voter (2 would be even).
-        assert!(plan_promotions(&set(&[1]), &set(&[2]), |_| true).is_empty());
-        // 1 voter + 2 learners: promote both.
-        assert_eq!(
-            plan_promotions(&set(&[1]), &set(&[2, 3]), |_| true),
-            set(&[2, 3])
-        );
-        // 3 voters + 1 learner: stay.
-        assert!(plan_promotions(&set(&[1, 2, 3]), &set(&[4]), |_| true).is_empty());
-        // 3 voters + 3 learners: promote two to reach 5.
-        assert_eq!(
-            plan_promotions(&set(&[1, 2, 3]), &set(&[4, 5, 6]), |_| true),
-            set(&[4, 5])
-        );
-        // 5 voters: never more.
-        assert!(plan_promotions(&set(&[1, 2, 3, 4, 5]), &set(&[6, 7]), |_| true).is_empty());
+    fn plan(
+        voters: &[NodeId],
+        learners: &[NodeId],
+        ready: impl Fn(NodeId) -> bool,
+    ) -> (BTreeSet<NodeId>, BTreeSet<NodeId>) {
+        let p = plan_voters(&set(voters), &set(learners), 1, ready);
+        (p.promote, p.demote)
     }
 
     #[test]
-    fn test_plan_promotions_skips_lagging() {
-        // Learner 3 is not caught up: only 2 is ready, and 1+1 would be even.
-        assert!(plan_promotions(&set(&[1]), &set(&[2, 3]), |id| id == 2).is_empty());
-        // After a voter left: 2 voters + 1 ready learner -> 3.
+    fn test_plan_voters_keeps_odd() {
+        let none = BTreeSet::new();
+        // 1 voter + 1 learner: stay at 1 voter (2 would be even).
+        assert_eq!(plan(&[1], &[2], |_| true), (none.clone(), none.clone()));
+        // 1 voter + 2 learners: promote both.
+        assert_eq!(plan(&[1], &[2, 3], |_| true), (set(&[2, 3]), none.clone()));
+        // 3 voters + 1 learner: stay.
         assert_eq!(
-            plan_promotions(&set(&[1, 2]), &set(&[4]), |_| true),
-            set(&[4])
+            plan(&[1, 2, 3], &[4], |_| true),
+            (none.clone(), none.clone())
         );
+        // 3 voters + 3 learners: promote two to reach 5.
+        assert_eq!(
+            plan(&[1, 2, 3], &[4, 5, 6], |_| true),
+            (set(&[4, 5]), none.clone())
+        );
+        // 5 voters: never more.
+        assert_eq!(
+            plan(&[1, 2, 3, 4, 5], &[6, 7], |_| true),
+            (none.clone(), none.clone())
+        );
+    }
+
+    #[test]
+    fn test_plan_voters_skips_lagging_learners() {
+        let none = BTreeSet::new();
+        // Learner 3 is not ready: 1 voter + 1 ready learner would be even, so nothing moves.
+        assert_eq!(
+            plan(&[1], &[2, 3], |id| id != 3),
+            (none.clone(), none.clone())
+        );
+        // After a voter left: 2 voters + 1 ready learner -> 3.
+        assert_eq!(plan(&[1, 2], &[4], |_| true), (set(&[4]), none));
+    }
+
+    #[test]
+    fn test_plan_voters_demotes_to_odd_never_leader() {
+        let none = BTreeSet::new();
+        // 2 voters and nobody to promote: keep one, and it is the leader (1).
+        assert_eq!(plan(&[1, 2], &[], |_| true), (none.clone(), set(&[2])));
+        // 4 voters: demote the dead one first, not the highest id.
+        assert_eq!(
+            plan(&[1, 2, 3, 4], &[], |id| id != 2),
+            (none.clone(), set(&[2]))
+        );
+        // A lone leader is never demoted.
+        assert_eq!(plan(&[1], &[], |_| false), (none.clone(), none));
     }
 }

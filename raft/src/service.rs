@@ -91,7 +91,7 @@ impl Cluster for ClusterService {
         self.check(&req)?;
         let request: CommandRequest = serde_json::from_slice(&req.get_ref().json)
             .map_err(|e| Status::invalid_argument(format!("undecodable command: {e}")))?;
-        if request.v != crate::command::COMMAND_VERSION {
+        if request.v == 0 || request.v > crate::command::COMMAND_VERSION {
             return Err(Status::failed_precondition(format!(
                 "command version {} is not spoken by this node (it speaks {})",
                 request.v,
