@@ -720,4 +720,67 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&resp).unwrap()).unwrap();
         assert_eq!(back, resp);
     }
+
+    mod model {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn arb_spec() -> impl Strategy<Value = NodeSpec> {
+            (0u64..5, 0u16..4, 0u32..3).prop_map(|(id, port, proto)| NodeSpec {
+                id,
+                grpc_addr: format!("127.0.0.1:{}", 7000 + port),
+                iscsi_addr: String::new(),
+                migration_addr: String::new(),
+                protocol_version: proto,
+                ..Default::default()
+            })
+        }
+
+        fn arb_cmd() -> impl Strategy<Value = Command> {
+            prop_oneof![
+                (0u128..3).prop_map(|c| Command::InitCluster {
+                    cluster_id: Uuid::from_u128(c)
+                }),
+                (arb_spec(), 0u64..100)
+                    .prop_map(|(spec, now_ms)| Command::RegisterNode { spec, now_ms }),
+                arb_spec().prop_map(|spec| Command::UpdateNode { spec }),
+                (0u64..5, 0u64..100).prop_map(|(id, at_ms)| Command::Heartbeat { id, at_ms }),
+                (0u64..5, any::<bool>()).prop_map(|(id, d)| Command::SetNodeState {
+                    id,
+                    state: if d {
+                        NodeAdminState::Draining
+                    } else {
+                        NodeAdminState::Active
+                    },
+                }),
+                (0u64..5).prop_map(|id| Command::RemoveNode { id }),
+            ]
+        }
+
+        proptest! {
+            /// Any sequence of commands: no panic, a rejection changes nothing, and the node
+            /// table stays consistent (keys match ids, no address used twice).
+            #[test]
+            fn test_apply_random_sequences(cmds in proptest::collection::vec(arb_cmd(), 0..60)) {
+                let mut s = ClusterState::default();
+                for cmd in cmds {
+                    let before = s.clone();
+                    let res = s.apply(&Request::new(cmd));
+                    if res.is_err() {
+                        prop_assert_eq!(&s, &before);
+                    }
+                    if s.cluster_id.is_none() {
+                        prop_assert!(s.nodes.is_empty());
+                    }
+                    let mut addrs = std::collections::BTreeSet::new();
+                    for (id, n) in &s.nodes {
+                        prop_assert_eq!(*id, n.spec.id);
+                        prop_assert!(*id != 0);
+                        prop_assert!(addrs.insert(n.spec.grpc_addr.clone()), "address used twice");
+                    }
+                }
+            }
+        }
+    }
 }
