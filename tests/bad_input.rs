@@ -314,3 +314,18 @@ async fn test_status_json_schema_and_double_init() {
     assert!(table.lines().next().unwrap().starts_with("ID"), "{table}");
     assert_eq!(table.lines().count(), 3, "{table}");
 }
+
+/// `--log-format json` writes one JSON object per line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_json_logs() {
+    let mut cluster = Cluster::new(1);
+    cluster.start_initialized(&["--log-format", "json"]).await;
+    let log = cluster.nodes[0].log();
+    let lines: Vec<&str> = log.lines().filter(|l| !l.is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+}
