@@ -72,6 +72,19 @@ async fn test_three_nodes_survive_leader_crash_and_full_restart() {
         "{err:?}"
     );
 
+    // The CLI's stale-but-quorum-free view answers from the node itself.
+    let out = common::migrator(&[
+        "--endpoint",
+        &cluster.node(follower).endpoint(),
+        "--json",
+        "cluster",
+        "status",
+        "--local",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&common::stdout(&out)).unwrap();
+    assert_eq!(v["served_by"], follower);
+
     // kill -9 the leader: the others elect a new one and keep committing.
     cluster.node(leader).kill9();
     let survivor = (1..=3).find(|id| *id != leader).unwrap();

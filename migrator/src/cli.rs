@@ -51,7 +51,12 @@ pub enum ClusterCmd {
     /// Bootstrap a new cluster on the endpoint node.
     Init,
     /// Show the leader, term, commit index and every member.
-    Status,
+    Status {
+        /// Answer from the endpoint node's own state without asking the leader: works without
+        /// a quorum, but may be stale.
+        #[arg(long)]
+        local: bool,
+    },
     /// Remove a node from the cluster (the endpoint node unless --node is given).
     Leave {
         /// Id of the node to remove (for example a dead one).
@@ -137,8 +142,13 @@ async fn run(cli: &Cli) -> Result<String, String> {
                 format!("initialized cluster {id}")
             })
         }
-        Noun::Cluster(ClusterCmd::Status) => {
-            let status = client.status().await.map_err(|e| e.to_string())?;
+        Noun::Cluster(ClusterCmd::Status { local }) => {
+            let status = if *local {
+                client.local_status().await
+            } else {
+                client.status().await
+            };
+            let status = status.map_err(|e| e.to_string())?;
             Ok(if cli.json {
                 to_json(&status)
             } else {
