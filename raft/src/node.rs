@@ -265,6 +265,8 @@ struct Inner {
     removed: watch::Sender<bool>,
     /// Serializes this leader's membership changes (joins, leaves, promotions).
     membership_lock: tokio::sync::Mutex<()>,
+    /// Clients of leaders that requests were forwarded to, by (address, cluster id).
+    forward: std::sync::Mutex<std::collections::HashMap<(String, Option<String>), ClusterClient>>,
 }
 
 impl std::fmt::Debug for MetaNode {
@@ -338,6 +340,7 @@ impl MetaNode {
                 snapshot_every_bytes: opts.snapshot_every_bytes,
                 removed,
                 membership_lock: tokio::sync::Mutex::new(()),
+                forward: Default::default(),
             }),
         };
         Ok(node)
@@ -407,9 +410,19 @@ impl MetaNode {
         let addr = self
             .leader_addr(leader)
             .ok_or(NodeError::NoLeader(self.inner.id))?;
-        ClusterClient::new(&addr, self.inner.cluster.get())
-            .map(|c| c.with_timeout(Duration::from_secs(20)))
-            .map_err(|e| NodeError::Fatal(e.to_string()))
+        let cluster = self.inner.cluster.get();
+        let key = (addr, cluster);
+        let mut cache = self.inner.forward.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cache.get(&key) {
+            return Ok(c.clone());
+        }
+        // One HTTP/2 connection per leader, reused by every forwarded call: a connection per
+        // call would add a TCP and HTTP/2 handshake to each forwarded write.
+        let client = ClusterClient::new(&key.0, key.1.clone())
+            .map(|c| c.with_timeout(LEADER_WAIT + Duration::from_secs(5)))
+            .map_err(|e| NodeError::Fatal(e.to_string()))?;
+        cache.insert(key, client.clone());
+        Ok(client)
     }
 
     /// Waits until some node is leader; returns it.
