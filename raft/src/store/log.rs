@@ -1,20 +1,37 @@
 //! The Raft log and vote, stored in one redb database (`raft-log.redb`).
 //!
-//! Every mutation commits a redb write transaction with `Durability::Immediate` (fsync) before
-//! openraft is told it is done, so an acknowledged vote or entry survives power loss.
+//! # Write path
+//!
+//! One writer thread owns every mutation. `append` puts the entries into an in-memory tail (so
+//! replication can read them at once), queues them and returns; the writer drains whatever is
+//! queued, commits it in one redb transaction with `Durability::Immediate` (fdatasync) and only
+//! then tells openraft, through each append's `IOFlushed` callback, that the entries are on
+//! disk. Votes, truncations and purges go through the same queue, so everything reaches the
+//! disk in the order openraft issued it, and they return only once durable. Under load many
+//! appends share one fsync (group commit).
+//!
+//! # Read path
+//!
+//! Recent entries are served from the in-memory tail; older ones from redb. Every index below
+//! the tail's first entry is durable in redb: the tail only drops entries the writer has
+//! committed.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
-use std::ops::RangeBounds;
+use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftLogReader};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
+use tokio::sync::oneshot;
 
 use super::{decode, encode, io_err};
 use crate::TypeConfig;
@@ -26,16 +43,92 @@ const KEY_VOTE: &str = "vote";
 const KEY_COMMITTED: &str = "committed";
 const KEY_PURGED: &str = "last_purged";
 
-/// The redb-backed Raft log. Cheap to clone; clones share the database.
+/// Durable entries kept in memory for readers (replication of recent entries).
+const TAIL_KEEP: usize = 2048;
+
+/// Most queued operations one transaction takes.
+const MAX_BATCH: usize = 1024;
+
+type Entry = EntryOf<TypeConfig>;
+type LogId = LogIdOf<TypeConfig>;
+type Vote = VoteOf<TypeConfig>;
+
+/// What the writer thread does, in queue order.
+enum Op {
+    Append {
+        entries: Vec<(u64, Vec<u8>)>,
+        done: IOFlushed<TypeConfig>,
+    },
+    Vote(Vec<u8>, oneshot::Sender<io::Result<()>>),
+    Truncate(u64, oneshot::Sender<io::Result<()>>),
+    Purge(LogId, oneshot::Sender<io::Result<()>>),
+}
+
+/// In-memory state shared by the store's clones and the writer.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Recent entries: everything not yet durable plus up to [`TAIL_KEEP`] durable ones.
+    tail: BTreeMap<u64, Entry>,
+    /// Highest index the writer has made durable.
+    durable: u64,
+    /// Last vote made durable.
+    vote: Option<Vote>,
+    /// Last purged log id.
+    purged: Option<LogId>,
+    /// Last committed id openraft told us about; written with the next transaction.
+    committed: Option<LogId>,
+}
+
+/// The redb-backed Raft log. Cheap to clone; clones share the database and the writer.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    shared: Arc<Mutex<Shared>>,
+    writer: Arc<WriterHandle>,
     /// Bytes of entries appended since the last purge: drives the size-based snapshot policy.
     unpurged_bytes: Arc<AtomicU64>,
 }
 
+/// The queue to the writer thread. When the last store clone goes, the queue closes and the
+/// thread is joined, so the database file is released before `drop` returns.
+#[derive(Debug)]
+struct WriterHandle {
+    queue: Mutex<Option<mpsc::Sender<Op>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl WriterHandle {
+    fn send(&self, op: Op) -> io::Result<()> {
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        match queue.as_ref() {
+            Some(q) => q.send(op).map_err(|_| io_err("log writer", "stopped")),
+            None => Err(io_err("log writer", "stopped")),
+        }
+    }
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::Append { entries, .. } => write!(f, "Append({})", entries.len()),
+            Op::Vote(..) => f.write_str("Vote"),
+            Op::Truncate(i, _) => write!(f, "Truncate({i})"),
+            Op::Purge(l, _) => write!(f, "Purge({l})"),
+        }
+    }
+}
+
 impl LogStore {
-    /// Opens (or creates) the log database at `path`.
+    /// Opens (or creates) the log database at `path` and starts its writer thread.
     pub fn open(path: &Path) -> io::Result<Self> {
         let db = Database::create(path)
             .map_err(|e| io_err(&format!("opening {}", path.display()), e))?;
@@ -49,14 +142,61 @@ impl LogStore {
                 .map_err(|e| io_err("creating the meta table", e))?;
         }
         txn.commit().map_err(|e| io_err("committing", e))?;
-        let store = Self {
-            db: Arc::new(db),
-            unpurged_bytes: Arc::new(AtomicU64::new(0)),
+        let db = Arc::new(db);
+
+        let mut shared = Shared::default();
+        let mut stored_bytes = 0u64;
+        {
+            let txn = db.begin_read().map_err(|e| io_err("starting a read", e))?;
+            let meta = txn
+                .open_table(META)
+                .map_err(|e| io_err("opening the meta table", e))?;
+            let get = |key: &str| -> io::Result<Option<Vec<u8>>> {
+                Ok(meta
+                    .get(key)
+                    .map_err(|e| io_err("reading meta", e))?
+                    .map(|v| v.value().to_vec()))
+            };
+            if let Some(b) = get(KEY_VOTE)? {
+                shared.vote = Some(decode("vote", &b)?);
+            }
+            if let Some(b) = get(KEY_PURGED)? {
+                shared.purged = Some(decode("purge point", &b)?);
+            }
+            if let Some(b) = get(KEY_COMMITTED)? {
+                shared.committed = decode::<Option<LogId>>("committed index", &b)?;
+            }
+            let logs = txn
+                .open_table(LOGS)
+                .map_err(|e| io_err("opening the log table", e))?;
+            for row in logs.iter().map_err(|e| io_err("reading the log", e))? {
+                let (k, v) = row.map_err(|e| io_err("reading the log", e))?;
+                stored_bytes += v.value().len() as u64;
+                shared.durable = k.value();
+            }
+        }
+
+        let (queue, rx) = mpsc::channel();
+        let shared = Arc::new(Mutex::new(shared));
+        let unpurged_bytes = Arc::new(AtomicU64::new(stored_bytes));
+        let writer = Writer {
+            db: db.clone(),
+            shared: shared.clone(),
+            unpurged_bytes: unpurged_bytes.clone(),
         };
-        store
-            .unpurged_bytes
-            .store(store.stored_bytes()?, Ordering::Relaxed);
-        Ok(store)
+        let thread = std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| io_err("starting the log writer", e))?;
+        Ok(Self {
+            db,
+            shared,
+            writer: Arc::new(WriterHandle {
+                queue: Mutex::new(Some(queue)),
+                thread: Mutex::new(Some(thread)),
+            }),
+            unpurged_bytes,
+        })
     }
 
     /// Bytes of log entries stored since the last purge (approximate, encoded size).
@@ -64,7 +204,21 @@ impl LogStore {
         self.unpurged_bytes.load(Ordering::Relaxed)
     }
 
-    fn stored_bytes(&self) -> io::Result<u64> {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues an operation that answers on a oneshot and waits until it is durable.
+    async fn submit(
+        &self,
+        make: impl FnOnce(oneshot::Sender<io::Result<()>>) -> Op,
+    ) -> io::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(make(tx))?;
+        rx.await.map_err(|_| io_err("log writer", "stopped"))?
+    }
+
+    fn read_durable(&self, start: Bound<u64>, end: Bound<u64>) -> io::Result<Vec<Entry>> {
         let txn = self
             .db
             .begin_read()
@@ -72,119 +226,205 @@ impl LogStore {
         let table = txn
             .open_table(LOGS)
             .map_err(|e| io_err("opening the log table", e))?;
-        let mut total = 0u64;
-        for row in table.iter().map_err(|e| io_err("reading the log", e))? {
+        let mut out = Vec::new();
+        for row in table
+            .range::<u64>((start, end))
+            .map_err(|e| io_err("reading the log", e))?
+        {
             let (_, v) = row.map_err(|e| io_err("reading the log", e))?;
-            total += v.value().len() as u64;
+            out.push(decode::<Entry>("log entry", v.value())?);
         }
-        Ok(total)
+        Ok(out)
+    }
+}
+
+/// The writer thread: drains the queue in order and commits each batch in one transaction.
+struct Writer {
+    db: Arc<Database>,
+    shared: Arc<Mutex<Shared>>,
+    unpurged_bytes: Arc<AtomicU64>,
+}
+
+impl Writer {
+    fn run(self, rx: mpsc::Receiver<Op>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH
+                && let Ok(op) = rx.try_recv()
+            {
+                batch.push(op);
+            }
+            let committed = self
+                .shared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .committed;
+            let result = self.commit(&batch, committed);
+            self.finish(batch, result);
+        }
     }
 
-    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> io::Result<Option<T>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| io_err("starting a read", e))?;
-        let table = txn
-            .open_table(META)
-            .map_err(|e| io_err("opening the meta table", e))?;
-        match table.get(key).map_err(|e| io_err("reading meta", e))? {
-            Some(v) => Ok(Some(decode(key, v.value())?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Writes one meta value durably.
-    fn put_meta<T: serde::Serialize>(&self, key: &str, value: &T) -> io::Result<()> {
-        let bytes = encode(key, value)?;
+    /// Writes every operation of the batch in one durable transaction. Returns the highest
+    /// appended index and the bytes added and removed.
+    fn commit(
+        &self,
+        batch: &[Op],
+        committed: Option<LogId>,
+    ) -> io::Result<(Option<u64>, u64, u64)> {
         let mut txn = self
             .db
             .begin_write()
             .map_err(|e| io_err("starting a write", e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| io_err("setting durability", e))?;
-        {
-            let mut table = txn
-                .open_table(META)
-                .map_err(|e| io_err("opening the meta table", e))?;
-            table
-                .insert(key, bytes.as_slice())
-                .map_err(|e| io_err("writing meta", e))?;
-        }
-        txn.commit().map_err(|e| io_err("committing meta", e))
-    }
-
-    /// Runs blocking redb work off the async runtime's worker threads.
-    async fn blocking<T, F>(&self, f: F) -> io::Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(LogStore) -> io::Result<T> + Send + 'static,
-    {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || f(this))
-            .await
-            .map_err(|e| io_err("storage task", e))?
-    }
-
-    /// Deletes every entry whose index lies in `range`; returns the bytes removed.
-    fn delete_range(
-        &self,
-        range: impl RangeBounds<u64>,
-        durability: Durability,
-    ) -> io::Result<u64> {
-        let mut txn = self
-            .db
-            .begin_write()
-            .map_err(|e| io_err("starting a write", e))?;
-        txn.set_durability(durability)
-            .map_err(|e| io_err("setting durability", e))?;
-        let mut removed = 0u64;
-        {
-            let mut table = txn
-                .open_table(LOGS)
-                .map_err(|e| io_err("opening the log table", e))?;
-            let gone = table
-                .extract_from_if(range, |_, _| true)
-                .map_err(|e| io_err("deleting log entries", e))?;
-            for row in gone {
-                let (_, v) = row.map_err(|e| io_err("deleting log entries", e))?;
-                removed += v.value().len() as u64;
+        let mut last = None;
+        let (mut added, mut removed) = (0u64, 0u64);
+        for op in batch {
+            match op {
+                Op::Append { entries, .. } => {
+                    let mut t = txn
+                        .open_table(LOGS)
+                        .map_err(|e| io_err("opening the log table", e))?;
+                    for (index, bytes) in entries {
+                        t.insert(*index, bytes.as_slice())
+                            .map_err(|e| io_err("appending to the log", e))?;
+                        added += bytes.len() as u64;
+                        last = Some(*index);
+                    }
+                }
+                Op::Vote(bytes, _) => put_meta(&txn, KEY_VOTE, bytes)?,
+                Op::Truncate(from, _) => {
+                    removed += delete_range(&txn, *from..)?;
+                    // Entries appended earlier in this batch at or after `from` are gone.
+                    if last.is_some_and(|l| l >= *from) {
+                        last = from.checked_sub(1);
+                    }
+                }
+                Op::Purge(log_id, _) => {
+                    // The purge point is recorded with the deletion, in one transaction.
+                    put_meta(&txn, KEY_PURGED, &encode("purge point", log_id)?)?;
+                    removed += delete_range(&txn, ..=log_id.index())?;
+                }
             }
         }
-        txn.commit().map_err(|e| io_err("committing", e))?;
-        Ok(removed)
+        // The committed index rides along: it only lets a restart re-apply sooner.
+        put_meta(&txn, KEY_COMMITTED, &encode("committed index", &committed)?)?;
+        txn.commit().map_err(|e| io_err("committing the log", e))?;
+        Ok((last, added, removed))
     }
+
+    fn finish(&self, batch: Vec<Op>, result: io::Result<(Option<u64>, u64, u64)>) {
+        if let Ok((last, added, removed)) = &result {
+            self.unpurged_bytes.fetch_add(*added, Ordering::Relaxed);
+            let now = self.unpurged_bytes.load(Ordering::Relaxed);
+            self.unpurged_bytes
+                .fetch_sub((*removed).min(now), Ordering::Relaxed);
+            let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(last) = last {
+                shared.durable = shared.durable.max(*last);
+            }
+            for op in &batch {
+                if let Op::Vote(bytes, _) = op
+                    && let Ok(v) = decode::<Vote>("vote", bytes)
+                {
+                    shared.vote = Some(v);
+                }
+            }
+            // Drop durable entries beyond what readers need.
+            while shared.tail.len() > TAIL_KEEP {
+                let Some((&first, _)) = shared.tail.first_key_value() else {
+                    break;
+                };
+                if first > shared.durable {
+                    break;
+                }
+                shared.tail.remove(&first);
+            }
+        }
+        let reply = |r: &io::Result<(Option<u64>, u64, u64)>| match r {
+            Ok(_) => Ok(()),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        };
+        for op in batch {
+            match op {
+                Op::Append { done, .. } => done.io_completed(reply(&result)),
+                Op::Vote(_, tx) | Op::Truncate(_, tx) | Op::Purge(_, tx) => {
+                    let _ = tx.send(reply(&result));
+                }
+            }
+        }
+    }
+}
+
+fn put_meta(txn: &WriteTransaction, key: &str, bytes: &[u8]) -> io::Result<()> {
+    let mut t = txn
+        .open_table(META)
+        .map_err(|e| io_err("opening the meta table", e))?;
+    t.insert(key, bytes)
+        .map_err(|e| io_err("writing meta", e))?;
+    Ok(())
+}
+
+/// Deletes the entries whose index lies in `range`; returns the bytes removed.
+fn delete_range(txn: &WriteTransaction, range: impl RangeBounds<u64>) -> io::Result<u64> {
+    let mut t = txn
+        .open_table(LOGS)
+        .map_err(|e| io_err("opening the log table", e))?;
+    let mut removed = 0;
+    for row in t
+        .extract_from_if(range, |_, _| true)
+        .map_err(|e| io_err("deleting log entries", e))?
+    {
+        let (_, v) = row.map_err(|e| io_err("deleting log entries", e))?;
+        removed += v.value().len() as u64;
+    }
+    Ok(removed)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
+    ) -> Result<Vec<Entry>, io::Error> {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
-        self.blocking(move |s| {
-            let txn =
-                s.db.begin_read()
-                    .map_err(|e| io_err("starting a read", e))?;
-            let table = txn
-                .open_table(LOGS)
-                .map_err(|e| io_err("opening the log table", e))?;
-            let mut out = Vec::new();
-            for row in table
-                .range::<u64>((start, end))
-                .map_err(|e| io_err("reading the log", e))?
-            {
-                let (_, v) = row.map_err(|e| io_err("reading the log", e))?;
-                out.push(decode::<EntryOf<TypeConfig>>("log entry", v.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        let (cached, tail_first) = {
+            let shared = self.lock();
+            let cached: Vec<Entry> = shared
+                .tail
+                .range((start, end))
+                .map(|(_, e)| e.clone())
+                .collect();
+            (cached, shared.tail.first_key_value().map(|(k, _)| *k))
+        };
+        let wanted_first = match start {
+            Bound::Included(i) => i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        // Everything the caller wants is in the tail.
+        if tail_first.is_some_and(|f| f <= wanted_first) {
+            return Ok(cached);
+        }
+        // The older part comes from redb: below the tail's first entry all is durable.
+        let durable_end = match tail_first {
+            Some(f) => match end {
+                Bound::Included(e) if e < f => Bound::Included(e),
+                Bound::Excluded(e) if e <= f => Bound::Excluded(e),
+                _ => Bound::Excluded(f),
+            },
+            None => end,
+        };
+        let this = self.clone();
+        let mut out = tokio::task::spawn_blocking(move || this.read_durable(start, durable_end))
+            .await
+            .map_err(|e| io_err("storage task", e))??;
+        out.extend(cached);
+        Ok(out)
     }
 
-    async fn read_vote(&mut self) -> Result<Option<VoteOf<TypeConfig>>, io::Error> {
-        self.get_meta(KEY_VOTE)
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        Ok(self.lock().vote)
     }
 }
 
@@ -192,21 +432,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged: Option<LogIdOf<TypeConfig>> = self.get_meta(KEY_PURGED)?;
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| io_err("starting a read", e))?;
-        let table = txn
-            .open_table(LOGS)
-            .map_err(|e| io_err("opening the log table", e))?;
-        let last = match table.last().map_err(|e| io_err("reading the log", e))? {
-            Some((_, v)) => Some(decode::<EntryOf<TypeConfig>>("log entry", v.value())?.log_id()),
-            None => None,
+        let (purged, tail_last) = {
+            let shared = self.lock();
+            (
+                shared.purged,
+                shared.tail.last_key_value().map(|(_, e)| e.log_id()),
+            )
+        };
+        let last = match tail_last {
+            Some(l) => Some(l),
+            None => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || -> io::Result<Option<LogId>> {
+                    let txn = this
+                        .db
+                        .begin_read()
+                        .map_err(|e| io_err("starting a read", e))?;
+                    let table = txn
+                        .open_table(LOGS)
+                        .map_err(|e| io_err("opening the log table", e))?;
+                    match table.last().map_err(|e| io_err("reading the log", e))? {
+                        Some((_, v)) => Ok(Some(decode::<Entry>("log entry", v.value())?.log_id())),
+                        None => Ok(None),
+                    }
+                })
+                .await
+                .map_err(|e| io_err("storage task", e))??
+            }
         };
         Ok(LogState {
-            last_log_id: last.or(last_purged),
-            last_purged_log_id: last_purged,
+            last_log_id: last.or(purged),
+            last_purged_log_id: purged,
         })
     }
 
@@ -214,23 +470,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
-        let vote = *vote;
-        self.blocking(move |s| s.put_meta(KEY_VOTE, &vote)).await
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let bytes = encode("vote", vote)?;
+        self.submit(|tx| Op::Vote(bytes, tx)).await
     }
 
-    async fn save_committed(
-        &mut self,
-        committed: Option<LogIdOf<TypeConfig>>,
-    ) -> Result<(), io::Error> {
-        self.blocking(move |s| s.put_meta(KEY_COMMITTED, &committed))
-            .await
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Written with the next transaction rather than with an fsync of its own: a stale
+        // value only means a restarted node re-applies less before hearing from the leader.
+        self.lock().committed = committed;
+        Ok(())
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
-        Ok(self
-            .get_meta::<Option<LogIdOf<TypeConfig>>>(KEY_COMMITTED)?
-            .flatten())
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
+        Ok(self.lock().committed)
     }
 
     async fn append<I>(
@@ -239,75 +492,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         callback: IOFlushed<TypeConfig>,
     ) -> Result<(), io::Error>
     where
-        I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
+        I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut encoded = Vec::new();
-        for entry in entries {
-            encoded.push((entry.index(), encode("log entry", &entry)?));
-        }
-        let res = self
-            .blocking(move |s| {
-                let mut txn =
-                    s.db.begin_write()
-                        .map_err(|e| io_err("starting a write", e))?;
-                txn.set_durability(Durability::Immediate)
-                    .map_err(|e| io_err("setting durability", e))?;
-                let mut bytes = 0u64;
-                {
-                    let mut table = txn
-                        .open_table(LOGS)
-                        .map_err(|e| io_err("opening the log table", e))?;
-                    for (index, value) in &encoded {
-                        table
-                            .insert(*index, value.as_slice())
-                            .map_err(|e| io_err("appending to the log", e))?;
-                        bytes += value.len() as u64;
-                    }
-                }
-                txn.commit().map_err(|e| io_err("committing the log", e))?;
-                s.unpurged_bytes.fetch_add(bytes, Ordering::Relaxed);
-                Ok(())
-            })
-            .await;
-        // The entries are on disk (or the write failed) before openraft hears about it.
-        match res {
-            Ok(()) => {
-                callback.io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
-                Err(e)
+        {
+            let mut shared = self.lock();
+            for entry in entries {
+                encoded.push((entry.index(), encode("log entry", &entry)?));
+                shared.tail.insert(entry.index(), entry);
             }
         }
+        self.writer.send(Op::Append {
+            entries: encoded,
+            done: callback,
+        })
     }
 
-    async fn truncate_after(
-        &mut self,
-        last_log_id: Option<LogIdOf<TypeConfig>>,
-    ) -> Result<(), io::Error> {
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map(|id| id.index() + 1).unwrap_or(0);
-        let removed = self
-            .blocking(move |s| s.delete_range(from.., Durability::Immediate))
-            .await?;
-        self.unpurged_bytes
-            .fetch_sub(removed.min(self.unpurged_bytes()), Ordering::Relaxed);
-        Ok(())
+        {
+            let mut shared = self.lock();
+            shared.tail.retain(|i, _| *i < from);
+            shared.durable = shared.durable.min(from.saturating_sub(1));
+        }
+        self.submit(|tx| Op::Truncate(from, tx)).await
     }
 
-    async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
-        let upto = log_id.index();
-        // Record the purge point first: a crash between the two steps leaves extra entries,
-        // which are harmless, never a gap.
-        let removed = self
-            .blocking(move |s| {
-                s.put_meta(KEY_PURGED, &log_id)?;
-                s.delete_range(..=upto, Durability::Immediate)
-            })
-            .await?;
-        self.unpurged_bytes
-            .fetch_sub(removed.min(self.unpurged_bytes()), Ordering::Relaxed);
-        Ok(())
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        {
+            let mut shared = self.lock();
+            let upto = log_id.index();
+            shared.tail.retain(|i, _| *i > upto);
+            shared.purged = Some(log_id);
+        }
+        self.submit(|tx| Op::Purge(log_id, tx)).await
     }
 }
