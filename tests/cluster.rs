@@ -160,10 +160,10 @@ async fn test_sigterm_transfers_leadership() {
     assert!(after.term > before.term);
 }
 
-/// A node that was down while the log moved past a snapshot catches up by installing the
-/// snapshot; the leader's log was compacted meanwhile.
+/// Compaction and catch-up: a node that was down while the log grew catches up after a
+/// restart, and a node that joins after the leader compacted its log receives the snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn test_lagging_node_catches_up_from_snapshot() {
+async fn test_lagging_and_new_nodes_catch_up_after_compaction() {
     let mut cluster = Cluster::new(3);
     cluster
         .start_initialized(&["--snapshot-every-entries", "20"])
@@ -172,30 +172,51 @@ async fn test_lagging_node_catches_up_from_snapshot() {
     let lagging = (1..=3).find(|id| *id != leader).unwrap();
     cluster.node(lagging).terminate();
     let mut c = cluster.node(leader).client();
-    let mut last = 0;
-    for i in 0..400u64 {
-        let state = if i % 2 == 0 {
-            NodeAdminState::Draining
-        } else {
-            NodeAdminState::Active
-        };
-        let (_, idx) = c
-            .write(Command::SetNodeState { id: leader, state })
-            .await
-            .unwrap();
-        last = idx;
-    }
+    let mut write_many = async |n: u64| {
+        let mut last = 0;
+        for i in 0..n {
+            let state = if i % 2 == 0 {
+                NodeAdminState::Draining
+            } else {
+                NodeAdminState::Active
+            };
+            last = c
+                .write(Command::SetNodeState { id: leader, state })
+                .await
+                .unwrap()
+                .1;
+        }
+        last
+    };
+    let last = write_many(400).await;
     cluster.node(lagging).restart();
     wait_until("the lagging node to catch up", LONG, || {
         let n = &cluster.nodes[(lagging - 1) as usize];
         async move { (n.local_status().await?.applied_index >= last).then_some(()) }
     })
     .await;
-    let log = cluster.node(lagging).log();
+
+    // With every member caught up the leader purges its log; a new node then cannot be
+    // served from the log and must install the snapshot.
+    let last = write_many(101).await; // odd count: the last write sets draining
+    let leader_log = cluster.node(leader).log();
+    assert!(leader_log.contains("built a snapshot"), "{leader_log}");
+    let i = cluster.add_node();
+    let join = cluster.node(leader).grpc.clone();
+    cluster.nodes[i].start_fresh(Some(&join), &["--snapshot-every-entries", "20"]);
+    let newcomer = cluster.nodes[i].id;
+    wait_until("the new node to catch up", LONG, || {
+        let n = &cluster.nodes[i];
+        async move { (n.local_status().await?.applied_index >= last).then_some(()) }
+    })
+    .await;
+    let log = cluster.node(newcomer).log();
     assert!(
         log.contains("installed a snapshot"),
         "expected a snapshot install:\n{log}"
     );
+    let s = cluster.node(newcomer).local_status().await.unwrap();
+    assert_eq!(state_of(&s, leader), "draining");
 }
 
 /// Membership: a dead node is removed by id, a live node leaves by itself and its daemon

@@ -588,11 +588,13 @@ impl MetaNode {
                 Some(_) if age.is_some_and(|a| a <= DOWN_AFTER.as_millis() as u64) => "up",
                 Some(_) => "down",
             };
-            let spec = rec.map(|r| r.spec.clone()).unwrap_or_else(|| NodeSpec {
-                id: *id,
-                grpc_addr: node.addr.clone(),
-                ..Default::default()
-            });
+            let spec = rec
+                .map(|r| NodeSpec::clone(&r.spec))
+                .unwrap_or_else(|| NodeSpec {
+                    id: *id,
+                    grpc_addr: node.addr.clone(),
+                    ..Default::default()
+                });
             members.push(MemberStatus {
                 id: *id,
                 role,
@@ -904,7 +906,7 @@ impl MetaNode {
                 return;
             }
             if let Some(rec) = view.state.nodes.get(&self.inner.id) {
-                if rec.spec != self.inner.spec {
+                if *rec.spec != self.inner.spec {
                     let cmd = Command::UpdateNode {
                         spec: self.inner.spec.clone(),
                     };

@@ -5,6 +5,7 @@
 //! leaves the state untouched. Every node applies the same log and holds the same state.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -60,8 +61,9 @@ impl std::fmt::Display for NodeAdminState {
 /// One row of the node table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
-    /// What the node last reported about itself.
-    pub spec: NodeSpec,
+    /// What the node last reported about itself. Shared, so copying the state (once per
+    /// applied batch, for watchers) does not copy every node's processor flags.
+    pub spec: Arc<NodeSpec>,
     /// Administrative state.
     pub admin_state: NodeAdminState,
     /// When the node was registered (proposer's clock, ms since the Unix epoch).
@@ -246,7 +248,7 @@ impl ClusterState {
         self.nodes.insert(
             spec.id,
             NodeRecord {
-                spec: spec.clone(),
+                spec: Arc::new(spec.clone()),
                 admin_state: NodeAdminState::Active,
                 joined_at_ms: now_ms,
                 // Registering is proof of life: the node is up until heartbeats say otherwise.
@@ -263,10 +265,10 @@ impl ClusterState {
         }
         self.check_addresses_free(spec)?;
         let node = self.node_mut(spec.id)?;
-        if node.spec == *spec {
+        if *node.spec == *spec {
             return Ok(Outcome::Unchanged);
         }
-        node.spec = spec.clone();
+        node.spec = Arc::new(spec.clone());
         Ok(Outcome::Applied)
     }
 
