@@ -10,11 +10,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::type_config::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::{BasicNode, OptionalSend};
@@ -214,6 +215,68 @@ impl RaftNetworkV2<TypeConfig> for GrpcPeer {
             .await?)
     }
 
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<
+            BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>,
+            RPCError<TypeConfig>,
+        >,
+    >
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>>
+            + OptionalSend
+            + Unpin
+            + 'static,
+    {
+        use tokio_stream::StreamExt;
+        let target = self.target;
+        let addr = self.addr.clone();
+        let client = self.client.clone();
+        let cluster = self.cluster.clone();
+        Box::pin(async move {
+            let Some(mut client) = client else {
+                return Err(RPCError::Unreachable(Unreachable::from_string(format!(
+                    "node {target} has an invalid address {addr:?}"
+                ))));
+            };
+            // Requests that cannot be encoded end the stream; openraft then falls back to
+            // resending from the last acknowledged entry.
+            let outgoing = input.map_while(|req| {
+                serde_json::to_vec(&req).ok().map(|json| RaftMessage {
+                    json,
+                    data: Vec::new(),
+                })
+            });
+            let mut request = Request::new(outgoing);
+            cluster.stamp(&mut request);
+            let opened =
+                tokio::time::timeout(option.hard_ttl(), client.stream_append(request)).await;
+            let responses = match opened {
+                Err(_) => {
+                    return Err(RPCError::Network(NetworkError::from_string(format!(
+                        "node {target} did not open the append stream within {:?}",
+                        option.hard_ttl()
+                    ))));
+                }
+                Ok(Err(status)) => return Err(classify(target, &addr, status).into()),
+                Ok(Ok(r)) => r.into_inner(),
+            };
+            let results = responses.map(move |item| {
+                let msg = item.map_err(|s| RPCError::from(classify(target, &addr, s)))?;
+                serde_json::from_slice::<StreamAppendResult<TypeConfig>>(&msg.json).map_err(|e| {
+                    RPCError::Network(NetworkError::from_string(format!(
+                        "node {target} sent an undecodable append result: {e}"
+                    )))
+                })
+            });
+            Ok(Box::pin(results) as BoxStream<'s, _>)
+        })
+    }
+
     async fn vote(
         &mut self,
         rpc: VoteRequest<TypeConfig>,
@@ -315,6 +378,39 @@ fn reply<T: Serialize, E: std::fmt::Display>(
 
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
+    type StreamAppendStream = BoxStream<'static, Result<RaftMessage, Status>>;
+
+    async fn stream_append(
+        &self,
+        req: Request<tonic::Streaming<RaftMessage>>,
+    ) -> Result<Response<Self::StreamAppendStream>, Status> {
+        use tokio_stream::StreamExt;
+        self.cluster.check(&req)?;
+        // An undecodable request ends the input: the responses already owed are still sent,
+        // then the stream closes and the leader reconnects.
+        let input = req.into_inner().map_while(|item| {
+            let msg = item.ok()?;
+            match serde_json::from_slice::<AppendEntriesRequest<TypeConfig>>(&msg.json) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "undecodable append in a replication stream");
+                    None
+                }
+            }
+        });
+        let output = self.raft.stream_append(input).map(|res| {
+            let value =
+                res.map_err(|e| Status::unavailable(format!("raft is not serving: {e}")))?;
+            let json = serde_json::to_vec(&value)
+                .map_err(|e| Status::internal(format!("encoding the reply: {e}")))?;
+            Ok(RaftMessage {
+                json,
+                data: Vec::new(),
+            })
+        });
+        Ok(Response::new(Box::pin(output)))
+    }
+
     async fn vote(&self, req: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: VoteRequest<TypeConfig> = self.decode(&req)?;
         reply(self.raft.vote(rpc).await)
