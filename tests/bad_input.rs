@@ -198,6 +198,18 @@ async fn test_garbage_grpc_payloads_are_refused() {
     let s = raft.install_snapshot(garbage()).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
 
+    // A replication stream that starts with garbage is closed without a reply.
+    let garbage_stream = futures::stream::iter(vec![garbage(), garbage()]);
+    let mut replies = raft
+        .stream_append(garbage_stream)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), replies.message())
+        .await
+        .unwrap();
+    assert!(matches!(first, Ok(None)), "{first:?}");
+
     let mut api = pb::cluster_client::ClusterClient::new(channel.clone());
     let s = api
         .write(pb::WriteRequest {
