@@ -247,6 +247,10 @@ struct Writer {
 
 impl Writer {
     fn run(self, rx: mpsc::Receiver<Op>) {
+        // The committed index is written at most this often: each write dirties a second
+        // table in the transaction, and a stale value is safe (see `save_committed`).
+        const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+        let mut committed_written: Option<(Option<LogId>, std::time::Instant)> = None;
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             while batch.len() < MAX_BATCH
@@ -259,8 +263,28 @@ impl Writer {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .committed;
-            let result = self.commit(&batch, committed);
+            let due = match committed_written {
+                None => true,
+                Some((c, at)) => c != committed && at.elapsed() >= COMMITTED_EVERY,
+            };
+            let result = self.commit(&batch, due.then_some(committed));
+            if due && result.is_ok() {
+                committed_written = Some((committed, std::time::Instant::now()));
+            }
             self.finish(batch, result);
+        }
+        // The store is closing (clean shutdown): leave the latest committed index on disk.
+        let committed = self
+            .shared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .committed;
+        let changed = match committed_written {
+            Some((c, _)) => c != committed,
+            None => committed.is_some(),
+        };
+        if changed && let Err(e) = self.commit(&[], Some(committed)) {
+            tracing::warn!(error = %e, "could not save the committed index at shutdown");
         }
     }
 
@@ -269,7 +293,7 @@ impl Writer {
     fn commit(
         &self,
         batch: &[Op],
-        committed: Option<LogId>,
+        committed: Option<Option<LogId>>,
     ) -> io::Result<(Option<u64>, u64, u64)> {
         let mut txn = self
             .db
@@ -308,7 +332,9 @@ impl Writer {
             }
         }
         // The committed index rides along: it only lets a restart re-apply sooner.
-        put_meta(&txn, KEY_COMMITTED, &encode("committed index", &committed)?)?;
+        if let Some(committed) = committed {
+            put_meta(&txn, KEY_COMMITTED, &encode("committed index", &committed)?)?;
+        }
         txn.commit().map_err(|e| io_err("committing the log", e))?;
         Ok((last, added, removed))
     }
