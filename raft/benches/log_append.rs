@@ -1,5 +1,5 @@
 //! Latency of one durable Raft log append through `LogStore` (entry encoded, queued to the
-//! writer thread, committed to redb with fdatasync, callback fired) against the raw floor on the
+//! writer thread, appended to the current segment and fdatasync'd, callback fired) against the raw floor on the
 //! same disk: appending the same bytes to a file and calling fdatasync.
 //!
 //! `cargo bench -p csvd-raft --bench log_append`
@@ -36,7 +36,7 @@ fn bench(c: &mut Criterion) {
 
     let mut store = LogStore::open(&dir.path().join("raft-log.redb")).unwrap();
     let mut index = 0u64;
-    group.bench_function("csvd_logstore_redb", |b| {
+    group.bench_function("csvd_logstore", |b| {
         b.to_async(&rt).iter(|| {
             index += 1;
             let e = entry(index);

@@ -17,7 +17,8 @@
 //!        v
 //!  openraft core ----- gRPC Raft service (network.rs) ----- peers
 //!        |
-//!        +-- LogStore (store/log.rs): redb file `raft-log.redb`, fsync before ack
+//!        +-- LogStore (store/log.rs, wal.rs): entries in segment files `raft-log.wal/`,
+//!        |     vote and purge point in `raft-log.redb`; fdatasync before ack
 //!        +-- StateMachine (store/sm.rs): in-memory ClusterState, snapshots in `raft-sm.redb`
 //! ```
 //!

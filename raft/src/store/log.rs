@@ -1,20 +1,24 @@
-//! The Raft log and vote, stored in one redb database (`raft-log.redb`).
+//! The Raft log: entries in append-only segment files (`raft-log.wal/`, see [`super::wal`]),
+//! the vote, purge point and committed index in a redb database (`raft-log.redb`).
 //!
 //! # Write path
 //!
 //! One writer thread owns every mutation. `append` puts the entries into an in-memory tail (so
 //! replication can read them at once), queues them and returns; the writer drains whatever is
-//! queued, commits it in one redb transaction with `Durability::Immediate` (fdatasync) and only
-//! then tells openraft, through each append's `IOFlushed` callback, that the entries are on
-//! disk. Votes, truncations and purges go through the same queue, so everything reaches the
-//! disk in the order openraft issued it, and they return only once durable. Under load many
-//! appends share one fsync (group commit).
+//! queued, appends it to the current segment, `fdatasync`s once and only then tells openraft,
+//! through each append's `IOFlushed` callback, that the entries are on disk. Votes,
+//! truncations and purges go through the same queue and are made durable in the order openraft
+//! issued them (pending appends are synced before a vote is written), and they return only once
+//! durable. Under load many appends share one fsync (group commit).
+//!
+//! Entries are not kept in redb because a redb commit (a copy-on-write B-tree: several page
+//! writes, then an fsync) cost 1.8x an append plus `fdatasync` on the same disk, and that
+//! difference sat on every write's path (see docs/benchmarks.md).
 //!
 //! # Read path
 //!
-//! Recent entries are served from the in-memory tail; older ones from redb. Every index below
-//! the tail's first entry is durable in redb: the tail only drops entries the writer has
-//! committed.
+//! Recent entries are served from the in-memory tail; older ones from the segment files. The
+//! tail only drops entries the writer has made durable.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -28,15 +32,13 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftLogReader};
-use redb::{
-    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
-};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
 use tokio::sync::oneshot;
 
+use super::wal::Wal;
 use super::{decode, encode, io_err};
 use crate::TypeConfig;
 
-const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const KEY_VOTE: &str = "vote";
@@ -46,7 +48,7 @@ const KEY_PURGED: &str = "last_purged";
 /// Durable entries kept in memory for readers (replication of recent entries).
 const TAIL_KEEP: usize = 2048;
 
-/// Most queued operations one transaction takes.
+/// Most queued operations one batch takes.
 const MAX_BATCH: usize = 1024;
 
 type Entry = EntryOf<TypeConfig>;
@@ -82,7 +84,7 @@ struct Shared {
 /// The redb-backed Raft log. Cheap to clone; clones share the database and the writer.
 #[derive(Debug, Clone)]
 pub struct LogStore {
-    db: Arc<Database>,
+    wal: Arc<Mutex<Wal>>,
     shared: Arc<Mutex<Shared>>,
     writer: Arc<WriterHandle>,
     /// Bytes of entries appended since the last purge: drives the size-based snapshot policy.
@@ -128,24 +130,20 @@ impl std::fmt::Debug for Op {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log database at `path` and starts its writer thread.
+    /// Opens (or creates) the log at `path` (the redb file; entries live in the sibling
+    /// directory with the `.wal` extension) and starts its writer thread.
     pub fn open(path: &Path) -> io::Result<Self> {
         let db = Database::create(path)
             .map_err(|e| io_err(&format!("opening {}", path.display()), e))?;
         let txn = db
             .begin_write()
             .map_err(|e| io_err("starting a write", e))?;
-        {
-            txn.open_table(LOGS)
-                .map_err(|e| io_err("creating the log table", e))?;
-            txn.open_table(META)
-                .map_err(|e| io_err("creating the meta table", e))?;
-        }
+        txn.open_table(META)
+            .map_err(|e| io_err("creating the meta table", e))?;
         txn.commit().map_err(|e| io_err("committing", e))?;
         let db = Arc::new(db);
 
         let mut shared = Shared::default();
-        let mut stored_bytes = 0u64;
         {
             let txn = db.begin_read().map_err(|e| io_err("starting a read", e))?;
             let meta = txn
@@ -166,21 +164,19 @@ impl LogStore {
             if let Some(b) = get(KEY_COMMITTED)? {
                 shared.committed = decode::<Option<LogId>>("committed index", &b)?;
             }
-            let logs = txn
-                .open_table(LOGS)
-                .map_err(|e| io_err("opening the log table", e))?;
-            for row in logs.iter().map_err(|e| io_err("reading the log", e))? {
-                let (k, v) = row.map_err(|e| io_err("reading the log", e))?;
-                stored_bytes += v.value().len() as u64;
-                shared.durable = k.value();
-            }
         }
+        let wal_dir = path.with_extension("wal");
+        let wal = Wal::open(&wal_dir, shared.purged.map(|p| p.index()))
+            .map_err(|e| io_err(&format!("opening {}", wal_dir.display()), e))?;
+        shared.durable = wal.last_index().unwrap_or(0);
+        let unpurged_bytes = Arc::new(AtomicU64::new(wal.payload_bytes()));
+        let wal = Arc::new(Mutex::new(wal));
 
         let (queue, rx) = mpsc::channel();
         let shared = Arc::new(Mutex::new(shared));
-        let unpurged_bytes = Arc::new(AtomicU64::new(stored_bytes));
         let writer = Writer {
-            db: db.clone(),
+            db,
+            wal: wal.clone(),
             shared: shared.clone(),
             unpurged_bytes: unpurged_bytes.clone(),
         };
@@ -189,7 +185,7 @@ impl LogStore {
             .spawn(move || writer.run(rx))
             .map_err(|e| io_err("starting the log writer", e))?;
         Ok(Self {
-            db,
+            wal,
             shared,
             writer: Arc::new(WriterHandle {
                 queue: Mutex::new(Some(queue)),
@@ -219,28 +215,22 @@ impl LogStore {
     }
 
     fn read_durable(&self, start: Bound<u64>, end: Bound<u64>) -> io::Result<Vec<Entry>> {
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| io_err("starting a read", e))?;
-        let table = txn
-            .open_table(LOGS)
-            .map_err(|e| io_err("opening the log table", e))?;
-        let mut out = Vec::new();
-        for row in table
-            .range::<u64>((start, end))
-            .map_err(|e| io_err("reading the log", e))?
-        {
-            let (_, v) = row.map_err(|e| io_err("reading the log", e))?;
-            out.push(decode::<Entry>("log entry", v.value())?);
-        }
-        Ok(out)
+        let payloads = self
+            .wal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read((start, end))?;
+        payloads
+            .iter()
+            .map(|b| decode::<Entry>("log entry", b))
+            .collect()
     }
 }
 
-/// The writer thread: drains the queue in order and commits each batch in one transaction.
+/// The writer thread: drains the queue and makes each batch durable, in order.
 struct Writer {
     db: Arc<Database>,
+    wal: Arc<Mutex<Wal>>,
     shared: Arc<Mutex<Shared>>,
     unpurged_bytes: Arc<AtomicU64>,
 }
@@ -288,55 +278,72 @@ impl Writer {
         }
     }
 
-    /// Writes every operation of the batch in one durable transaction. Returns the highest
-    /// appended index and the bytes added and removed.
+    /// Makes every operation of the batch durable, in queue order: appends are written to
+    /// the segment and synced before any later vote, truncation or purge is done. Returns the
+    /// highest appended index and the payload bytes added and removed.
     fn commit(
         &self,
         batch: &[Op],
         committed: Option<Option<LogId>>,
     ) -> io::Result<(Option<u64>, u64, u64)> {
+        let mut wal = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = None;
+        let (mut added, mut removed) = (0u64, 0u64);
+        let mut unsynced = false;
+        for op in batch {
+            if !matches!(op, Op::Append { .. }) && unsynced {
+                wal.sync()?;
+                unsynced = false;
+            }
+            match op {
+                Op::Append { entries, .. } => {
+                    wal.append(entries)?;
+                    added += entries.iter().map(|(_, b)| b.len() as u64).sum::<u64>();
+                    last = entries.last().map(|(i, _)| *i).or(last);
+                    unsynced = true;
+                }
+                Op::Vote(bytes, _) => self.put_meta(&[(KEY_VOTE, bytes.clone())])?,
+                Op::Truncate(from, _) => {
+                    removed += wal.truncate(*from)?;
+                    if last.is_some_and(|l| l >= *from) {
+                        last = from.checked_sub(1);
+                    }
+                }
+                Op::Purge(log_id, _) => {
+                    // The purge point is durable before any segment is deleted.
+                    self.put_meta(&[(KEY_PURGED, encode("purge point", log_id)?)])?;
+                    removed += wal.purge(log_id.index())?;
+                }
+            }
+        }
+        if unsynced {
+            wal.sync()?;
+        }
+        drop(wal);
+        if let Some(committed) = committed {
+            self.put_meta(&[(KEY_COMMITTED, encode("committed index", &committed)?)])?;
+        }
+        Ok((last, added, removed))
+    }
+
+    /// Writes meta values in one durable redb transaction.
+    fn put_meta(&self, values: &[(&str, Vec<u8>)]) -> io::Result<()> {
         let mut txn = self
             .db
             .begin_write()
             .map_err(|e| io_err("starting a write", e))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| io_err("setting durability", e))?;
-        let mut last = None;
-        let (mut added, mut removed) = (0u64, 0u64);
-        for op in batch {
-            match op {
-                Op::Append { entries, .. } => {
-                    let mut t = txn
-                        .open_table(LOGS)
-                        .map_err(|e| io_err("opening the log table", e))?;
-                    for (index, bytes) in entries {
-                        t.insert(*index, bytes.as_slice())
-                            .map_err(|e| io_err("appending to the log", e))?;
-                        added += bytes.len() as u64;
-                        last = Some(*index);
-                    }
-                }
-                Op::Vote(bytes, _) => put_meta(&txn, KEY_VOTE, bytes)?,
-                Op::Truncate(from, _) => {
-                    removed += delete_range(&txn, *from..)?;
-                    // Entries appended earlier in this batch at or after `from` are gone.
-                    if last.is_some_and(|l| l >= *from) {
-                        last = from.checked_sub(1);
-                    }
-                }
-                Op::Purge(log_id, _) => {
-                    // The purge point is recorded with the deletion, in one transaction.
-                    put_meta(&txn, KEY_PURGED, &encode("purge point", log_id)?)?;
-                    removed += delete_range(&txn, ..=log_id.index())?;
-                }
+        {
+            let mut t = txn
+                .open_table(META)
+                .map_err(|e| io_err("opening the meta table", e))?;
+            for (key, bytes) in values {
+                t.insert(*key, bytes.as_slice())
+                    .map_err(|e| io_err("writing meta", e))?;
             }
         }
-        // The committed index rides along: it only lets a restart re-apply sooner.
-        if let Some(committed) = committed {
-            put_meta(&txn, KEY_COMMITTED, &encode("committed index", &committed)?)?;
-        }
-        txn.commit().map_err(|e| io_err("committing the log", e))?;
-        Ok((last, added, removed))
+        txn.commit().map_err(|e| io_err("committing meta", e))
     }
 
     fn finish(&self, batch: Vec<Op>, result: io::Result<(Option<u64>, u64, u64)>) {
@@ -380,31 +387,6 @@ impl Writer {
             }
         }
     }
-}
-
-fn put_meta(txn: &WriteTransaction, key: &str, bytes: &[u8]) -> io::Result<()> {
-    let mut t = txn
-        .open_table(META)
-        .map_err(|e| io_err("opening the meta table", e))?;
-    t.insert(key, bytes)
-        .map_err(|e| io_err("writing meta", e))?;
-    Ok(())
-}
-
-/// Deletes the entries whose index lies in `range`; returns the bytes removed.
-fn delete_range(txn: &WriteTransaction, range: impl RangeBounds<u64>) -> io::Result<u64> {
-    let mut t = txn
-        .open_table(LOGS)
-        .map_err(|e| io_err("opening the log table", e))?;
-    let mut removed = 0;
-    for row in t
-        .extract_from_if(range, |_, _| true)
-        .map_err(|e| io_err("deleting log entries", e))?
-    {
-        let (_, v) = row.map_err(|e| io_err("deleting log entries", e))?;
-        removed += v.value().len() as u64;
-    }
-    Ok(removed)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -470,15 +452,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             None => {
                 let this = self.clone();
                 tokio::task::spawn_blocking(move || -> io::Result<Option<LogId>> {
-                    let txn = this
-                        .db
-                        .begin_read()
-                        .map_err(|e| io_err("starting a read", e))?;
-                    let table = txn
-                        .open_table(LOGS)
-                        .map_err(|e| io_err("opening the log table", e))?;
-                    match table.last().map_err(|e| io_err("reading the log", e))? {
-                        Some((_, v)) => Ok(Some(decode::<Entry>("log entry", v.value())?.log_id())),
+                    let wal = this.wal.lock().unwrap_or_else(|p| p.into_inner());
+                    let Some(last) = wal.last_index() else {
+                        return Ok(None);
+                    };
+                    let payload = wal.read(last..=last)?;
+                    match payload.first() {
+                        Some(b) => Ok(Some(decode::<Entry>("log entry", b)?.log_id())),
                         None => Ok(None),
                     }
                 })

@@ -1,11 +1,18 @@
-//! openraft storage on redb: the log and vote in one file, state-machine snapshots in another.
+//! openraft storage: log entries in append-only segment files (`raft-log.wal/`), the vote,
+//! purge point and committed index in redb (`raft-log.redb`), state-machine snapshots in a
+//! second redb file (`raft-sm.redb`).
 //!
 //! Why redb and not sled: sled 0.34 flushes with `sync_file_range` and never `fsync`, so a vote
 //! or log entry acknowledged to openraft could be lost at power failure; it has had no release
 //! since 2021 and openraft dropped its sled store. redb commits with fsync by default.
+//!
+//! Why the entries are not in redb: a redb commit cost 1.8x an append plus `fdatasync` on the
+//! same disk, on every write's path; the segment files cost what the disk does
+//! (docs/benchmarks.md).
 
 mod log;
 mod sm;
+mod wal;
 
 pub use log::LogStore;
 pub use sm::{StateMachine, StateView};
