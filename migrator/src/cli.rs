@@ -127,7 +127,7 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: &Cli) -> Result<String, String> {
     if let Some(id) = &cli.cluster_id
-        && id.parse::<uuid_check::Uuid>().is_err()
+        && uuid::Uuid::parse_str(id).is_err()
     {
         return Err(format!("--cluster-id {id:?} is not a UUID"));
     }
@@ -176,25 +176,6 @@ async fn run(cli: &Cli) -> Result<String, String> {
             } else {
                 render_members(&status)
             })
-        }
-    }
-}
-
-mod uuid_check {
-    /// Minimal UUID syntax check (8-4-4-4-12 hex digits).
-    #[derive(Debug)]
-    pub struct Uuid;
-
-    impl std::str::FromStr for Uuid {
-        type Err = ();
-        fn from_str(s: &str) -> Result<Self, ()> {
-            let parts: Vec<&str> = s.split('-').collect();
-            let ok = parts.len() == 5
-                && parts
-                    .iter()
-                    .zip([8, 4, 4, 4, 12])
-                    .all(|(p, n)| p.len() == n && p.chars().all(|c| c.is_ascii_hexdigit()));
-            if ok { Ok(Uuid) } else { Err(()) }
         }
     }
 }
