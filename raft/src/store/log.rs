@@ -77,11 +77,11 @@ struct Shared {
     vote: Option<Vote>,
     /// Last purged log id.
     purged: Option<LogId>,
-    /// Last committed id openraft told us about; written with the next transaction.
+    /// Last committed id openraft told us about; the writer saves it now and then.
     committed: Option<LogId>,
 }
 
-/// The redb-backed Raft log. Cheap to clone; clones share the database and the writer.
+/// The Raft log store. Cheap to clone; clones share the files and the writer.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     wal: Arc<Mutex<Wal>>,
@@ -414,7 +414,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         if tail_first.is_some_and(|f| f <= wanted_first) {
             return Ok(cached);
         }
-        // The older part comes from redb: below the tail's first entry all is durable.
+        // The older part comes from the segment files: below the tail's first entry all is durable.
         let durable_end = match tail_first {
             Some(f) => match end {
                 Bound::Included(e) if e < f => Bound::Included(e),
