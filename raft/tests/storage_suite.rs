@@ -97,3 +97,22 @@ async fn test_snapshot_restores_state_after_reopen() {
     assert_eq!(applied, Some(log_id(1, 1, 1)));
     assert!(sm.get_current_snapshot().await.unwrap().is_some());
 }
+
+#[test]
+fn test_earlier_log_format_is_refused() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("raft-log.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let def: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("logs");
+            let mut t = txn.open_table(def).unwrap();
+            t.insert(1, b"old entry".as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let err = LogStore::open(&path).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert!(err.to_string().contains("earlier csvd build"), "{err}");
+}

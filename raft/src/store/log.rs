@@ -32,7 +32,7 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::type_config::alias::{EntryOf, LogIdOf, VoteOf};
 use openraft::{OptionalSend, RaftLogReader};
-use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, TableDefinition, TableHandle};
 use tokio::sync::oneshot;
 
 use super::wal::Wal;
@@ -146,6 +146,19 @@ impl LogStore {
         let mut shared = Shared::default();
         {
             let txn = db.begin_read().map_err(|e| io_err("starting a read", e))?;
+            // Builds before the segment files kept entries in a `logs` table here. Refuse such a
+            // data dir instead of starting with a vote but without the entries it covered.
+            let tables = txn.list_tables().map_err(|e| io_err("listing tables", e))?;
+            if tables.into_iter().any(|t| t.name() == "logs") {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} holds log entries in the format of an earlier csvd build; \
+                         empty the data dir to start this node afresh",
+                        path.display()
+                    ),
+                ));
+            }
             let meta = txn
                 .open_table(META)
                 .map_err(|e| io_err("opening the meta table", e))?;
