@@ -256,7 +256,11 @@ impl ClusterClient {
             .await
             .map_err(|s| self.error(s))?
             .into_inner();
-        serde_json::from_slice(&resp.json).map_err(|e| ClientError::BadReply {
+        self.decode_reply(&resp.json)
+    }
+
+    fn decode_reply<T: serde::de::DeserializeOwned>(&self, json: &[u8]) -> Result<T, ClientError> {
+        serde_json::from_slice(json).map_err(|e| ClientError::BadReply {
             endpoint: self.endpoint.clone(),
             reason: e.to_string(),
         })
@@ -277,11 +281,7 @@ impl ClusterClient {
             .await
             .map_err(|s| self.error(s))?
             .into_inner();
-        let result: Response =
-            serde_json::from_slice(&resp.json).map_err(|e| ClientError::BadReply {
-                endpoint: self.endpoint.clone(),
-                reason: e.to_string(),
-            })?;
+        let result: Response = self.decode_reply(&resp.json)?;
         result
             .map(|o| (o, resp.log_index))
             .map_err(ClientError::Rejected)

@@ -253,7 +253,7 @@ impl Cluster {
             n.start_fresh(Some(&join), extra);
         }
         let want = self.nodes.len();
-        let voters = want.min(5) - (1 - want.min(5) % 2);
+        let voters = csvd_raft::node::desired_voters(want);
         wait_until("all nodes to be members", Duration::from_secs(60), || {
             let mut c = c.clone();
             async move {
