@@ -7,8 +7,9 @@
 //! the Raft metadata service, and nodes do their data I/O to the device directly (io_uring,
 //! `O_DIRECT`) or redirect it to the volume's coordinator.
 //!
-//! Built so far: the on-device format ([`superblock`]). The layout is drawn in
+//! Built so far: the on-device format ([`superblock`]) and the direct I/O [`engine`]. The layout is drawn in
 //! `docs/csv-fs-format.md`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
+pub mod engine;
 pub mod superblock;

@@ -1,0 +1,478 @@
+//! The direct I/O engine: reads, writes (optionally FUA) and flushes against one device,
+//! bypassing the page cache (`O_DIRECT`), so no node ever reads stale data another node wrote.
+//!
+//! Two back ends share one API:
+//! - **io_uring** (preferred): one thread owns the ring; requests arrive on a queue, are
+//!   submitted in batches with many in flight, and complete from the completion queue — no thread
+//!   per I/O. FUA writes carry `RWF_DSYNC`; a flush is `IORING_OP_FSYNC` with `DATASYNC`.
+//! - **pread/pwrite** (fallback, chosen at start with a log line when io_uring is unavailable):
+//!   a few threads doing positional I/O; FUA writes go through a second `O_DSYNC` descriptor.
+//!
+//! Every offset and length must be a multiple of [`ALIGN`]; buffers are [`AlignedBuf`]s.
+//! `unsafe` lives only in this module, each block with a `SAFETY` comment.
+#![allow(unsafe_code)]
+
+use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+
+use tokio::sync::oneshot;
+
+/// Alignment of offsets, lengths and buffers for direct I/O.
+pub const ALIGN: usize = 4096;
+
+/// A zeroed heap buffer aligned to [`ALIGN`], whose length is a multiple of it.
+pub struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: AlignedBuf owns its allocation exclusively (like Vec<u8>); moving it between threads
+// moves that ownership.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only give out `&[u8]`.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes; `len` must be a non-zero multiple of [`ALIGN`].
+    pub fn zeroed(len: usize) -> io::Result<Self> {
+        if len == 0 || !len.is_multiple_of(ALIGN) {
+            return Err(unaligned("buffer length", len as u64));
+        }
+        let layout = Layout::from_size_align(len, ALIGN).map_err(io::Error::other)?;
+        // SAFETY: the layout has a non-zero size (checked above).
+        let raw = unsafe { alloc_zeroed(layout) };
+        let ptr = std::ptr::NonNull::new(raw).ok_or_else(|| io::Error::other("out of memory"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// A buffer holding a copy of `data` (whose length must be a multiple of [`ALIGN`]).
+    pub fn from_slice(data: &[u8]) -> io::Result<Self> {
+        let mut b = Self::zeroed(data.len())?;
+        b.copy_from_slice(data);
+        Ok(b)
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr points to `len` initialized (zeroed at allocation) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`, and `&mut self` guarantees exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with exactly this layout (size and alignment were valid
+        // then, so they are now).
+        unsafe {
+            dealloc(
+                self.ptr.as_ptr(),
+                Layout::from_size_align_unchecked(self.len, ALIGN),
+            )
+        }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+fn unaligned(what: &str, value: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what} {value} is not a multiple of {ALIGN} bytes, as direct I/O requires"),
+    )
+}
+
+/// Which back end an engine runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// io_uring.
+    IoUring,
+    /// Positional reads and writes on a few threads.
+    Pread,
+}
+
+enum Op {
+    Read {
+        offset: u64,
+        buf: AlignedBuf,
+        done: oneshot::Sender<io::Result<AlignedBuf>>,
+    },
+    Write {
+        offset: u64,
+        buf: AlignedBuf,
+        fua: bool,
+        done: oneshot::Sender<io::Result<AlignedBuf>>,
+    },
+    Flush {
+        done: oneshot::Sender<io::Result<()>>,
+    },
+}
+
+/// Direct I/O against one device or file. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct DirectEngine {
+    queue: mpsc::Sender<Op>,
+    backend: Backend,
+    size: u64,
+}
+
+impl DirectEngine {
+    /// Opens `path` for direct I/O with io_uring, or the pread/pwrite fallback when io_uring
+    /// cannot be set up here (logged once).
+    pub fn open(path: &Path, queue_depth: u32) -> io::Result<Self> {
+        Self::open_with(path, queue_depth, None)
+    }
+
+    /// Like [`DirectEngine::open`], forcing a back end (tests and benchmarks).
+    pub fn open_with(path: &Path, queue_depth: u32, force: Option<Backend>) -> io::Result<Self> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("{}: cannot open for direct I/O: {e}", path.display()),
+                )
+            })?;
+        let size = file.metadata()?.len();
+        let (queue, rx) = mpsc::channel();
+        let want_uring = force != Some(Backend::Pread);
+        let ring = if want_uring {
+            io_uring::IoUring::new(queue_depth.max(2)).map_err(|e| e.to_string())
+        } else {
+            Err("pread back end requested".into())
+        };
+        let backend = match ring {
+            Ok(ring) => {
+                std::thread::Builder::new()
+                    .name("csvfs-uring".into())
+                    .spawn(move || uring_loop(ring, file, rx))?;
+                Backend::IoUring
+            }
+            Err(why) => {
+                if force == Some(Backend::IoUring) {
+                    return Err(io::Error::other(format!("io_uring is unavailable: {why}")));
+                }
+                if force.is_none() {
+                    tracing::warn!(reason = %why, "io_uring unavailable: using the pread/pwrite back end");
+                }
+                let dsync = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
+                    .open(path)?;
+                let shared = Arc::new((file, dsync, Mutex::new(rx)));
+                for i in 0..4 {
+                    let shared = shared.clone();
+                    std::thread::Builder::new()
+                        .name(format!("csvfs-pio-{i}"))
+                        .spawn(move || pread_loop(&shared.0, &shared.1, &shared.2))?;
+                }
+                Backend::Pread
+            }
+        };
+        Ok(Self {
+            queue,
+            backend,
+            size,
+        })
+    }
+
+    /// The back end in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Size of the device or file, in bytes, when it was opened.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        if !offset.is_multiple_of(ALIGN as u64) {
+            return Err(unaligned("offset", offset));
+        }
+        if len == 0 || !len.is_multiple_of(ALIGN) {
+            return Err(unaligned("length", len as u64));
+        }
+        if offset
+            .checked_add(len as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "I/O at {offset}+{len} is beyond the end of the device ({} bytes)",
+                    self.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn send(&self, op: Op) -> io::Result<()> {
+        self.queue
+            .send(op)
+            .map_err(|_| io::Error::other("the I/O engine stopped"))
+    }
+
+    /// Reads `len` bytes at `offset`.
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
+        self.check(offset, len)?;
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Read {
+            offset,
+            buf: AlignedBuf::zeroed(len)?,
+            done,
+        })?;
+        rx.await
+            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+    }
+
+    /// Writes `buf` at `offset`; with `fua` the write is on stable storage when this returns.
+    /// Gives the buffer back for reuse.
+    pub async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> io::Result<AlignedBuf> {
+        self.check(offset, buf.len())?;
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Write {
+            offset,
+            buf,
+            fua,
+            done,
+        })?;
+        rx.await
+            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+    }
+
+    /// Makes every completed write durable (fdatasync).
+    pub async fn flush(&self) -> io::Result<()> {
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Flush { done })?;
+        rx.await
+            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+    }
+}
+
+fn pread_loop(file: &File, dsync: &File, rx: &Mutex<mpsc::Receiver<Op>>) {
+    loop {
+        let op = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(op) => op,
+            Err(_) => return,
+        };
+        match op {
+            Op::Read {
+                offset,
+                mut buf,
+                done,
+            } => {
+                let _ = done.send(file.read_exact_at(&mut buf, offset).map(|()| buf));
+            }
+            Op::Write {
+                offset,
+                buf,
+                fua,
+                done,
+            } => {
+                let target = if fua { dsync } else { file };
+                let _ = done.send(target.write_all_at(&buf, offset).map(|()| buf));
+            }
+            Op::Flush { done } => {
+                let _ = done.send(file.sync_data());
+            }
+        }
+    }
+}
+
+/// An operation in flight: it owns its buffer until the kernel is done with it.
+enum InFlight {
+    Read(AlignedBuf, oneshot::Sender<io::Result<AlignedBuf>>),
+    Write(AlignedBuf, oneshot::Sender<io::Result<AlignedBuf>>),
+    Flush(oneshot::Sender<io::Result<()>>),
+}
+
+fn uring_loop(mut ring: io_uring::IoUring, file: File, rx: mpsc::Receiver<Op>) {
+    use io_uring::{opcode, types};
+    let fd = types::Fd(file.as_raw_fd());
+    let mut inflight: HashMap<u64, InFlight> = HashMap::new();
+    let mut backlog: std::collections::VecDeque<Op> = std::collections::VecDeque::new();
+    let mut next_id: u64 = 0;
+    let mut closed = false;
+    loop {
+        // Gather work: block only when nothing is in flight.
+        if inflight.is_empty() && backlog.is_empty() {
+            if closed {
+                return;
+            }
+            match rx.recv() {
+                Ok(op) => backlog.push_back(op),
+                Err(_) => return,
+            }
+        }
+        loop {
+            match rx.try_recv() {
+                Ok(op) => backlog.push_back(op),
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        // Fill the submission queue.
+        while let Some(op) = backlog.pop_front() {
+            if ring.submission().is_full() {
+                backlog.push_front(op);
+                break;
+            }
+            let id = next_id;
+            next_id += 1;
+            let (entry, state) = match op {
+                Op::Read {
+                    offset,
+                    mut buf,
+                    done,
+                } => {
+                    let e = opcode::Read::new(fd, buf.as_mut_ptr(), buf.len() as u32)
+                        .offset(offset)
+                        .build();
+                    (e, InFlight::Read(buf, done))
+                }
+                Op::Write {
+                    offset,
+                    buf,
+                    fua,
+                    done,
+                } => {
+                    let flags = if fua { libc::RWF_DSYNC } else { 0 };
+                    let e = opcode::Write::new(fd, buf.as_ptr(), buf.len() as u32)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build();
+                    (e, InFlight::Write(buf, done))
+                }
+                Op::Flush { done } => {
+                    let e = opcode::Fsync::new(fd)
+                        .flags(types::FsyncFlags::DATASYNC)
+                        .build();
+                    (e, InFlight::Flush(done))
+                }
+            };
+            let entry = entry.user_data(id);
+            // SAFETY: the entry points into the heap allocation of the AlignedBuf owned by
+            // `state`; `state` stays in `inflight` until the matching completion is reaped
+            // below (the map may move the AlignedBuf value, never its allocation), and the file
+            // descriptor lives as long as this loop.
+            let pushed = unsafe { ring.submission().push(&entry) };
+            debug_assert!(pushed.is_ok(), "checked is_full above");
+            inflight.insert(id, state);
+        }
+        if inflight.is_empty() {
+            continue;
+        }
+        if let Err(e) = ring.submit_and_wait(1) {
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            // The ring is broken: fail everything in flight and queued.
+            for (_, state) in inflight.drain() {
+                fail(state, &e);
+            }
+            for op in backlog.drain(..) {
+                fail_op(op, &e);
+            }
+            return;
+        }
+        let done: Vec<(u64, i32)> = ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        for (id, res) in done {
+            let Some(state) = inflight.remove(&id) else {
+                continue;
+            };
+            complete(state, res);
+        }
+    }
+}
+
+fn complete(state: InFlight, res: i32) {
+    let err = |res: i32| io::Error::from_raw_os_error(-res);
+    match state {
+        InFlight::Read(buf, done) => {
+            let r = if res < 0 {
+                Err(err(res))
+            } else if res as usize != buf.len() {
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short read: {res} of {} bytes", buf.len()),
+                ))
+            } else {
+                Ok(buf)
+            };
+            let _ = done.send(r);
+        }
+        InFlight::Write(buf, done) => {
+            let r = if res < 0 {
+                Err(err(res))
+            } else if res as usize != buf.len() {
+                Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("short write: {res} of {} bytes", buf.len()),
+                ))
+            } else {
+                Ok(buf)
+            };
+            let _ = done.send(r);
+        }
+        InFlight::Flush(done) => {
+            let _ = done.send(if res < 0 { Err(err(res)) } else { Ok(()) });
+        }
+    }
+}
+
+fn fail(state: InFlight, e: &io::Error) {
+    let e = || io::Error::new(e.kind(), e.to_string());
+    match state {
+        InFlight::Read(_, d) | InFlight::Write(_, d) => {
+            let _ = d.send(Err(e()));
+        }
+        InFlight::Flush(d) => {
+            let _ = d.send(Err(e()));
+        }
+    }
+}
+
+fn fail_op(op: Op, e: &io::Error) {
+    let e = || io::Error::new(e.kind(), e.to_string());
+    match op {
+        Op::Read { done, .. } | Op::Write { done, .. } => {
+            let _ = done.send(Err(e()));
+        }
+        Op::Flush { done } => {
+            let _ = done.send(Err(e()));
+        }
+    }
+}
