@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::NodeId;
 use crate::state::{ApplyError, NodeAdminState, NodeSpec};
+use crate::volume::DiskId;
 
 /// Version of the command encoding. Bumped when a command changes shape; a node refuses to
 /// apply a version it does not know rather than guess.
@@ -82,6 +83,42 @@ pub enum Command {
         /// The node.
         id: NodeId,
     },
+    /// Registers a shared volume whose superblock has been written.
+    RegisterVolume {
+        /// The UUID in the volume's superblock.
+        id: Uuid,
+        /// Unique volume name.
+        name: String,
+        /// Device size in bytes.
+        device_bytes: u64,
+        /// First byte extents may use.
+        data_offset: u64,
+        /// The node that will execute redirected I/O.
+        coordinator: NodeId,
+        /// The proposer's wall clock, in milliseconds since the Unix epoch.
+        now_ms: u64,
+    },
+    /// Carves a virtual disk out of a volume.
+    CreateDisk {
+        /// Unique disk name.
+        name: String,
+        /// The volume.
+        volume: Uuid,
+        /// Size in bytes, a multiple of [`crate::volume::ALLOCATION_UNIT`].
+        size_bytes: u64,
+    },
+    /// Grows a virtual disk.
+    ResizeDisk {
+        /// The disk.
+        id: DiskId,
+        /// The new size in bytes (not smaller than the current one).
+        size_bytes: u64,
+    },
+    /// Deletes a virtual disk; its space becomes free.
+    DeleteDisk {
+        /// The disk.
+        id: DiskId,
+    },
 }
 
 impl Command {
@@ -94,6 +131,10 @@ impl Command {
             Command::Heartbeat { .. } => "heartbeat",
             Command::SetNodeState { .. } => "set_node_state",
             Command::RemoveNode { .. } => "remove_node",
+            Command::RegisterVolume { .. } => "register_volume",
+            Command::CreateDisk { .. } => "create_disk",
+            Command::ResizeDisk { .. } => "resize_disk",
+            Command::DeleteDisk { .. } => "delete_disk",
         }
     }
 }
@@ -108,6 +149,11 @@ pub enum Outcome {
     Unchanged,
     /// A log entry without a command (leader blank entry or membership change).
     Internal,
+    /// The command created an object with this id (a virtual disk).
+    Created {
+        /// The new object's id.
+        id: u64,
+    },
 }
 
 /// The state machine's answer to one log entry.

@@ -31,6 +31,7 @@ pub mod node;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod volume;
 
 /// The generated gRPC code for `proto/csvd.proto`.
 #[allow(missing_docs, missing_debug_implementations, clippy::all)]

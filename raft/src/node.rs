@@ -151,7 +151,11 @@ impl From<NodeError> for Status {
         match e {
             NodeError::Remote(s) => s,
             NodeError::Rejected(a) => match a {
-                ApplyError::UnknownNode { .. } => Status::not_found(msg),
+                ApplyError::UnknownNode { .. }
+                | ApplyError::UnknownVolume { .. }
+                | ApplyError::UnknownDisk { .. } => Status::not_found(msg),
+                ApplyError::DuplicateName { .. } => Status::already_exists(msg),
+                ApplyError::VolumeFull { .. } => Status::resource_exhausted(msg),
                 ApplyError::DuplicateNodeId { .. }
                 | ApplyError::DuplicateAddress { .. }
                 | ApplyError::AlreadyInitialized { .. } => Status::already_exists(msg),

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::command::{COMMAND_VERSION, Command, Outcome, Request};
+use crate::volume::{
+    ALLOCATION_UNIT, DiskId, DiskRecord, VolumeRecord, allocate, free_gaps, used_extents,
+};
 use crate::{MIN_PROTOCOL_VERSION, NodeId, PROTOCOL_VERSION};
 
 /// What a node reports about itself when it joins or restarts.
@@ -82,6 +85,15 @@ pub struct ClusterState {
     pub cluster_id: Option<Uuid>,
     /// The node table.
     pub nodes: BTreeMap<NodeId, NodeRecord>,
+    /// Shared volumes, by the UUID in their superblock.
+    #[serde(default)]
+    pub volumes: BTreeMap<Uuid, VolumeRecord>,
+    /// Virtual disks, by id.
+    #[serde(default)]
+    pub disks: BTreeMap<DiskId, DiskRecord>,
+    /// The id the next disk gets (ids are never reused).
+    #[serde(default)]
+    pub next_disk_id: DiskId,
 }
 
 /// Why a command was rejected. The messages are what the operator reads.
@@ -155,6 +167,36 @@ pub enum ApplyError {
     /// The command does not fit the current state.
     #[error("precondition failed: {0}")]
     PreconditionFailed(String),
+    /// No volume has this id.
+    #[error("volume {id} is not registered")]
+    UnknownVolume {
+        /// The id asked for.
+        id: Uuid,
+    },
+    /// No virtual disk has this id.
+    #[error("disk {id} does not exist")]
+    UnknownDisk {
+        /// The id asked for.
+        id: DiskId,
+    },
+    /// The name is taken.
+    #[error("a {kind} named {name:?} already exists")]
+    DuplicateName {
+        /// "volume" or "disk".
+        kind: String,
+        /// The name.
+        name: String,
+    },
+    /// The volume has too little free space; nothing was allocated.
+    #[error("volume {volume} has {free} bytes free, {need} are needed")]
+    VolumeFull {
+        /// The volume.
+        volume: Uuid,
+        /// Bytes requested.
+        need: u64,
+        /// Bytes free.
+        free: u64,
+    },
 }
 
 impl ClusterState {
@@ -202,7 +244,165 @@ impl ClusterState {
                     None => Err(ApplyError::UnknownNode { id: *id }),
                 }
             }
+            Command::RegisterVolume {
+                id,
+                name,
+                device_bytes,
+                data_offset,
+                coordinator,
+                now_ms,
+            } => {
+                self.require_initialized()?;
+                let v = VolumeRecord {
+                    id: *id,
+                    name: name.clone(),
+                    device_bytes: *device_bytes,
+                    data_offset: *data_offset,
+                    coordinator: *coordinator,
+                    layout_epoch: 0,
+                    created_at_ms: *now_ms,
+                };
+                self.register_volume(v)
+            }
+            Command::CreateDisk {
+                name,
+                volume,
+                size_bytes,
+            } => {
+                self.require_initialized()?;
+                self.create_disk(name, *volume, *size_bytes)
+            }
+            Command::ResizeDisk { id, size_bytes } => {
+                self.require_initialized()?;
+                self.resize_disk(*id, *size_bytes)
+            }
+            Command::DeleteDisk { id } => {
+                self.require_initialized()?;
+                let disk = self
+                    .disks
+                    .remove(id)
+                    .ok_or(ApplyError::UnknownDisk { id: *id })?;
+                if let Some(v) = self.volumes.get_mut(&disk.volume) {
+                    v.layout_epoch += 1;
+                }
+                Ok(Outcome::Applied)
+            }
         }
+    }
+
+    fn register_volume(&mut self, v: VolumeRecord) -> Result<Outcome, ApplyError> {
+        validate_name("volume name", &v.name)?;
+        if v.id.is_nil() {
+            return Err(invalid("volume id", "the nil UUID".into()));
+        }
+        if !v.data_offset.is_multiple_of(4096) || v.device_bytes < v.data_offset + ALLOCATION_UNIT {
+            return Err(invalid(
+                "device size",
+                format!(
+                    "{} bytes leave no room for data after {} bytes",
+                    v.device_bytes, v.data_offset
+                ),
+            ));
+        }
+        if !self.nodes.contains_key(&v.coordinator) {
+            return Err(ApplyError::UnknownNode { id: v.coordinator });
+        }
+        if let Some(existing) = self.volumes.get(&v.id) {
+            if existing.name == v.name && existing.device_bytes == v.device_bytes {
+                return Ok(Outcome::Unchanged);
+            }
+            return Err(ApplyError::PreconditionFailed(format!(
+                "volume {} is already registered as {:?}",
+                v.id, existing.name
+            )));
+        }
+        if self.volumes.values().any(|o| o.name == v.name) {
+            return Err(ApplyError::DuplicateName {
+                kind: "volume".into(),
+                name: v.name,
+            });
+        }
+        self.volumes.insert(v.id, v);
+        Ok(Outcome::Applied)
+    }
+
+    fn create_disk(
+        &mut self,
+        name: &str,
+        volume: Uuid,
+        size_bytes: u64,
+    ) -> Result<Outcome, ApplyError> {
+        validate_name("disk name", name)?;
+        validate_disk_size(size_bytes)?;
+        let vol = self
+            .volumes
+            .get(&volume)
+            .ok_or(ApplyError::UnknownVolume { id: volume })?;
+        if self.disks.values().any(|d| d.name == name) {
+            return Err(ApplyError::DuplicateName {
+                kind: "disk".into(),
+                name: name.into(),
+            });
+        }
+        let gaps = free_gaps(vol, &used_extents(&self.disks, volume));
+        let extents = allocate(&gaps, size_bytes, 0).ok_or_else(|| ApplyError::VolumeFull {
+            volume,
+            need: size_bytes,
+            free: gaps.iter().map(|g| g.1).sum(),
+        })?;
+        let id = self.next_disk_id.max(1);
+        self.next_disk_id = id + 1;
+        self.disks.insert(
+            id,
+            DiskRecord {
+                id,
+                name: name.into(),
+                volume,
+                size_bytes,
+                extents,
+            },
+        );
+        if let Some(v) = self.volumes.get_mut(&volume) {
+            v.layout_epoch += 1;
+        }
+        Ok(Outcome::Created { id })
+    }
+
+    fn resize_disk(&mut self, id: DiskId, size_bytes: u64) -> Result<Outcome, ApplyError> {
+        validate_disk_size(size_bytes)?;
+        let disk = self.disks.get(&id).ok_or(ApplyError::UnknownDisk { id })?;
+        if size_bytes == disk.size_bytes {
+            return Ok(Outcome::Unchanged);
+        }
+        if size_bytes < disk.size_bytes {
+            return Err(ApplyError::PreconditionFailed(format!(
+                "disk {id} is {} bytes; shrinking to {size_bytes} would destroy data (only growing is supported)",
+                disk.size_bytes
+            )));
+        }
+        let volume = disk.volume;
+        let vol = self
+            .volumes
+            .get(&volume)
+            .ok_or(ApplyError::UnknownVolume { id: volume })?;
+        let grow = size_bytes - disk.size_bytes;
+        let gaps = free_gaps(vol, &used_extents(&self.disks, volume));
+        let more =
+            allocate(&gaps, grow, disk.size_bytes).ok_or_else(|| ApplyError::VolumeFull {
+                volume,
+                need: grow,
+                free: gaps.iter().map(|g| g.1).sum(),
+            })?;
+        let disk = self
+            .disks
+            .get_mut(&id)
+            .ok_or(ApplyError::UnknownDisk { id })?;
+        disk.extents.extend(more);
+        disk.size_bytes = size_bytes;
+        if let Some(v) = self.volumes.get_mut(&volume) {
+            v.layout_epoch += 1;
+        }
+        Ok(Outcome::Applied)
     }
 
     fn require_initialized(&self) -> Result<Uuid, ApplyError> {
@@ -294,6 +494,41 @@ impl ClusterState {
         }
         Ok(())
     }
+}
+
+fn invalid(field: &str, reason: String) -> ApplyError {
+    ApplyError::InvalidArgument {
+        field: field.into(),
+        reason,
+    }
+}
+
+/// Names of volumes and disks: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `-`.
+fn validate_name(field: &str, name: &str) -> Result<(), ApplyError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{name:?} must be 1 to 64 of A-Z a-z 0-9 . _ - (not starting with -)"),
+        ))
+    }
+}
+
+fn validate_disk_size(size_bytes: u64) -> Result<(), ApplyError> {
+    if size_bytes == 0 || !size_bytes.is_multiple_of(ALLOCATION_UNIT) {
+        return Err(invalid(
+            "size",
+            format!("{size_bytes} bytes is not a positive multiple of 1 MiB"),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks a node description on its own, before it is compared with the state.
@@ -723,6 +958,171 @@ mod tests {
         assert_eq!(back, resp);
     }
 
+    fn with_volume(units: u64) -> ClusterState {
+        let mut s = initialized();
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(1),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::RegisterVolume {
+                id: Uuid::from_u128(50),
+                name: "vol".into(),
+                device_bytes: ALLOCATION_UNIT * (units + 1),
+                data_offset: ALLOCATION_UNIT,
+                coordinator: 1,
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        s
+    }
+
+    fn disk(name: &str, mib: u64) -> Command {
+        Command::CreateDisk {
+            name: name.into(),
+            volume: Uuid::from_u128(50),
+            size_bytes: mib * ALLOCATION_UNIT,
+        }
+    }
+
+    #[test]
+    fn test_apply_volume_registration_rules() {
+        let mut s = with_volume(8);
+        let vol = |id: u128, name: &str, coordinator| Command::RegisterVolume {
+            id: Uuid::from_u128(id),
+            name: name.into(),
+            device_bytes: 9 * ALLOCATION_UNIT,
+            data_offset: ALLOCATION_UNIT,
+            coordinator,
+            now_ms: 2,
+        };
+        assert_eq!(apply(&mut s, vol(50, "vol", 1)), Ok(Outcome::Unchanged));
+        assert!(matches!(
+            rejected(&mut s, vol(50, "other", 1)),
+            ApplyError::PreconditionFailed(_)
+        ));
+        assert!(matches!(
+            rejected(&mut s, vol(51, "vol", 1)),
+            ApplyError::DuplicateName { .. }
+        ));
+        assert_eq!(
+            rejected(&mut s, vol(51, "v2", 9)),
+            ApplyError::UnknownNode { id: 9 }
+        );
+        assert!(matches!(
+            rejected(&mut s, vol(51, "bad name!", 1)),
+            ApplyError::InvalidArgument { .. }
+        ));
+        assert!(matches!(
+            rejected(&mut s, vol(0, "v2", 1)),
+            ApplyError::InvalidArgument { .. }
+        ));
+        let tiny = Command::RegisterVolume {
+            id: Uuid::from_u128(52),
+            name: "tiny".into(),
+            device_bytes: ALLOCATION_UNIT,
+            data_offset: ALLOCATION_UNIT,
+            coordinator: 1,
+            now_ms: 2,
+        };
+        assert!(matches!(
+            rejected(&mut s, tiny),
+            ApplyError::InvalidArgument { .. }
+        ));
+    }
+
+    #[test]
+    fn test_apply_disks_allocate_grow_delete_reuse() {
+        let mut s = with_volume(8);
+        assert_eq!(apply(&mut s, disk("a", 3)), Ok(Outcome::Created { id: 1 }));
+        assert_eq!(apply(&mut s, disk("b", 3)), Ok(Outcome::Created { id: 2 }));
+        let epoch = s.volumes[&Uuid::from_u128(50)].layout_epoch;
+        assert_eq!(epoch, 2);
+        // Full: 2 MiB left, 3 asked; nothing half-created.
+        assert!(matches!(
+            rejected(&mut s, disk("c", 3)),
+            ApplyError::VolumeFull { need, free, .. } if need == 3 * ALLOCATION_UNIT && free == 2 * ALLOCATION_UNIT
+        ));
+        assert!(matches!(
+            rejected(&mut s, disk("a", 1)),
+            ApplyError::DuplicateName { .. }
+        ));
+        assert!(matches!(
+            rejected(
+                &mut s,
+                Command::CreateDisk {
+                    name: "z".into(),
+                    volume: Uuid::from_u128(50),
+                    size_bytes: 4096
+                }
+            ),
+            ApplyError::InvalidArgument { .. }
+        ));
+        assert!(matches!(
+            rejected(
+                &mut s,
+                Command::CreateDisk {
+                    name: "z".into(),
+                    volume: Uuid::from_u128(9),
+                    size_bytes: ALLOCATION_UNIT
+                }
+            ),
+            ApplyError::UnknownVolume { .. }
+        ));
+        // Grow a across the free space, never shrink.
+        assert_eq!(
+            apply(
+                &mut s,
+                Command::ResizeDisk {
+                    id: 1,
+                    size_bytes: 5 * ALLOCATION_UNIT
+                }
+            ),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(
+            s.disks[&1].extents.iter().map(|e| e.len).sum::<u64>(),
+            5 * ALLOCATION_UNIT
+        );
+        assert!(s.disks[&1].map(0, 5 * ALLOCATION_UNIT).is_some());
+        assert!(matches!(
+            rejected(
+                &mut s,
+                Command::ResizeDisk {
+                    id: 1,
+                    size_bytes: ALLOCATION_UNIT
+                }
+            ),
+            ApplyError::PreconditionFailed(_)
+        ));
+        assert_eq!(
+            rejected(
+                &mut s,
+                Command::ResizeDisk {
+                    id: 7,
+                    size_bytes: ALLOCATION_UNIT
+                }
+            ),
+            ApplyError::UnknownDisk { id: 7 }
+        );
+        // Delete b: its space is reused; ids are not.
+        assert_eq!(
+            apply(&mut s, Command::DeleteDisk { id: 2 }),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(
+            rejected(&mut s, Command::DeleteDisk { id: 2 }),
+            ApplyError::UnknownDisk { id: 2 }
+        );
+        assert_eq!(apply(&mut s, disk("c", 3)), Ok(Outcome::Created { id: 3 }));
+    }
+
     mod model {
         use proptest::prelude::*;
 
@@ -757,6 +1157,24 @@ mod tests {
                     },
                 }),
                 (0u64..5).prop_map(|id| Command::RemoveNode { id }),
+                (0u128..3, 0u64..3, 1u64..40).prop_map(|(v, c, units)| Command::RegisterVolume {
+                    id: Uuid::from_u128(v),
+                    name: format!("vol{v}"),
+                    device_bytes: units * ALLOCATION_UNIT + 4096,
+                    data_offset: ALLOCATION_UNIT,
+                    coordinator: c,
+                    now_ms: 0,
+                }),
+                (0u8..6, 0u128..3, 0u64..12).prop_map(|(n, v, mib)| Command::CreateDisk {
+                    name: format!("d{n}"),
+                    volume: Uuid::from_u128(v),
+                    size_bytes: mib * ALLOCATION_UNIT,
+                }),
+                (0u64..6, 0u64..16).prop_map(|(id, mib)| Command::ResizeDisk {
+                    id,
+                    size_bytes: mib * ALLOCATION_UNIT
+                }),
+                (0u64..6).prop_map(|id| Command::DeleteDisk { id }),
             ]
         }
 
@@ -764,7 +1182,7 @@ mod tests {
             /// Any sequence of commands: no panic, a rejection changes nothing, and the node
             /// table stays consistent (keys match ids, no address used twice).
             #[test]
-            fn test_apply_random_sequences(cmds in proptest::collection::vec(arb_cmd(), 0..60)) {
+            fn test_apply_random_sequences(cmds in proptest::collection::vec(arb_cmd(), 0..150)) {
                 let mut s = ClusterState::default();
                 for cmd in cmds {
                     let before = s.clone();
@@ -774,6 +1192,23 @@ mod tests {
                     }
                     if s.cluster_id.is_none() {
                         prop_assert!(s.nodes.is_empty());
+                    }
+                    // Extents: inside their volume's data area, covering each disk exactly,
+                    // never overlapping another disk's.
+                    for (vid, v) in &s.volumes {
+                        let mut spans: Vec<(u64, u64)> = Vec::new();
+                        for d in s.disks.values().filter(|d| d.volume == *vid) {
+                            prop_assert_eq!(d.extents.iter().map(|e| e.len).sum::<u64>(), d.size_bytes);
+                            for e in &d.extents {
+                                prop_assert!(e.device_offset >= v.data_offset);
+                                prop_assert!(e.device_offset + e.len <= v.device_bytes);
+                                spans.push((e.device_offset, e.device_offset + e.len));
+                            }
+                        }
+                        spans.sort_unstable();
+                        for w in spans.windows(2) {
+                            prop_assert!(w[0].1 <= w[1].0, "overlapping extents {:?}", w);
+                        }
                     }
                     let mut addrs = std::collections::BTreeSet::new();
                     for (id, n) in &s.nodes {
