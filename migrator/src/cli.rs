@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use csvd_raft::api::{ClusterClient, ClusterStatus};
 
+use crate::volumes;
+
 /// Operator CLI for a csvd cluster.
 #[derive(Debug, Parser)]
 #[command(
@@ -43,6 +45,84 @@ pub enum Noun {
     /// Nodes of the cluster.
     #[command(subcommand)]
     Node(NodeCmd),
+    /// Shared volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Virtual disks (LUNs) carved from volumes.
+    #[command(subcommand)]
+    Lun(LunCmd),
+}
+
+/// `migrator volume ...`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// List the volumes with their size, free space and coordinator.
+    List,
+    /// Show one volume (by name or UUID) and its disks.
+    Show {
+        /// Volume name or UUID.
+        volume: String,
+    },
+}
+
+/// `migrator lun ...`
+#[derive(Debug, Subcommand)]
+pub enum LunCmd {
+    /// Carve a new virtual disk from a volume.
+    Create {
+        /// The volume (name or UUID).
+        #[arg(long)]
+        volume: String,
+        /// Size, like 10G, 512M or a byte count; a multiple of 1 MiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Unique name.
+        #[arg(long)]
+        name: String,
+    },
+    /// List the virtual disks.
+    List,
+    /// Show one virtual disk (by name or id) with its extents.
+    Show {
+        /// Disk name or id.
+        lun: String,
+    },
+    /// Grow a virtual disk.
+    Resize {
+        /// Disk name or id.
+        lun: String,
+        /// New size (not smaller than the current one).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a virtual disk; its space becomes free.
+    Delete {
+        /// Disk name or id.
+        lun: String,
+    },
+}
+
+/// Parses sizes like `10G`, `512M`, `1T`, `4096` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mult: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (use K, M, G or T)")),
+            };
+            (&s[..i], mult)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 10G"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 /// `migrator cluster ...`
@@ -177,6 +257,8 @@ async fn run(cli: &Cli) -> Result<String, String> {
                 render_members(&status)
             })
         }
+        Noun::Volume(cmd) => volumes::run(&mut client, cmd, cli.json).await,
+        Noun::Lun(cmd) => volumes::run_lun(&mut client, cmd, cli.json).await,
     }
 }
 

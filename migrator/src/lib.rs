@@ -4,3 +4,4 @@
 //! hypervisor layer.
 
 pub mod cli;
+pub mod volumes;

@@ -243,6 +243,18 @@ impl ClusterClient {
         self.status_with(false).await
     }
 
+    /// Reads the whole replicated state linearizably.
+    pub async fn state(&mut self) -> Result<crate::ClusterState, ClientError> {
+        let req = self.request(pb::StateRequest {});
+        let resp = self
+            .inner
+            .state(req)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        self.decode_reply(&resp.json)
+    }
+
     /// Reads the status from the node's own applied state, which may lag the leader.
     pub async fn local_status(&mut self) -> Result<ClusterStatus, ClientError> {
         self.status_with(true).await

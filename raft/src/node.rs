@@ -163,7 +163,7 @@ impl From<NodeError> for Status {
                 ApplyError::UnsupportedCommandVersion { .. }
                 | ApplyError::NotInitialized
                 | ApplyError::IncompatibleProtocol { .. }
-                | ApplyError::PreconditionFailed(_) => Status::failed_precondition(msg),
+                | ApplyError::PreconditionFailed { .. } => Status::failed_precondition(msg),
             },
             NodeError::NoLeader(_) | NodeError::NotInitialized(_) | NodeError::Busy => {
                 Status::unavailable(msg)
@@ -563,6 +563,24 @@ impl MetaNode {
             Ok(s) => Ok(s),
             Err(e) => Err(NodeError::Remote(Status::unavailable(e.to_string()))),
         }
+    }
+
+    /// The whole replicated state, read linearizably: on the leader, or forwarded to it.
+    pub async fn read_state(&self) -> Result<crate::ClusterState, NodeError> {
+        if !self.is_initialized().await? {
+            return Err(NodeError::NotInitialized(self.inner.id));
+        }
+        let leader = self.await_leader().await?;
+        if leader == self.inner.id {
+            return Ok(self.leader_read().await?.state.clone());
+        }
+        let mut client = self.forward_client(leader)?;
+        client.state().await.map_err(|e| match e {
+            crate::api::ClientError::Refused { code, message } => {
+                NodeError::Remote(Status::new(code, message))
+            }
+            other => NodeError::Remote(Status::unavailable(other.to_string())),
+        })
     }
 
     /// The status from this node's own applied state (possibly stale).

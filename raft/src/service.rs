@@ -84,6 +84,16 @@ impl Cluster for ClusterService {
         Ok(Response::new(pb::StatusResponse { json }))
     }
 
+    async fn state(
+        &self,
+        req: Request<pb::StateRequest>,
+    ) -> Result<Response<pb::StateResponse>, Status> {
+        self.check(&req)?;
+        let state = self.node.read_state().await?;
+        let json = serde_json::to_vec(&state).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::StateResponse { json }))
+    }
+
     async fn write(
         &self,
         req: Request<pb::WriteRequest>,

@@ -165,8 +165,11 @@ pub enum ApplyError {
         reason: String,
     },
     /// The command does not fit the current state.
-    #[error("precondition failed: {0}")]
-    PreconditionFailed(String),
+    #[error("precondition failed: {reason}")]
+    PreconditionFailed {
+        /// What does not fit.
+        reason: String,
+    },
     /// No volume has this id.
     #[error("volume {id} is not registered")]
     UnknownVolume {
@@ -311,10 +314,12 @@ impl ClusterState {
             if existing.name == v.name && existing.device_bytes == v.device_bytes {
                 return Ok(Outcome::Unchanged);
             }
-            return Err(ApplyError::PreconditionFailed(format!(
-                "volume {} is already registered as {:?}",
-                v.id, existing.name
-            )));
+            return Err(ApplyError::PreconditionFailed {
+                reason: format!(
+                    "volume {} is already registered as {:?}",
+                    v.id, existing.name
+                ),
+            });
         }
         if self.volumes.values().any(|o| o.name == v.name) {
             return Err(ApplyError::DuplicateName {
@@ -375,10 +380,12 @@ impl ClusterState {
             return Ok(Outcome::Unchanged);
         }
         if size_bytes < disk.size_bytes {
-            return Err(ApplyError::PreconditionFailed(format!(
-                "disk {id} is {} bytes; shrinking to {size_bytes} would destroy data (only growing is supported)",
-                disk.size_bytes
-            )));
+            return Err(ApplyError::PreconditionFailed {
+                reason: format!(
+                    "disk {id} is {} bytes; shrinking to {size_bytes} would destroy data (only growing is supported)",
+                    disk.size_bytes
+                ),
+            });
         }
         let volume = disk.volume;
         let vol = self
@@ -944,6 +951,58 @@ mod tests {
     }
 
     #[test]
+    fn test_every_apply_error_serializes() {
+        let all = [
+            ApplyError::UnsupportedCommandVersion {
+                got: 2,
+                supported: 1,
+            },
+            ApplyError::NotInitialized,
+            ApplyError::AlreadyInitialized {
+                cluster_id: Uuid::from_u128(1),
+            },
+            ApplyError::UnknownNode { id: 1 },
+            ApplyError::DuplicateNodeId {
+                id: 1,
+                existing_addr: "a".into(),
+            },
+            ApplyError::DuplicateAddress {
+                addr: "a".into(),
+                holder: 1,
+            },
+            ApplyError::IncompatibleProtocol {
+                id: 1,
+                got: 2,
+                min: 1,
+                max: 1,
+            },
+            ApplyError::InvalidArgument {
+                field: "f".into(),
+                reason: "r".into(),
+            },
+            ApplyError::PreconditionFailed { reason: "r".into() },
+            ApplyError::UnknownVolume {
+                id: Uuid::from_u128(1),
+            },
+            ApplyError::UnknownDisk { id: 1 },
+            ApplyError::DuplicateName {
+                kind: "disk".into(),
+                name: "n".into(),
+            },
+            ApplyError::VolumeFull {
+                volume: Uuid::from_u128(1),
+                need: 2,
+                free: 1,
+            },
+        ];
+        for e in all {
+            let r: crate::Response = Err(e.clone());
+            let json = serde_json::to_string(&r).unwrap_or_else(|err| panic!("{e:?}: {err}"));
+            assert_eq!(serde_json::from_str::<crate::Response>(&json).unwrap(), r);
+        }
+    }
+
+    #[test]
     fn test_request_json_roundtrip() {
         let req = Request::new(Command::RegisterNode {
             spec: spec(1),
@@ -1005,7 +1064,7 @@ mod tests {
         assert_eq!(apply(&mut s, vol(50, "vol", 1)), Ok(Outcome::Unchanged));
         assert!(matches!(
             rejected(&mut s, vol(50, "other", 1)),
-            ApplyError::PreconditionFailed(_)
+            ApplyError::PreconditionFailed { .. }
         ));
         assert!(matches!(
             rejected(&mut s, vol(51, "vol", 1)),
@@ -1099,7 +1158,7 @@ mod tests {
                     size_bytes: ALLOCATION_UNIT
                 }
             ),
-            ApplyError::PreconditionFailed(_)
+            ApplyError::PreconditionFailed { .. }
         ));
         assert_eq!(
             rejected(

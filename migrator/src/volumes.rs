@@ -1,0 +1,283 @@
+//! `migrator volume ...` and `migrator lun ...`: shared volumes and the virtual disks carved
+//! from them.
+
+use csvd_raft::ClusterState;
+use csvd_raft::api::ClusterClient;
+use csvd_raft::command::{Command, Outcome};
+use csvd_raft::volume::{DiskRecord, VolumeRecord, free_gaps, used_extents};
+use serde::Serialize;
+
+use crate::cli::{LunCmd, VolumeCmd};
+
+/// A volume as listed.
+#[derive(Debug, Serialize)]
+struct VolumeRow<'a> {
+    #[serde(flatten)]
+    volume: &'a VolumeRecord,
+    free_bytes: u64,
+    disks: usize,
+}
+
+fn volume_row<'a>(state: &ClusterState, v: &'a VolumeRecord) -> VolumeRow<'a> {
+    let gaps = free_gaps(v, &used_extents(&state.disks, v.id));
+    VolumeRow {
+        volume: v,
+        free_bytes: gaps.iter().map(|g| g.1).sum(),
+        disks: state.disks.values().filter(|d| d.volume == v.id).count(),
+    }
+}
+
+fn find_volume<'a>(state: &'a ClusterState, key: &str) -> Result<&'a VolumeRecord, String> {
+    state
+        .volumes
+        .values()
+        .find(|v| v.name == key || v.id.to_string() == key)
+        .ok_or_else(|| format!("no volume named or with id {key:?}"))
+}
+
+fn find_disk<'a>(state: &'a ClusterState, key: &str) -> Result<&'a DiskRecord, String> {
+    state
+        .disks
+        .values()
+        .find(|d| d.name == key || d.id.to_string() == key)
+        .ok_or_else(|| format!("no LUN named or with id {key:?}"))
+}
+
+/// Human-readable bytes in binary units.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+fn table(rows: Vec<Vec<String>>) -> String {
+    let cols = rows.first().map(|r| r.len()).unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(c, w)| format!("{c:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs a `volume` subcommand.
+pub async fn run(
+    client: &mut ClusterClient,
+    cmd: &VolumeCmd,
+    as_json: bool,
+) -> Result<String, String> {
+    let state = client.state().await.map_err(|e| e.to_string())?;
+    match cmd {
+        VolumeCmd::List => {
+            let rows: Vec<VolumeRow> = state
+                .volumes
+                .values()
+                .map(|v| volume_row(&state, v))
+                .collect();
+            if as_json {
+                return Ok(json(&rows));
+            }
+            let mut t = vec![vec![
+                "NAME".into(),
+                "ID".into(),
+                "SIZE".into(),
+                "FREE".into(),
+                "DISKS".into(),
+                "COORDINATOR".into(),
+            ]];
+            for r in &rows {
+                t.push(vec![
+                    r.volume.name.clone(),
+                    r.volume.id.to_string(),
+                    human(r.volume.device_bytes),
+                    human(r.free_bytes),
+                    r.disks.to_string(),
+                    format!("node {}", r.volume.coordinator),
+                ]);
+            }
+            Ok(table(t))
+        }
+        VolumeCmd::Show { volume } => {
+            let v = find_volume(&state, volume)?;
+            let row = volume_row(&state, v);
+            let disks: Vec<&DiskRecord> =
+                state.disks.values().filter(|d| d.volume == v.id).collect();
+            if as_json {
+                return Ok(json(&serde_json::json!({ "volume": row, "disks": disks })));
+            }
+            let mut out = format!(
+                "volume       {}\nid           {}\nsize         {}\nfree         {}\ncoordinator  node {}\nlayout epoch {}\n",
+                v.name,
+                v.id,
+                human(v.device_bytes),
+                human(row.free_bytes),
+                v.coordinator,
+                v.layout_epoch
+            );
+            if !disks.is_empty() {
+                out.push('\n');
+                out.push_str(&disk_table(&disks));
+            }
+            Ok(out.trim_end().to_string())
+        }
+    }
+}
+
+fn disk_table(disks: &[&DiskRecord]) -> String {
+    let mut t = vec![vec![
+        "ID".into(),
+        "NAME".into(),
+        "SIZE".into(),
+        "EXTENTS".into(),
+    ]];
+    for d in disks {
+        t.push(vec![
+            d.id.to_string(),
+            d.name.clone(),
+            human(d.size_bytes),
+            d.extents.len().to_string(),
+        ]);
+    }
+    table(t)
+}
+
+/// Runs a `lun` subcommand.
+pub async fn run_lun(
+    client: &mut ClusterClient,
+    cmd: &LunCmd,
+    as_json: bool,
+) -> Result<String, String> {
+    let state = client.state().await.map_err(|e| e.to_string())?;
+    match cmd {
+        LunCmd::Create { volume, size, name } => {
+            let v = find_volume(&state, volume)?;
+            let cmd = Command::CreateDisk {
+                name: name.clone(),
+                volume: v.id,
+                size_bytes: *size,
+            };
+            let (outcome, _) = client.write(cmd).await.map_err(|e| e.to_string())?;
+            let Outcome::Created { id } = outcome else {
+                return Err(format!("unexpected outcome {outcome:?}"));
+            };
+            Ok(if as_json {
+                json(
+                    &serde_json::json!({ "id": id, "name": name, "volume": v.id, "size_bytes": size }),
+                )
+            } else {
+                format!(
+                    "created LUN {id} ({name}, {}) on volume {}",
+                    human(*size),
+                    v.name
+                )
+            })
+        }
+        LunCmd::List => {
+            let disks: Vec<&DiskRecord> = state.disks.values().collect();
+            Ok(if as_json {
+                json(&disks)
+            } else {
+                disk_table(&disks)
+            })
+        }
+        LunCmd::Show { lun } => {
+            let d = find_disk(&state, lun)?;
+            if as_json {
+                return Ok(json(d));
+            }
+            let mut out = format!(
+                "LUN     {}\nname    {}\nvolume  {}\nsize    {}\n\n",
+                d.id,
+                d.name,
+                d.volume,
+                human(d.size_bytes)
+            );
+            let mut t = vec![vec![
+                "DISK OFFSET".into(),
+                "DEVICE OFFSET".into(),
+                "LENGTH".into(),
+            ]];
+            for e in &d.extents {
+                t.push(vec![
+                    e.disk_offset.to_string(),
+                    e.device_offset.to_string(),
+                    human(e.len),
+                ]);
+            }
+            out.push_str(&table(t));
+            Ok(out)
+        }
+        LunCmd::Resize { lun, size } => {
+            let d = find_disk(&state, lun)?;
+            client
+                .write(Command::ResizeDisk {
+                    id: d.id,
+                    size_bytes: *size,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(if as_json {
+                json(&serde_json::json!({ "id": d.id, "size_bytes": size }))
+            } else {
+                format!("LUN {} ({}) is now {}", d.id, d.name, human(*size))
+            })
+        }
+        LunCmd::Delete { lun } => {
+            let d = find_disk(&state, lun)?;
+            client
+                .write(Command::DeleteDisk { id: d.id })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(if as_json {
+                json(&serde_json::json!({ "deleted": d.id }))
+            } else {
+                format!("deleted LUN {} ({})", d.id, d.name)
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::parse_size;
+
+    #[test]
+    fn test_parse_size_units_and_errors() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("10X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn test_human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(10 << 30), "10.0 GiB");
+    }
+}
