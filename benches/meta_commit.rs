@@ -277,7 +277,7 @@ enum Target {
 /// One client with its own connection.
 enum Writer {
     Csvd {
-        client: ClusterClient,
+        client: Box<ClusterClient>,
         node: u64,
     },
     Etcd {
@@ -292,9 +292,11 @@ impl Writer {
     fn new(target: &Target, n: usize) -> Result<Self, String> {
         match target {
             Target::Csvd { addr, node } => Ok(Writer::Csvd {
-                client: ClusterClient::new(addr, None)
-                    .map_err(|e| e.to_string())?
-                    .with_timeout(CALL_TIMEOUT),
+                client: Box::new(
+                    ClusterClient::new(addr, None)
+                        .map_err(|e| e.to_string())?
+                        .with_timeout(CALL_TIMEOUT),
+                ),
                 node: *node,
             }),
             Target::Etcd { addr } => Ok(Writer::Etcd {

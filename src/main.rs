@@ -3,6 +3,7 @@
 
 mod config;
 mod host;
+mod volumes;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -141,6 +142,9 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
         let raft = RaftServer::new(node.raft_service())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
+        let volumes = csvd_raft::pb::volumes_server::VolumesServer::new(
+            volumes::VolumeService::new(node.clone()),
+        );
         let cluster = ClusterServer::new(ClusterService::new(node.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
@@ -150,6 +154,7 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
             tonic::transport::Server::builder()
                 .add_service(raft)
                 .add_service(cluster)
+                .add_service(volumes)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),

@@ -129,3 +129,148 @@ async fn test_lun_lifecycle_through_cli() {
         assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
     }
 }
+
+/// `volume create` writes a checksummed superblock naming this cluster on the device, makes the
+/// serving node the coordinator, refuses to take the same device twice, refuses a non-blank
+/// device without --force, and never touches a device owned by another cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_volume_create_on_a_device() {
+    use csvd_csv_fs::superblock::Superblock;
+    use std::os::unix::fs::FileExt;
+
+    let mut cluster = Cluster::new(2);
+    let cluster_id = cluster.start_initialized(&[]).await;
+    let dev = cluster.tmp.path().join("shared.img");
+    std::fs::File::create(&dev)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let dev_s = dev.to_str().unwrap();
+    let ep = |i: usize| cluster.nodes[i].endpoint();
+
+    let out = migrator(&[
+        "--endpoint",
+        &ep(1),
+        "--json",
+        "volume",
+        "create",
+        "--device",
+        dev_s,
+        "--name",
+        "shared",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let created: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let sb = Superblock::decode(&std::fs::read(&dev).unwrap()[..4096]).unwrap();
+    assert_eq!(sb.cluster_id.to_string(), cluster_id);
+    assert_eq!(sb.volume_id.to_string(), created["id"].as_str().unwrap());
+    assert_eq!(sb.device_bytes, 256 << 20);
+
+    let out = migrator(&["--endpoint", &ep(0), "--json", "volume", "list"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v[0]["name"], "shared");
+    assert_eq!(v[0]["coordinator"], 2);
+
+    // The same device again, under any name.
+    let out = migrator(&[
+        "--endpoint",
+        &ep(1),
+        "volume",
+        "create",
+        "--device",
+        dev_s,
+        "--name",
+        "again",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("already holds volume"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A device with other data: refused unless forced.
+    let other = cluster.tmp.path().join("other.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&other)
+        .unwrap()
+        .write_all_at(b"precious", 8192)
+        .unwrap();
+    let other_s = other.to_str().unwrap();
+    let out = migrator(&[
+        "--endpoint",
+        &ep(0),
+        "volume",
+        "create",
+        "--device",
+        other_s,
+        "--name",
+        "o",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--force"), "{}", stderr(&out));
+    let mut head = [0u8; 8];
+    std::fs::File::open(&other)
+        .unwrap()
+        .read_exact_at(&mut head, 8192)
+        .unwrap();
+    assert_eq!(&head, b"precious", "a refused create must not write");
+
+    // A device owned by another cluster: refused even with --force, untouched.
+    let foreign = cluster.tmp.path().join("foreign.img");
+    std::fs::File::create(&foreign)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let theirs = Superblock::new(
+        Uuid::from_u128(7),
+        Uuid::from_u128(8),
+        64 << 20,
+        "theirs",
+        0,
+    )
+    .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&foreign)
+        .unwrap()
+        .write_all_at(&theirs.encode().unwrap(), 0)
+        .unwrap();
+    let out = migrator(&[
+        "--endpoint",
+        &ep(0),
+        "volume",
+        "create",
+        "--device",
+        foreign.to_str().unwrap(),
+        "--name",
+        "f",
+        "--force",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("left untouched"), "{}", stderr(&out));
+    assert_eq!(
+        Superblock::decode(&std::fs::read(&foreign).unwrap()[..4096]).unwrap(),
+        theirs
+    );
+
+    // A missing device path: one clear line.
+    let out = migrator(&[
+        "--endpoint",
+        &ep(0),
+        "volume",
+        "create",
+        "--device",
+        "/nonexistent/dev",
+        "--name",
+        "x",
+    ]);
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1);
+    assert!(stderr(&out).contains("cannot open"), "{}", stderr(&out));
+}

@@ -56,6 +56,19 @@ pub enum Noun {
 /// `migrator volume ...`
 #[derive(Debug, Subcommand)]
 pub enum VolumeCmd {
+    /// Write a csv-fs superblock on a shared device and register the volume. The device path
+    /// is on the endpoint node, which becomes the volume's coordinator.
+    Create {
+        /// Device path on the endpoint node (a block device or a file).
+        #[arg(long)]
+        device: String,
+        /// Unique volume name.
+        #[arg(long)]
+        name: String,
+        /// Overwrite a device whose first MiB is not blank (never one of another cluster).
+        #[arg(long)]
+        force: bool,
+    },
     /// List the volumes with their size, free space and coordinator.
     List,
     /// Show one volume (by name or UUID) and its disks.

@@ -88,9 +88,28 @@ pub async fn run(
     cmd: &VolumeCmd,
     as_json: bool,
 ) -> Result<String, String> {
+    let key = match cmd {
+        VolumeCmd::Create {
+            device,
+            name,
+            force,
+        } => {
+            let id = client
+                .create_volume(device, name, *force)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(if as_json {
+                json(&serde_json::json!({ "id": id, "name": name, "device": device }))
+            } else {
+                format!("created volume {name} ({id}) on {device}")
+            });
+        }
+        VolumeCmd::List => None,
+        VolumeCmd::Show { volume } => Some(volume),
+    };
     let state = client.state().await.map_err(|e| e.to_string())?;
-    match cmd {
-        VolumeCmd::List => {
+    match key {
+        None => {
             let rows: Vec<VolumeRow> = state
                 .volumes
                 .values()
@@ -119,7 +138,7 @@ pub async fn run(
             }
             Ok(table(t))
         }
-        VolumeCmd::Show { volume } => {
+        Some(volume) => {
             let v = find_volume(&state, volume)?;
             let row = volume_row(&state, v);
             let disks: Vec<&DiskRecord> =

@@ -143,6 +143,7 @@ impl ClientError {
 pub struct ClusterClient {
     endpoint: String,
     inner: PbClusterClient<Channel>,
+    volumes: crate::pb::volumes_client::VolumesClient<Channel>,
     cluster_id: Option<String>,
     timeout: Duration,
 }
@@ -173,6 +174,7 @@ impl ClusterClient {
             .connect_lazy();
         Ok(Self {
             endpoint: url,
+            volumes: crate::pb::volumes_client::VolumesClient::new(channel.clone()),
             inner: PbClusterClient::new(channel).max_decoding_message_size(64 << 20),
             cluster_id,
             timeout: Duration::from_secs(30),
@@ -241,6 +243,26 @@ impl ClusterClient {
     /// Reads the cluster status linearizably.
     pub async fn status(&mut self) -> Result<ClusterStatus, ClientError> {
         self.status_with(false).await
+    }
+
+    /// Creates a volume on `device`, a path on the endpoint node; returns its id.
+    pub async fn create_volume(
+        &mut self,
+        device: &str,
+        name: &str,
+        force: bool,
+    ) -> Result<String, ClientError> {
+        let req = self.request(pb::CreateVolumeRequest {
+            device: device.into(),
+            name: name.into(),
+            force,
+        });
+        let resp = self
+            .volumes
+            .create_volume(req)
+            .await
+            .map_err(|s| self.error(s))?;
+        Ok(resp.into_inner().volume_id)
     }
 
     /// Reads the whole replicated state linearizably.
