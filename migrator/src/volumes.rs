@@ -63,7 +63,8 @@ fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-fn table(rows: Vec<Vec<String>>) -> String {
+/// Renders rows as left-aligned columns separated by two spaces.
+pub fn table(rows: Vec<Vec<String>>) -> String {
     let cols = rows.first().map(|r| r.len()).unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
