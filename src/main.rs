@@ -63,12 +63,7 @@ fn clap_exit(e: clap::Error) -> ExitCode {
         let _ = e.print();
         return ExitCode::SUCCESS;
     }
-    let text = e.render().to_string();
-    let line = text
-        .lines()
-        .next()
-        .unwrap_or("invalid arguments")
-        .trim_start_matches("error: ");
+    let line = csvd_migrator::cli::one_line_error(&e);
     eprintln!("csvd: {line} (see csvd --help)");
     ExitCode::from(2)
 }

@@ -401,7 +401,7 @@ fn uring_loop(mut ring: io_uring::IoUring, file: File, rx: mpsc::Receiver<Op>) {
                 fail(state, &e);
             }
             for op in backlog.drain(..) {
-                fail_op(op, &e);
+                fail(op.into(), &e);
             }
             return;
         }
@@ -418,41 +418,44 @@ fn uring_loop(mut ring: io_uring::IoUring, file: File, rx: mpsc::Receiver<Op>) {
     }
 }
 
+/// The result of a read or write that moved `res` bytes (or failed with `-res`).
+fn transferred(
+    buf: AlignedBuf,
+    res: i32,
+    what: &str,
+    short: io::ErrorKind,
+) -> io::Result<AlignedBuf> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else if res as usize != buf.len() {
+        Err(io::Error::new(
+            short,
+            format!("short {what}: {res} of {} bytes", buf.len()),
+        ))
+    } else {
+        Ok(buf)
+    }
+}
+
 fn complete(state: InFlight, res: i32) {
-    let err = |res: i32| io::Error::from_raw_os_error(-res);
     match state {
         InFlight::Read(buf, done) => {
-            let r = if res < 0 {
-                Err(err(res))
-            } else if res as usize != buf.len() {
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("short read: {res} of {} bytes", buf.len()),
-                ))
-            } else {
-                Ok(buf)
-            };
-            let _ = done.send(r);
+            let _ = done.send(transferred(buf, res, "read", io::ErrorKind::UnexpectedEof));
         }
         InFlight::Write(buf, done) => {
-            let r = if res < 0 {
-                Err(err(res))
-            } else if res as usize != buf.len() {
-                Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("short write: {res} of {} bytes", buf.len()),
-                ))
-            } else {
-                Ok(buf)
-            };
-            let _ = done.send(r);
+            let _ = done.send(transferred(buf, res, "write", io::ErrorKind::WriteZero));
         }
         InFlight::Flush(done) => {
-            let _ = done.send(if res < 0 { Err(err(res)) } else { Ok(()) });
+            let _ = done.send(if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                Ok(())
+            });
         }
     }
 }
 
+/// Fails an operation, queued or in flight, with a copy of `e`.
 fn fail(state: InFlight, e: &io::Error) {
     let e = || io::Error::new(e.kind(), e.to_string());
     match state {
@@ -465,14 +468,12 @@ fn fail(state: InFlight, e: &io::Error) {
     }
 }
 
-fn fail_op(op: Op, e: &io::Error) {
-    let e = || io::Error::new(e.kind(), e.to_string());
-    match op {
-        Op::Read { done, .. } | Op::Write { done, .. } => {
-            let _ = done.send(Err(e()));
-        }
-        Op::Flush { done } => {
-            let _ = done.send(Err(e()));
+impl From<Op> for InFlight {
+    fn from(op: Op) -> Self {
+        match op {
+            Op::Read { buf, done, .. } => InFlight::Read(buf, done),
+            Op::Write { buf, done, .. } => InFlight::Write(buf, done),
+            Op::Flush { done } => InFlight::Flush(done),
         }
     }
 }

@@ -165,6 +165,16 @@ pub enum NodeCmd {
     List,
 }
 
+/// The first line of a command-line error, for tools that report failures in one line.
+pub fn one_line_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    text.lines()
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
 /// Runs the CLI with the process arguments.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -184,13 +194,7 @@ pub fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            let text = e.render().to_string();
-            let line = text
-                .lines()
-                .next()
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            eprintln!("migrator: {line} (see migrator --help)");
+            eprintln!("migrator: {} (see migrator --help)", one_line_error(&e));
             return ExitCode::from(2);
         }
     };
