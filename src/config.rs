@@ -38,6 +38,10 @@ pub struct Flags {
     /// Address QEMU listens on for incoming live migrations, IP:port.
     #[arg(long)]
     pub migration_addr: Option<String>,
+    /// Address of the block-I/O listener (redirected I/O from peers), IP:port; by default
+    /// a free port on the gRPC address's IP.
+    #[arg(long)]
+    pub io_addr: Option<String>,
     /// Glob of shared device paths to scan for volumes (repeatable).
     #[arg(long = "devices")]
     pub devices: Vec<String>,
@@ -72,6 +76,8 @@ pub struct FileConfig {
     pub iscsi_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub io_addr: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -103,6 +109,7 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     pub iscsi_addr: Option<SocketAddr>,
     pub migration_addr: Option<SocketAddr>,
+    pub io_addr: Option<SocketAddr>,
     pub devices: Vec<String>,
     pub switches: Vec<String>,
     pub join: Option<SocketAddr>,
@@ -168,6 +175,7 @@ impl Flags {
             grpc_addr,
             iscsi_addr,
             migration_addr,
+            io_addr,
             join,
             cluster_id,
             log_format,
@@ -217,6 +225,7 @@ fn fill_missing(mut new: FileConfig, old: FileConfig) -> FileConfig {
         grpc_addr,
         iscsi_addr,
         migration_addr,
+        io_addr,
         join,
         cluster_id,
         log_format,
@@ -274,6 +283,11 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
         .as_deref()
         .map(|v| addr(source, "migration_addr", v))
         .transpose()?;
+    let io_addr = f
+        .io_addr
+        .as_deref()
+        .map(|v| addr(source, "io_addr", v))
+        .transpose()?;
     let join = f
         .join
         .as_deref()
@@ -313,6 +327,7 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
     let mut addrs = vec![("grpc_addr", grpc_addr)];
     addrs.extend(iscsi_addr.map(|a| ("iscsi_addr", a)));
     addrs.extend(migration_addr.map(|a| ("migration_addr", a)));
+    addrs.extend(io_addr.map(|a| ("io_addr", a)));
     for (i, (k1, a1)) in addrs.iter().enumerate() {
         if let Some((k2, _)) = addrs[i + 1..].iter().find(|(_, a2)| a2 == a1) {
             return Err(ConfigError::new(
@@ -327,6 +342,7 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
         grpc_addr,
         iscsi_addr,
         migration_addr,
+        io_addr,
         devices: f.devices.clone(),
         switches: f.switches.clone(),
         join,

@@ -3,6 +3,7 @@
 
 mod config;
 mod host;
+mod shared;
 mod volumes;
 
 use std::process::ExitCode;
@@ -81,7 +82,7 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn node_spec(config: &Config) -> NodeSpec {
+fn node_spec(config: &Config, io_addr: std::net::SocketAddr) -> NodeSpec {
     let (cpu_model, cpu_flags) = host::cpu();
     NodeSpec {
         id: config.node_id,
@@ -91,6 +92,7 @@ fn node_spec(config: &Config) -> NodeSpec {
             .migration_addr
             .map(|a| a.to_string())
             .unwrap_or_default(),
+        io_addr: io_addr.to_string(),
         cpu_model,
         cpu_flags,
         switches: config.switches.clone(),
@@ -118,8 +120,12 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
     let listener = TcpListener::bind(config.grpc_addr)
         .await
         .map_err(|e| format!("cannot listen on grpc_addr {}: {e}", config.grpc_addr))?;
+    let io_listener = shared::bind(config.io_addr, config.grpc_addr.ip()).await?;
+    let io_addr = io_listener
+        .local_addr()
+        .map_err(|e| format!("io_addr: {e}"))?;
 
-    let mut opts = MetaOptions::new(node_spec(&config), dir.clone());
+    let mut opts = MetaOptions::new(node_spec(&config, io_addr), dir.clone());
     opts.snapshot_every_entries = config.snapshot_every_entries;
     let node = MetaNode::open(opts).await.map_err(|e| e.to_string())?;
 
@@ -138,7 +144,7 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
         let volumes = csvd_raft::pb::volumes_server::VolumesServer::new(
-            volumes::VolumeService::new(node.clone()),
+            volumes::VolumeService::new(node.clone(), config.devices.clone()),
         );
         let cluster = ClusterServer::new(ClusterService::new(node.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
@@ -155,11 +161,13 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
                 }),
         )
     };
-    tracing::info!(node = config.node_id, grpc = %config.grpc_addr, "csvd is serving");
+    let csv = shared::new_node(config.node_id);
+    let io_server = tokio::spawn(csvd_csv_fs::redirect::serve(io_listener, csv.clone()));
+    tracing::info!(node = config.node_id, grpc = %config.grpc_addr, io = %io_addr, "csvd is serving");
 
     if !node.is_initialized().await.map_err(|e| e.to_string())? {
         match config.join {
-            Some(join) => join_cluster(&node, &config, &join.to_string()).await?,
+            Some(join) => join_cluster(&node, &config, io_addr, &join.to_string()).await?,
             None => tracing::info!(
                 "not in a cluster yet: waiting for `migrator cluster init` or a restart with --join"
             ),
@@ -167,6 +175,7 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
     }
 
     let agents = node.spawn_agents();
+    let shared_agents = shared::spawn(node.clone(), csv, config.devices.clone());
     let mut removed = node.removed();
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -175,6 +184,10 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         _ = removed.wait_for(|r| *r) => tracing::info!("removed from the cluster: shutting down"),
     }
+    for a in shared_agents {
+        a.abort();
+    }
+    io_server.abort();
     node.shutdown().await;
     agents.abort();
     let _ = stop_tx.send(true);
@@ -185,8 +198,13 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
 
 /// Asks the cluster at `join` to admit this node, retrying while it is unreachable or
 /// between leaders. A refusal (wrong cluster, duplicate id, incompatible version) is final.
-async fn join_cluster(node: &MetaNode, config: &Config, join: &str) -> Result<(), String> {
-    let spec = node_spec(config);
+async fn join_cluster(
+    node: &MetaNode,
+    config: &Config,
+    io_addr: std::net::SocketAddr,
+    join: &str,
+) -> Result<(), String> {
+    let spec = node_spec(config, io_addr);
     let expected = config.cluster_id.map(|c| c.to_string());
     let mut client = ClusterClient::new(join, None).map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

@@ -18,11 +18,14 @@ use uuid::Uuid;
 #[derive(Debug, Clone)]
 pub struct VolumeService {
     node: MetaNode,
+    /// The node's `devices` globs: a new volume's device must be among them, or the node
+    /// would not find it again after a restart.
+    devices: Vec<String>,
 }
 
 impl VolumeService {
-    pub fn new(node: MetaNode) -> Self {
-        Self { node }
+    pub fn new(node: MetaNode, devices: Vec<String>) -> Self {
+        Self { node, devices }
     }
 }
 
@@ -113,6 +116,17 @@ impl Volumes for VolumeService {
             )));
         }
         let path = Path::new(&req.device).to_path_buf();
+        if !crate::shared::matched_by(&self.devices, &path) {
+            return Err(Status::failed_precondition(format!(
+                "{}: not matched by this node's `devices` globs ({}); add it there so every restart finds the volume",
+                path.display(),
+                if self.devices.is_empty() {
+                    "none configured".to_string()
+                } else {
+                    self.devices.join(", ")
+                }
+            )));
+        }
         let (size, content) = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || inspect(&path, cluster))

@@ -139,7 +139,8 @@ async fn test_volume_create_on_a_device() {
     use std::os::unix::fs::FileExt;
 
     let mut cluster = Cluster::new(2);
-    let cluster_id = cluster.start_initialized(&[]).await;
+    let glob = format!("{}/*.img", cluster.tmp.path().display());
+    let cluster_id = cluster.start_initialized(&["--devices", &glob]).await;
     let dev = cluster.tmp.path().join("shared.img");
     std::fs::File::create(&dev)
         .unwrap()
@@ -147,6 +148,26 @@ async fn test_volume_create_on_a_device() {
         .unwrap();
     let dev_s = dev.to_str().unwrap();
     let ep = |i: usize| cluster.nodes[i].endpoint();
+
+    // A device the node's `devices` globs do not match: it would be lost after a restart.
+    let stray = cluster.tmp.path().join("stray.raw");
+    std::fs::File::create(&stray)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let out = migrator(&[
+        "--endpoint",
+        &ep(1),
+        "volume",
+        "create",
+        "--device",
+        stray.to_str().unwrap(),
+        "--name",
+        "stray",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not matched"), "{}", stderr(&out));
+    assert!(std::fs::read(&stray).unwrap().iter().all(|b| *b == 0));
 
     let out = migrator(&[
         "--endpoint",
@@ -259,14 +280,15 @@ async fn test_volume_create_on_a_device() {
         theirs
     );
 
-    // A missing device path: one clear line.
+    // A missing device path (matched by the globs): one clear line.
+    let missing = cluster.tmp.path().join("missing.img");
     let out = migrator(&[
         "--endpoint",
         &ep(0),
         "volume",
         "create",
         "--device",
-        "/nonexistent/dev",
+        missing.to_str().unwrap(),
         "--name",
         "x",
     ]);

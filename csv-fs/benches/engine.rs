@@ -75,7 +75,7 @@ fn bench(c: &mut Criterion) {
                         let eng = eng.clone();
                         async move {
                             let buf = AlignedBuf::zeroed(ALIGN).unwrap();
-                            eng.write(o, buf, false).await.unwrap()
+                            eng.write(o, buf.into(), false).await.unwrap()
                         }
                     });
                     futures::future::join_all(writes).await

@@ -4,11 +4,14 @@
 //! Two back ends share one API:
 //! - **io_uring** (preferred): one thread owns the ring; requests arrive on a queue, are
 //!   submitted in batches with many in flight, and complete from the completion queue — no thread
-//!   per I/O. FUA writes carry `RWF_DSYNC`; a flush is `IORING_OP_FSYNC` with `DATASYNC`.
+//!   per I/O. FUA writes carry `RWF_DSYNC`; a flush is `IORING_OP_FSYNC` with `DATASYNC`;
+//!   discard and write-zeroes are `IORING_OP_FALLOCATE` (punch hole, zero range).
 //! - **pread/pwrite** (fallback, chosen at start with a log line when io_uring is unavailable):
 //!   a few threads doing positional I/O; FUA writes go through a second `O_DSYNC` descriptor.
 //!
-//! Every offset and length must be a multiple of [`ALIGN`]; buffers are [`AlignedBuf`]s.
+//! Every offset and length must be a multiple of [`ALIGN`]; buffers are [`AlignedBuf`]s. Writes
+//! take a [`BufSlice`], a shared view of one, so a caller can keep the data to retry the write
+//! elsewhere (redirected I/O) without copying it.
 //! `unsafe` lives only in this module, each block with a `SAFETY` comment.
 #![allow(unsafe_code)]
 
@@ -97,6 +100,57 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// A shared, read-only window of an [`AlignedBuf`] whose start and length are multiples of
+/// [`ALIGN`]. Cloning it is cheap.
+#[derive(Clone)]
+pub struct BufSlice {
+    buf: Arc<AlignedBuf>,
+    start: usize,
+    len: usize,
+}
+
+impl BufSlice {
+    /// The window `start..start + len` of this slice; `None` when it is not inside it or not
+    /// aligned.
+    pub fn slice(&self, start: usize, len: usize) -> Option<BufSlice> {
+        let aligned = start.is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN) && len > 0;
+        (aligned && start.checked_add(len)? <= self.len).then(|| BufSlice {
+            buf: self.buf.clone(),
+            start: self.start + start,
+            len,
+        })
+    }
+}
+
+impl From<AlignedBuf> for BufSlice {
+    fn from(buf: AlignedBuf) -> Self {
+        let len = buf.len;
+        Self {
+            buf: Arc::new(buf),
+            start: 0,
+            len,
+        }
+    }
+}
+
+impl std::ops::Deref for BufSlice {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for BufSlice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BufSlice({}+{} bytes)", self.start, self.len)
+    }
+}
+
+/// `fallocate` mode of a discard: deallocate, reads return zeroes, size unchanged.
+const PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+/// `fallocate` mode of write-zeroes: the range reads as zeroes, space stays allocated.
+const ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+
 fn unaligned(what: &str, value: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
@@ -121,11 +175,17 @@ enum Op {
     },
     Write {
         offset: u64,
-        buf: AlignedBuf,
+        buf: BufSlice,
         fua: bool,
-        done: oneshot::Sender<io::Result<AlignedBuf>>,
+        done: oneshot::Sender<io::Result<()>>,
     },
     Flush {
+        done: oneshot::Sender<io::Result<()>>,
+    },
+    Fallocate {
+        offset: u64,
+        len: u64,
+        mode: i32,
         done: oneshot::Sender<io::Result<()>>,
     },
 }
@@ -212,16 +272,17 @@ impl DirectEngine {
     }
 
     fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        self.check_range(offset, len as u64)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
         if !offset.is_multiple_of(ALIGN as u64) {
             return Err(unaligned("offset", offset));
         }
-        if len == 0 || !len.is_multiple_of(ALIGN) {
-            return Err(unaligned("length", len as u64));
+        if len == 0 || !len.is_multiple_of(ALIGN as u64) {
+            return Err(unaligned("length", len));
         }
-        if offset
-            .checked_add(len as u64)
-            .is_none_or(|end| end > self.size)
-        {
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -253,8 +314,7 @@ impl DirectEngine {
     }
 
     /// Writes `buf` at `offset`; with `fua` the write is on stable storage when this returns.
-    /// Gives the buffer back for reuse.
-    pub async fn write(&self, offset: u64, buf: AlignedBuf, fua: bool) -> io::Result<AlignedBuf> {
+    pub async fn write(&self, offset: u64, buf: BufSlice, fua: bool) -> io::Result<()> {
         self.check(offset, buf.len())?;
         let (done, rx) = oneshot::channel();
         self.send(Op::Write {
@@ -273,6 +333,59 @@ impl DirectEngine {
         self.send(Op::Flush { done })?;
         rx.await
             .map_err(|_| io::Error::other("the I/O engine stopped"))?
+    }
+
+    /// Deallocates `len` bytes at `offset`; they read back as zeroes.
+    pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.fallocate(offset, len, PUNCH_HOLE).await
+    }
+
+    /// Makes `len` bytes at `offset` read back as zeroes. Where the device cannot zero a range
+    /// in place, zeroes are written.
+    pub async fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.fallocate(offset, len, ZERO_RANGE).await {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                const CHUNK: u64 = 1 << 20;
+                let zeroes = BufSlice::from(AlignedBuf::zeroed(CHUNK.min(len) as usize)?);
+                let mut at = offset;
+                while at < offset + len {
+                    let n = CHUNK.min(offset + len - at) as usize;
+                    let part = zeroes.slice(0, n).ok_or_else(|| unaligned("length", len))?;
+                    self.write(at, part, false).await?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn fallocate(&self, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+        self.check_range(offset, len)?;
+        let (done, rx) = oneshot::channel();
+        self.send(Op::Fallocate {
+            offset,
+            len,
+            mode,
+            done,
+        })?;
+        rx.await
+            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+    }
+}
+
+/// `fallocate(2)` on `file`.
+fn fallocate(file: &File, offset: u64, len: u64, mode: i32) -> io::Result<()> {
+    let (off, n) = (
+        libc::off_t::try_from(offset).map_err(io::Error::other)?,
+        libc::off_t::try_from(len).map_err(io::Error::other)?,
+    );
+    // SAFETY: a plain system call on a descriptor `file` keeps open; no memory is passed.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, off, n) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -297,10 +410,18 @@ fn pread_loop(file: &File, dsync: &File, rx: &Mutex<mpsc::Receiver<Op>>) {
                 done,
             } => {
                 let target = if fua { dsync } else { file };
-                let _ = done.send(target.write_all_at(&buf, offset).map(|()| buf));
+                let _ = done.send(target.write_all_at(&buf, offset));
             }
             Op::Flush { done } => {
                 let _ = done.send(file.sync_data());
+            }
+            Op::Fallocate {
+                offset,
+                len,
+                mode,
+                done,
+            } => {
+                let _ = done.send(fallocate(file, offset, len, mode));
             }
         }
     }
@@ -309,8 +430,9 @@ fn pread_loop(file: &File, dsync: &File, rx: &Mutex<mpsc::Receiver<Op>>) {
 /// An operation in flight: it owns its buffer until the kernel is done with it.
 enum InFlight {
     Read(AlignedBuf, oneshot::Sender<io::Result<AlignedBuf>>),
-    Write(AlignedBuf, oneshot::Sender<io::Result<AlignedBuf>>),
-    Flush(oneshot::Sender<io::Result<()>>),
+    Write(BufSlice, oneshot::Sender<io::Result<()>>),
+    /// A flush or fallocate: no buffer, no byte count.
+    Unit(oneshot::Sender<io::Result<()>>),
 }
 
 fn uring_loop(mut ring: io_uring::IoUring, file: File, rx: mpsc::Receiver<Op>) {
@@ -377,14 +499,26 @@ fn uring_loop(mut ring: io_uring::IoUring, file: File, rx: mpsc::Receiver<Op>) {
                     let e = opcode::Fsync::new(fd)
                         .flags(types::FsyncFlags::DATASYNC)
                         .build();
-                    (e, InFlight::Flush(done))
+                    (e, InFlight::Unit(done))
+                }
+                Op::Fallocate {
+                    offset,
+                    len,
+                    mode,
+                    done,
+                } => {
+                    let e = opcode::Fallocate::new(fd, len)
+                        .offset(offset)
+                        .mode(mode)
+                        .build();
+                    (e, InFlight::Unit(done))
                 }
             };
             let entry = entry.user_data(id);
-            // SAFETY: the entry points into the heap allocation of the AlignedBuf owned by
-            // `state`; `state` stays in `inflight` until the matching completion is reaped
-            // below (the map may move the AlignedBuf value, never its allocation), and the file
-            // descriptor lives as long as this loop.
+            // SAFETY: a read or write entry points into the heap allocation of the AlignedBuf
+            // owned (for a write: kept alive through its Arc) by `state`; `state` stays in
+            // `inflight` until the matching completion is reaped below (the map may move the
+            // value, never the allocation), and the file descriptor lives as long as this loop.
             let pushed = unsafe { ring.submission().push(&entry) };
             debug_assert!(pushed.is_ok(), "checked is_full above");
             inflight.insert(id, state);
@@ -419,12 +553,12 @@ fn uring_loop(mut ring: io_uring::IoUring, file: File, rx: mpsc::Receiver<Op>) {
 }
 
 /// The result of a read or write that moved `res` bytes (or failed with `-res`).
-fn transferred(
-    buf: AlignedBuf,
+fn transferred<B: std::ops::Deref<Target = [u8]>>(
+    buf: B,
     res: i32,
     what: &str,
     short: io::ErrorKind,
-) -> io::Result<AlignedBuf> {
+) -> io::Result<B> {
     if res < 0 {
         Err(io::Error::from_raw_os_error(-res))
     } else if res as usize != buf.len() {
@@ -443,9 +577,9 @@ fn complete(state: InFlight, res: i32) {
             let _ = done.send(transferred(buf, res, "read", io::ErrorKind::UnexpectedEof));
         }
         InFlight::Write(buf, done) => {
-            let _ = done.send(transferred(buf, res, "write", io::ErrorKind::WriteZero));
+            let _ = done.send(transferred(buf, res, "write", io::ErrorKind::WriteZero).map(drop));
         }
-        InFlight::Flush(done) => {
+        InFlight::Unit(done) => {
             let _ = done.send(if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
@@ -459,10 +593,10 @@ fn complete(state: InFlight, res: i32) {
 fn fail(state: InFlight, e: &io::Error) {
     let e = || io::Error::new(e.kind(), e.to_string());
     match state {
-        InFlight::Read(_, d) | InFlight::Write(_, d) => {
+        InFlight::Read(_, d) => {
             let _ = d.send(Err(e()));
         }
-        InFlight::Flush(d) => {
+        InFlight::Write(_, d) | InFlight::Unit(d) => {
             let _ = d.send(Err(e()));
         }
     }
@@ -473,7 +607,7 @@ impl From<Op> for InFlight {
         match op {
             Op::Read { buf, done, .. } => InFlight::Read(buf, done),
             Op::Write { buf, done, .. } => InFlight::Write(buf, done),
-            Op::Flush { done } => InFlight::Flush(done),
+            Op::Flush { done } | Op::Fallocate { done, .. } => InFlight::Unit(done),
         }
     }
 }

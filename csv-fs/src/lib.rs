@@ -7,9 +7,19 @@
 //! the Raft metadata service, and nodes do their data I/O to the device directly (io_uring,
 //! `O_DIRECT`) or redirect it to the volume's coordinator.
 //!
-//! Built so far: the on-device format ([`superblock`]) and the direct I/O [`engine`]. The layout is drawn in
-//! `docs/csv-fs-format.md`.
+//! The pieces:
+//! - [`superblock`]: the on-device format (drawn in `docs/csv-fs-format.md`);
+//! - [`scan`]: finding volumes by UUID on each node's own device paths;
+//! - [`engine`]: the io_uring / `O_DIRECT` engine, and [`device`], the trait the layer above
+//!   uses (with a fault-injecting wrapper for recovery tests);
+//! - [`node`]: a node's extent maps, I/O modes, barriers, lease and the I/O path;
+//! - [`wire`] and [`redirect`]: redirected I/O to the coordinator over TCP.
 #![deny(unsafe_code)]
 
+pub mod device;
 pub mod engine;
+pub mod node;
+pub mod redirect;
+pub mod scan;
 pub mod superblock;
+pub mod wire;

@@ -1,5 +1,5 @@
-//! The direct I/O engine against a plain model: random reads, writes (some FUA) and flushes
-//! through the engine and through ordinary pread/pwrite on a second file must leave identical
+//! The direct I/O engine against a plain model: random reads, writes (some FUA), flushes,
+//! discards and write-zeroes through the engine and through ordinary pread/pwrite on a second file must leave identical
 //! bytes, on both back ends. Needs O_DIRECT support on the temp directory's filesystem and, for
 //! the io_uring back end, io_uring; each prints a clear skip line when missing.
 
@@ -23,6 +23,12 @@ enum Op {
         fua: bool,
     },
     Flush,
+    /// Discard (`zero == false`) or write-zeroes.
+    Zero {
+        block: u64,
+        blocks: usize,
+        discard: bool,
+    },
 }
 
 fn arb_op() -> impl Strategy<Value = Op> {
@@ -41,6 +47,11 @@ fn arb_op() -> impl Strategy<Value = Op> {
             }
         }),
         Just(Op::Flush),
+        (0..max, 1usize..9, any::<bool>()).prop_map(move |(b, n, discard)| Op::Zero {
+            block: b.min(max - n as u64),
+            blocks: n,
+            discard,
+        }),
     ]
 }
 
@@ -104,10 +115,25 @@ fn run_differential(backend: Backend, ops: Vec<Op>) -> Result<(), TestCaseError>
                 } => {
                     let data = pattern(seed, blocks * ALIGN);
                     let buf = AlignedBuf::from_slice(&data).unwrap();
-                    eng.write(block * ALIGN as u64, buf, fua).await.unwrap();
+                    eng.write(block * ALIGN as u64, buf.into(), fua)
+                        .await
+                        .unwrap();
                     model.write_all_at(&data, block * ALIGN as u64).unwrap();
                 }
                 Op::Flush => eng.flush().await.unwrap(),
+                Op::Zero {
+                    block,
+                    blocks,
+                    discard,
+                } => {
+                    let (off, len) = (block * ALIGN as u64, (blocks * ALIGN) as u64);
+                    if discard {
+                        eng.discard(off, len).await.unwrap();
+                    } else {
+                        eng.write_zeroes(off, len).await.unwrap();
+                    }
+                    model.write_all_at(&vec![0; len as usize], off).unwrap();
+                }
             }
         }
         Ok(())
@@ -145,7 +171,9 @@ async fn test_engine_many_in_flight() {
             let eng = eng.clone();
             tokio::spawn(async move {
                 let buf = AlignedBuf::from_slice(&pattern(b as u8, ALIGN)).unwrap();
-                eng.write((b * ALIGN) as u64, buf, false).await.unwrap();
+                eng.write((b * ALIGN) as u64, buf.into(), false)
+                    .await
+                    .unwrap();
             })
         });
         for w in writes.collect::<Vec<_>>() {
@@ -186,7 +214,10 @@ async fn test_engine_rejects_bad_requests() {
     let err = eng.read(FILE_BYTES, ALIGN).await.unwrap_err();
     assert!(err.to_string().contains("beyond the end"), "{err}");
     let buf = AlignedBuf::from_slice(&pattern(9, ALIGN)).unwrap();
-    let err = eng.write(FILE_BYTES - 1, buf, true).await.unwrap_err();
+    let err = eng
+        .write(FILE_BYTES - 1, buf.into(), true)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert!(AlignedBuf::zeroed(100).is_err());
     // Nothing was written.

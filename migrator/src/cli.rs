@@ -71,10 +71,22 @@ pub enum VolumeCmd {
     },
     /// List the volumes with their size, free space and coordinator.
     List,
-    /// Show one volume (by name or UUID) and its disks.
+    /// Show one volume (by name or UUID): each node's I/O mode and path, and its disks.
     Show {
         /// Volume name or UUID.
         volume: String,
+    },
+    /// Ask a node to send its I/O for a volume to the coordinator (`redirected`), or to go
+    /// back to its own device path (`direct`, when it has one).
+    SetMode {
+        /// Volume name or UUID.
+        volume: String,
+        /// The node.
+        #[arg(long)]
+        node: u64,
+        /// `direct` or `redirected`.
+        #[arg(long, value_parser = ["direct", "redirected"])]
+        mode: String,
     },
 }
 

@@ -19,7 +19,7 @@ struct VolumeRow<'a> {
 }
 
 fn volume_row<'a>(state: &ClusterState, v: &'a VolumeRecord) -> VolumeRow<'a> {
-    let gaps = free_gaps(v, &used_extents(&state.disks, v.id));
+    let gaps = free_gaps(v, &used_extents(&state.disks, v));
     VolumeRow {
         volume: v,
         free_bytes: gaps.iter().map(|g| g.1).sum(),
@@ -107,6 +107,32 @@ pub async fn run(
         }
         VolumeCmd::List => None,
         VolumeCmd::Show { volume } => Some(volume),
+        VolumeCmd::SetMode { volume, node, mode } => {
+            let state = client.state().await.map_err(|e| e.to_string())?;
+            let v = find_volume(&state, volume)?;
+            let redirected = mode == "redirected";
+            client
+                .write(Command::SetVolumeMode {
+                    volume: v.id,
+                    node: *node,
+                    redirected,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(if as_json {
+                json(&serde_json::json!({ "volume": v.id, "node": node, "mode": mode }))
+            } else if redirected {
+                format!(
+                    "node {node} sends its I/O for volume {} to the coordinator",
+                    v.name
+                )
+            } else {
+                format!(
+                    "node {node} does direct I/O on volume {} whenever it has a device path",
+                    v.name
+                )
+            });
+        }
     };
     let state = client.state().await.map_err(|e| e.to_string())?;
     match key {
@@ -148,14 +174,25 @@ pub async fn run(
                 return Ok(json(&serde_json::json!({ "volume": row, "disks": disks })));
             }
             let mut out = format!(
-                "volume       {}\nid           {}\nsize         {}\nfree         {}\ncoordinator  node {}\nlayout epoch {}\n",
+                "volume       {}\nid           {}\nsize         {}\nfree         {}\ncoordinator  node {}\nepoch        {}\n",
                 v.name,
                 v.id,
                 human(v.device_bytes),
                 human(row.free_bytes),
                 v.coordinator,
-                v.layout_epoch
+                v.epoch
             );
+            let pending = state.pending_bytes(v.id);
+            if pending > 0 {
+                out.push_str(&format!(
+                    "releasing    {} (freed; reusable once every node acknowledges epoch {})\n",
+                    human(pending),
+                    v.pending_free.iter().map(|p| p.epoch).max().unwrap_or(0)
+                ));
+            }
+            out.push('\n');
+            out.push_str(&node_table(&state, v));
+            out.push('\n');
             if !disks.is_empty() {
                 out.push('\n');
                 out.push_str(&disk_table(&disks));
@@ -163,6 +200,33 @@ pub async fn run(
             Ok(out.trim_end().to_string())
         }
     }
+}
+
+/// Each cluster node's access to the volume, as it last reported it.
+fn node_table(state: &ClusterState, v: &VolumeRecord) -> String {
+    let mut t = vec![vec![
+        "NODE".into(),
+        "MODE".into(),
+        "EPOCH".into(),
+        "PATH".into(),
+    ]];
+    for id in state.nodes.keys() {
+        let role = if *id == v.coordinator {
+            " (coordinator)"
+        } else {
+            ""
+        };
+        let (mode, epoch, path) = match v.nodes.get(id) {
+            Some(s) => (
+                s.mode.to_string(),
+                s.acked_epoch.to_string(),
+                s.path.clone().unwrap_or_else(|| "-".into()),
+            ),
+            None => ("not reported".into(), "-".into(), "-".into()),
+        };
+        t.push(vec![format!("{id}{role}"), mode, epoch, path]);
+    }
+    table(t)
 }
 
 fn disk_table(disks: &[&DiskRecord]) -> String {
@@ -270,12 +334,57 @@ pub async fn run_lun(
                 .write(Command::DeleteDisk { id: d.id })
                 .await
                 .map_err(|e| e.to_string())?;
+            // The space becomes reusable once every node has adopted the deletion; wait
+            // for that, briefly, so a create right after finds it free.
+            let waiting = wait_released(client, d).await;
             Ok(if as_json {
-                json(&serde_json::json!({ "deleted": d.id }))
-            } else {
+                json(&serde_json::json!({ "deleted": d.id, "space_released": waiting.is_empty() }))
+            } else if waiting.is_empty() {
                 format!("deleted LUN {} ({})", d.id, d.name)
+            } else {
+                format!(
+                    "deleted LUN {} ({}); its space is reusable once node(s) {} acknowledge the change",
+                    d.id,
+                    d.name,
+                    waiting
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             })
         }
+    }
+}
+
+/// Waits up to 15 s for the deleted disk's extents to be released; returns the nodes that have
+/// not acknowledged the deletion yet (empty once released).
+async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let Ok(state) = client.state().await else {
+            return Vec::new();
+        };
+        let Some(v) = state.volumes.get(&d.volume) else {
+            return Vec::new();
+        };
+        let held: Vec<_> = v
+            .pending_free
+            .iter()
+            .filter(|p| d.extents.contains(&p.extent))
+            .collect();
+        let Some(epoch) = held.iter().map(|p| p.epoch).max() else {
+            return Vec::new();
+        };
+        if std::time::Instant::now() > deadline {
+            return state
+                .nodes
+                .keys()
+                .filter(|n| v.nodes.get(n).is_none_or(|s| s.acked_epoch < epoch))
+                .copied()
+                .collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::NodeId;
 use crate::state::{ApplyError, NodeAdminState, NodeSpec};
-use crate::volume::DiskId;
+use crate::volume::{DiskId, IoMode};
 
 /// Version of the command encoding. Bumped when a command changes shape; a node refuses to
 /// apply a version it does not know rather than guess.
@@ -114,10 +114,45 @@ pub enum Command {
         /// The new size in bytes (not smaller than the current one).
         size_bytes: u64,
     },
-    /// Deletes a virtual disk; its space becomes free.
+    /// Deletes a virtual disk; its space becomes free once every node has acknowledged the
+    /// deletion's epoch.
     DeleteDisk {
         /// The disk.
         id: DiskId,
+    },
+    /// A node's report on its access to a volume: its I/O mode, its device path and the
+    /// newest epoch it has adopted.
+    ReportVolume {
+        /// The volume.
+        volume: Uuid,
+        /// The reporting node.
+        node: NodeId,
+        /// Its I/O mode.
+        mode: IoMode,
+        /// Its path to the device, if it has one.
+        path: Option<String>,
+        /// The newest epoch it has drained for and switched to.
+        acked_epoch: u64,
+        /// The node's clock, in milliseconds since the Unix epoch.
+        at_ms: u64,
+    },
+    /// An operator's choice of redirected I/O for a node (or the end of it).
+    SetVolumeMode {
+        /// The volume.
+        volume: Uuid,
+        /// The node.
+        node: NodeId,
+        /// True: send this node's I/O to the coordinator; false: direct when it can.
+        redirected: bool,
+    },
+    /// Moves a volume's coordinator role, if it is still held by `expected`.
+    SetCoordinator {
+        /// The volume.
+        volume: Uuid,
+        /// The new coordinator.
+        node: NodeId,
+        /// The coordinator the proposer saw; the command fails if it changed meanwhile.
+        expected: NodeId,
     },
 }
 
@@ -135,6 +170,9 @@ impl Command {
             Command::CreateDisk { .. } => "create_disk",
             Command::ResizeDisk { .. } => "resize_disk",
             Command::DeleteDisk { .. } => "delete_disk",
+            Command::ReportVolume { .. } => "report_volume",
+            Command::SetVolumeMode { .. } => "set_volume_mode",
+            Command::SetCoordinator { .. } => "set_coordinator",
         }
     }
 }

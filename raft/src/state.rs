@@ -12,7 +12,8 @@ use uuid::Uuid;
 
 use crate::command::{COMMAND_VERSION, Command, Outcome, Request};
 use crate::volume::{
-    ALLOCATION_UNIT, DiskId, DiskRecord, VolumeRecord, allocate, free_gaps, used_extents,
+    ALLOCATION_UNIT, DiskId, DiskRecord, PendingFree, VolumeNodeState, VolumeRecord, allocate,
+    free_gaps, used_extents,
 };
 use crate::{MIN_PROTOCOL_VERSION, NodeId, PROTOCOL_VERSION};
 
@@ -27,6 +28,9 @@ pub struct NodeSpec {
     pub iscsi_addr: String,
     /// Address QEMU listens on for incoming live migrations, `host:port`.
     pub migration_addr: String,
+    /// Address of the node's block-I/O listener (redirected I/O), `host:port`.
+    #[serde(default)]
+    pub io_addr: String,
     /// The processor model name.
     pub cpu_model: String,
     /// The processor feature flags, sorted.
@@ -191,7 +195,14 @@ pub enum ApplyError {
         name: String,
     },
     /// The volume has too little free space; nothing was allocated.
-    #[error("volume {volume} has {free} bytes free, {need} are needed")]
+    #[error(
+        "volume {volume} has {free} bytes free, {need} are needed{}",
+        if *pending > 0 {
+            format!(" ({pending} more bytes are freed and become reusable once every node has acknowledged the deletion)")
+        } else {
+            String::new()
+        }
+    )]
     VolumeFull {
         /// The volume.
         volume: Uuid,
@@ -199,6 +210,9 @@ pub enum ApplyError {
         need: u64,
         /// Bytes free.
         free: u64,
+        /// Bytes freed but held back until every node has acknowledged the deletion.
+        #[serde(default)]
+        pending: u64,
     },
 }
 
@@ -242,10 +256,18 @@ impl ClusterState {
             }
             Command::RemoveNode { id } => {
                 self.require_initialized()?;
-                match self.nodes.remove(id) {
-                    Some(_) => Ok(Outcome::Applied),
-                    None => Err(ApplyError::UnknownNode { id: *id }),
+                if self.nodes.remove(id).is_none() {
+                    return Err(ApplyError::UnknownNode { id: *id });
                 }
+                let vols: Vec<Uuid> = self.volumes.keys().copied().collect();
+                for v in vols {
+                    if let Some(vol) = self.volumes.get_mut(&v) {
+                        vol.nodes.remove(id);
+                        vol.redirect_requested.remove(id);
+                    }
+                    self.release_freed(v);
+                }
+                Ok(Outcome::Applied)
             }
             Command::RegisterVolume {
                 id,
@@ -262,8 +284,11 @@ impl ClusterState {
                     device_bytes: *device_bytes,
                     data_offset: *data_offset,
                     coordinator: *coordinator,
-                    layout_epoch: 0,
+                    epoch: 0,
                     created_at_ms: *now_ms,
+                    nodes: BTreeMap::new(),
+                    redirect_requested: Default::default(),
+                    pending_free: Vec::new(),
                 };
                 self.register_volume(v)
             }
@@ -286,11 +311,129 @@ impl ClusterState {
                     .remove(id)
                     .ok_or(ApplyError::UnknownDisk { id: *id })?;
                 if let Some(v) = self.volumes.get_mut(&disk.volume) {
-                    v.layout_epoch += 1;
+                    v.epoch += 1;
+                    let epoch = v.epoch;
+                    v.pending_free.extend(
+                        disk.extents
+                            .iter()
+                            .map(|&extent| PendingFree { epoch, extent }),
+                    );
                 }
+                self.release_freed(disk.volume);
+                Ok(Outcome::Applied)
+            }
+            Command::ReportVolume {
+                volume,
+                node,
+                mode,
+                path,
+                acked_epoch,
+                at_ms,
+            } => {
+                self.require_initialized()?;
+                if !self.nodes.contains_key(node) {
+                    return Err(ApplyError::UnknownNode { id: *node });
+                }
+                let vol = self.volume_mut(*volume)?;
+                if *acked_epoch > vol.epoch {
+                    return Err(invalid(
+                        "acked_epoch",
+                        format!(
+                            "{acked_epoch} is newer than the volume's epoch {}",
+                            vol.epoch
+                        ),
+                    ));
+                }
+                let new = VolumeNodeState {
+                    mode: *mode,
+                    path: path.clone(),
+                    acked_epoch: *acked_epoch,
+                    at_ms: *at_ms,
+                };
+                let old = vol.nodes.get(node);
+                // Reports only move forward: a delayed one never undoes a newer one.
+                if old.is_some_and(|o| o.at_ms >= *at_ms || o.acked_epoch > *acked_epoch) {
+                    return Ok(Outcome::Unchanged);
+                }
+                vol.nodes.insert(*node, new);
+                self.release_freed(*volume);
+                Ok(Outcome::Applied)
+            }
+            Command::SetVolumeMode {
+                volume,
+                node,
+                redirected,
+            } => {
+                self.require_initialized()?;
+                if !self.nodes.contains_key(node) {
+                    return Err(ApplyError::UnknownNode { id: *node });
+                }
+                let vol = self.volume_mut(*volume)?;
+                let changed = if *redirected {
+                    vol.redirect_requested.insert(*node)
+                } else {
+                    vol.redirect_requested.remove(node)
+                };
+                if !changed {
+                    return Ok(Outcome::Unchanged);
+                }
+                vol.epoch += 1;
+                Ok(Outcome::Applied)
+            }
+            Command::SetCoordinator {
+                volume,
+                node,
+                expected,
+            } => {
+                self.require_initialized()?;
+                if !self.nodes.contains_key(node) {
+                    return Err(ApplyError::UnknownNode { id: *node });
+                }
+                let vol = self.volume_mut(*volume)?;
+                if vol.coordinator == *node {
+                    return Ok(Outcome::Unchanged);
+                }
+                if vol.coordinator != *expected {
+                    return Err(ApplyError::PreconditionFailed {
+                        reason: format!(
+                            "volume {volume} is coordinated by node {}, not {expected}",
+                            vol.coordinator
+                        ),
+                    });
+                }
+                vol.coordinator = *node;
+                vol.epoch += 1;
                 Ok(Outcome::Applied)
             }
         }
+    }
+
+    fn volume_mut(&mut self, id: Uuid) -> Result<&mut VolumeRecord, ApplyError> {
+        self.volumes
+            .get_mut(&id)
+            .ok_or(ApplyError::UnknownVolume { id })
+    }
+
+    /// Makes freed space reusable once every node in the node table has acknowledged the
+    /// epoch that freed it.
+    fn release_freed(&mut self, volume: Uuid) {
+        let Some(vol) = self.volumes.get_mut(&volume) else {
+            return;
+        };
+        let acked = self
+            .nodes
+            .keys()
+            .map(|n| vol.nodes.get(n).map_or(0, |s| s.acked_epoch))
+            .min()
+            .unwrap_or(u64::MAX);
+        vol.pending_free.retain(|p| p.epoch > acked);
+    }
+
+    /// Bytes of `volume` freed but not yet reusable.
+    pub fn pending_bytes(&self, volume: Uuid) -> u64 {
+        self.volumes
+            .get(&volume)
+            .map_or(0, |v| v.pending_free.iter().map(|p| p.extent.len).sum())
     }
 
     fn register_volume(&mut self, v: VolumeRecord) -> Result<Outcome, ApplyError> {
@@ -349,11 +492,12 @@ impl ClusterState {
                 name: name.into(),
             });
         }
-        let gaps = free_gaps(vol, &used_extents(&self.disks, volume));
+        let gaps = free_gaps(vol, &used_extents(&self.disks, vol));
         let extents = allocate(&gaps, size_bytes, 0).ok_or_else(|| ApplyError::VolumeFull {
             volume,
             need: size_bytes,
             free: gaps.iter().map(|g| g.1).sum(),
+            pending: self.pending_bytes(volume),
         })?;
         let id = self.next_disk_id.max(1);
         self.next_disk_id = id + 1;
@@ -368,7 +512,7 @@ impl ClusterState {
             },
         );
         if let Some(v) = self.volumes.get_mut(&volume) {
-            v.layout_epoch += 1;
+            v.epoch += 1;
         }
         Ok(Outcome::Created { id })
     }
@@ -393,12 +537,13 @@ impl ClusterState {
             .get(&volume)
             .ok_or(ApplyError::UnknownVolume { id: volume })?;
         let grow = size_bytes - disk.size_bytes;
-        let gaps = free_gaps(vol, &used_extents(&self.disks, volume));
+        let gaps = free_gaps(vol, &used_extents(&self.disks, vol));
         let more =
             allocate(&gaps, grow, disk.size_bytes).ok_or_else(|| ApplyError::VolumeFull {
                 volume,
                 need: grow,
                 free: gaps.iter().map(|g| g.1).sum(),
+                pending: self.pending_bytes(volume),
             })?;
         let disk = self
             .disks
@@ -407,7 +552,7 @@ impl ClusterState {
         disk.extents.extend(more);
         disk.size_bytes = size_bytes;
         if let Some(v) = self.volumes.get_mut(&volume) {
-            v.layout_epoch += 1;
+            v.epoch += 1;
         }
         Ok(Outcome::Applied)
     }
@@ -489,8 +634,14 @@ impl ClusterState {
                 &other.spec.grpc_addr,
                 &other.spec.iscsi_addr,
                 &other.spec.migration_addr,
+                &other.spec.io_addr,
             ];
-            for addr in [&spec.grpc_addr, &spec.iscsi_addr, &spec.migration_addr] {
+            for addr in [
+                &spec.grpc_addr,
+                &spec.iscsi_addr,
+                &spec.migration_addr,
+                &spec.io_addr,
+            ] {
                 if !addr.is_empty() && theirs.contains(&addr) {
                     return Err(ApplyError::DuplicateAddress {
                         addr: addr.clone(),
@@ -563,6 +714,7 @@ pub fn validate_spec(spec: &NodeSpec) -> Result<(), ApplyError> {
     for (field, addr) in [
         ("iscsi_addr", &spec.iscsi_addr),
         ("migration_addr", &spec.migration_addr),
+        ("io_addr", &spec.io_addr),
     ] {
         if !addr.is_empty() && addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(ApplyError::InvalidArgument {
@@ -584,6 +736,7 @@ mod tests {
             grpc_addr: format!("127.0.0.1:{}", 7000 + id),
             iscsi_addr: format!("127.0.0.1:{}", 3260 + id),
             migration_addr: format!("127.0.0.1:{}", 8000 + id),
+            io_addr: format!("127.0.0.1:{}", 9000 + id),
             cpu_model: "test cpu".into(),
             cpu_flags: vec!["sse2".into()],
             switches: vec!["lan".into()],
@@ -993,6 +1146,7 @@ mod tests {
                 volume: Uuid::from_u128(1),
                 need: 2,
                 free: 1,
+                pending: 3,
             },
         ];
         for e in all {
@@ -1101,7 +1255,7 @@ mod tests {
         let mut s = with_volume(8);
         assert_eq!(apply(&mut s, disk("a", 3)), Ok(Outcome::Created { id: 1 }));
         assert_eq!(apply(&mut s, disk("b", 3)), Ok(Outcome::Created { id: 2 }));
-        let epoch = s.volumes[&Uuid::from_u128(50)].layout_epoch;
+        let epoch = s.volumes[&Uuid::from_u128(50)].epoch;
         assert_eq!(epoch, 2);
         // Full: 2 MiB left, 3 asked; nothing half-created.
         assert!(matches!(
@@ -1170,7 +1324,8 @@ mod tests {
             ),
             ApplyError::UnknownDisk { id: 7 }
         );
-        // Delete b: its space is reused; ids are not.
+        // Delete b: its space is held back until every node has adopted the deletion, then
+        // reused; ids are not.
         assert_eq!(
             apply(&mut s, Command::DeleteDisk { id: 2 }),
             Ok(Outcome::Applied)
@@ -1179,7 +1334,107 @@ mod tests {
             rejected(&mut s, Command::DeleteDisk { id: 2 }),
             ApplyError::UnknownDisk { id: 2 }
         );
+        let epoch = s.volumes[&Uuid::from_u128(50)].epoch;
+        assert!(matches!(
+            rejected(&mut s, disk("c", 3)),
+            ApplyError::VolumeFull { pending, .. } if pending == 3 * ALLOCATION_UNIT
+        ));
+        assert_eq!(
+            apply(&mut s, report(1, epoch - 1, 10)),
+            Ok(Outcome::Applied)
+        );
+        assert!(matches!(
+            rejected(&mut s, disk("c", 3)),
+            ApplyError::VolumeFull { .. }
+        ));
+        assert_eq!(apply(&mut s, report(1, epoch, 11)), Ok(Outcome::Applied));
+        assert_eq!(s.pending_bytes(Uuid::from_u128(50)), 0);
         assert_eq!(apply(&mut s, disk("c", 3)), Ok(Outcome::Created { id: 3 }));
+    }
+
+    fn report(node: NodeId, acked_epoch: u64, at_ms: u64) -> Command {
+        Command::ReportVolume {
+            volume: Uuid::from_u128(50),
+            node,
+            mode: crate::volume::IoMode::Direct,
+            path: Some("/dev/x".into()),
+            acked_epoch,
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn test_apply_volume_reports_modes_and_coordinator() {
+        use crate::volume::{IoMode, RedirectReason};
+        let vol = Uuid::from_u128(50);
+        let mut s = with_volume(8);
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(2),
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(apply(&mut s, disk("a", 2)), Ok(Outcome::Created { id: 1 }));
+        // An epoch from the future and an unknown node are refused.
+        assert!(matches!(
+            rejected(&mut s, report(1, 99, 5)),
+            ApplyError::InvalidArgument { .. }
+        ));
+        assert_eq!(
+            rejected(&mut s, report(9, 0, 5)),
+            ApplyError::UnknownNode { id: 9 }
+        );
+        assert_eq!(apply(&mut s, report(1, 1, 5)), Ok(Outcome::Applied));
+        // A delayed, older report does not undo a newer one.
+        assert_eq!(apply(&mut s, report(1, 0, 4)), Ok(Outcome::Unchanged));
+        assert_eq!(s.volumes[&vol].nodes[&1].acked_epoch, 1);
+        // Freed space waits for node 2 too.
+        apply(&mut s, Command::DeleteDisk { id: 1 }).unwrap();
+        apply(&mut s, report(1, 2, 6)).unwrap();
+        assert_eq!(s.pending_bytes(vol), 2 * ALLOCATION_UNIT);
+        // ...unless node 2 is removed from the cluster.
+        apply(&mut s, Command::RemoveNode { id: 2 }).unwrap();
+        assert_eq!(s.pending_bytes(vol), 0);
+        apply(
+            &mut s,
+            Command::RegisterNode {
+                spec: spec(2),
+                now_ms: 7,
+            },
+        )
+        .unwrap();
+        // An operator's redirect request bumps the epoch once.
+        let set = |redirected| Command::SetVolumeMode {
+            volume: vol,
+            node: 2,
+            redirected,
+        };
+        let before = s.volumes[&vol].epoch;
+        assert_eq!(apply(&mut s, set(true)), Ok(Outcome::Applied));
+        assert_eq!(apply(&mut s, set(true)), Ok(Outcome::Unchanged));
+        assert!(s.volumes[&vol].redirect_requested.contains(&2));
+        assert_eq!(s.volumes[&vol].epoch, before + 1);
+        assert_eq!(apply(&mut s, set(false)), Ok(Outcome::Applied));
+        assert!(s.volumes[&vol].redirect_requested.is_empty());
+        // Coordinator moves are compare-and-set.
+        let mv = |node, expected| Command::SetCoordinator {
+            volume: vol,
+            node,
+            expected,
+        };
+        assert!(matches!(
+            rejected(&mut s, mv(2, 3)),
+            ApplyError::PreconditionFailed { .. }
+        ));
+        assert_eq!(apply(&mut s, mv(2, 1)), Ok(Outcome::Applied));
+        assert_eq!(s.volumes[&vol].coordinator, 2);
+        assert_eq!(apply(&mut s, mv(2, 1)), Ok(Outcome::Unchanged));
+        let mode = IoMode::Redirected(RedirectReason::NoDevicePath);
+        assert_eq!(mode.to_string(), "redirected(no_device_path)");
+        let json = serde_json::to_string(&mode).unwrap();
+        assert_eq!(serde_json::from_str::<IoMode>(&json).unwrap(), mode);
     }
 
     mod model {
@@ -1234,6 +1489,32 @@ mod tests {
                     size_bytes: mib * ALLOCATION_UNIT
                 }),
                 (0u64..6).prop_map(|id| Command::DeleteDisk { id }),
+                (0u128..3, 0u64..5, 0u64..8, 0u64..100).prop_map(
+                    |(v, node, acked_epoch, at_ms)| {
+                        Command::ReportVolume {
+                            volume: Uuid::from_u128(v),
+                            node,
+                            mode: crate::volume::IoMode::Direct,
+                            path: None,
+                            acked_epoch,
+                            at_ms,
+                        }
+                    }
+                ),
+                (0u128..3, 0u64..5, any::<bool>()).prop_map(|(v, node, redirected)| {
+                    Command::SetVolumeMode {
+                        volume: Uuid::from_u128(v),
+                        node,
+                        redirected,
+                    }
+                }),
+                (0u128..3, 0u64..5, 0u64..5).prop_map(|(v, node, expected)| {
+                    Command::SetCoordinator {
+                        volume: Uuid::from_u128(v),
+                        node,
+                        expected,
+                    }
+                }),
             ]
         }
 
@@ -1253,9 +1534,13 @@ mod tests {
                         prop_assert!(s.nodes.is_empty());
                     }
                     // Extents: inside their volume's data area, covering each disk exactly,
-                    // never overlapping another disk's.
+                    // never overlapping another disk's or freed space not yet released.
                     for (vid, v) in &s.volumes {
-                        let mut spans: Vec<(u64, u64)> = Vec::new();
+                        let mut spans: Vec<(u64, u64)> = v
+                            .pending_free
+                            .iter()
+                            .map(|p| (p.extent.device_offset, p.extent.device_offset + p.extent.len))
+                            .collect();
                         for d in s.disks.values().filter(|d| d.volume == *vid) {
                             prop_assert_eq!(d.extents.iter().map(|e| e.len).sum::<u64>(), d.size_bytes);
                             for e in &d.extents {

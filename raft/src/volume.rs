@@ -4,13 +4,16 @@
 //! is handed out to virtual disks in extents of [`ALLOCATION_UNIT`] bytes. Allocation happens
 //! inside [`crate::state::ClusterState::apply`], so it is deterministic: every node computes the
 //! same extent maps from the same log, and every node caches them. Each change of a volume's
-//! layout bumps its `layout_epoch`.
+//! layout, of its coordinator or of a requested I/O mode bumps its `epoch`; every node drains
+//! its in-flight I/O for the volume, adopts the change and acknowledges the epoch.
 //!
 //! The allocator is first fit over the free gaps between allocated extents, lowest device
 //! offset first; a disk may own several extents. A request that does not fit fails whole:
-//! nothing is half-created.
+//! nothing is half-created. Space freed by a deleted disk is held back ([`PendingFree`]) until
+//! every node has acknowledged the epoch of the deletion, so a node still running with the old
+//! map can never write into a disk that reuses the space.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -47,10 +50,94 @@ pub struct VolumeRecord {
     pub data_offset: u64,
     /// The node that executes redirected I/O for this volume.
     pub coordinator: NodeId,
-    /// Bumped on every layout change (a disk created, resized or deleted).
-    pub layout_epoch: u64,
+    /// Bumped on every change nodes must adopt behind a barrier: a disk created, resized or
+    /// deleted, a new coordinator, a requested mode change.
+    #[serde(alias = "layout_epoch")]
+    pub epoch: u64,
     /// When it was registered (proposer's clock).
     pub created_at_ms: u64,
+    /// What each node last reported about its access to this volume.
+    #[serde(default)]
+    pub nodes: BTreeMap<NodeId, VolumeNodeState>,
+    /// Nodes an operator asked to use redirected I/O for this volume.
+    #[serde(default)]
+    pub redirect_requested: BTreeSet<NodeId>,
+    /// Freed space not yet reusable: waiting for every node to acknowledge `epoch`.
+    #[serde(default)]
+    pub pending_free: Vec<PendingFree>,
+}
+
+/// Freed extents and the epoch every node must acknowledge before they are reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingFree {
+    /// The volume epoch that removed them from their disk.
+    pub epoch: u64,
+    /// The space.
+    pub extent: Extent,
+}
+
+/// Why a node sends a volume's I/O to the coordinator instead of the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedirectReason {
+    /// The node cannot open or read the device (automatic; a health probe returns it to
+    /// direct I/O when the path heals).
+    NoDevicePath,
+    /// An operator asked for it (`migrator volume set-mode`).
+    UserRequest,
+    /// A snapshot or backup is in progress.
+    Snapshot,
+}
+
+/// Why a node holds a volume's I/O.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseReason {
+    /// The node cannot reach the Raft quorum: it fenced itself.
+    NoQuorum,
+}
+
+/// How a node does I/O to a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "mode", content = "reason", rename_all = "snake_case")]
+pub enum IoMode {
+    /// io_uring with `O_DIRECT` on the node's own path to the device.
+    Direct,
+    /// Shipped to the volume's coordinator.
+    Redirected(RedirectReason),
+    /// Held: no I/O is issued.
+    Paused(PauseReason),
+}
+
+impl std::fmt::Display for IoMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IoMode::Direct => f.write_str("direct"),
+            IoMode::Redirected(r) => write!(
+                f,
+                "redirected({})",
+                match r {
+                    RedirectReason::NoDevicePath => "no_device_path",
+                    RedirectReason::UserRequest => "user_request",
+                    RedirectReason::Snapshot => "snapshot",
+                }
+            ),
+            IoMode::Paused(PauseReason::NoQuorum) => f.write_str("paused(no_quorum)"),
+        }
+    }
+}
+
+/// A node's report on one volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeNodeState {
+    /// Its I/O mode.
+    pub mode: IoMode,
+    /// Its path to the device, when it has one.
+    pub path: Option<String>,
+    /// The newest volume epoch it has adopted (drained and switched to).
+    pub acked_epoch: u64,
+    /// The node's clock when it reported.
+    pub at_ms: u64,
 }
 
 /// A virtual disk.
@@ -136,12 +223,13 @@ pub fn allocate(gaps: &[(u64, u64)], bytes: u64, mut disk_offset: u64) -> Option
     (need == 0).then_some(out)
 }
 
-/// Every extent of every disk on `volume`.
-pub fn used_extents(disks: &BTreeMap<DiskId, DiskRecord>, volume: Uuid) -> Vec<Extent> {
+/// Every extent of every disk on `volume`, and its freed space not yet reusable.
+pub fn used_extents(disks: &BTreeMap<DiskId, DiskRecord>, volume: &VolumeRecord) -> Vec<Extent> {
     disks
         .values()
-        .filter(|d| d.volume == volume)
+        .filter(|d| d.volume == volume.id)
         .flat_map(|d| d.extents.iter().copied())
+        .chain(volume.pending_free.iter().map(|p| p.extent))
         .collect()
 }
 
@@ -156,8 +244,11 @@ mod tests {
             device_bytes: ALLOCATION_UNIT * (units + 1),
             data_offset: ALLOCATION_UNIT,
             coordinator: 1,
-            layout_epoch: 0,
+            epoch: 0,
             created_at_ms: 0,
+            nodes: BTreeMap::new(),
+            redirect_requested: BTreeSet::new(),
+            pending_free: Vec::new(),
         }
     }
 
