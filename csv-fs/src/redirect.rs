@@ -96,9 +96,18 @@ impl Conn {
 }
 
 /// A pipelined client of the block-I/O protocol, one connection per server. Cheap to share.
-#[derive(Default)]
 pub struct Client {
     conns: Mutex<HashMap<String, Arc<Conn>>>,
+    timeout: Duration,
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            timeout: CALL_TIMEOUT,
+        }
+    }
 }
 
 impl std::fmt::Debug for Client {
@@ -111,6 +120,12 @@ impl Client {
     /// A client with no connections yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How long a call waits for its answer (default [`CALL_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     async fn conn(&self, addr: &str) -> Result<Arc<Conn>, CallError> {
@@ -198,10 +213,10 @@ impl Client {
                 return Err(CallError::Lost(e.to_string()));
             }
         }
-        let (resp, body) = match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+        let (resp, body) = match tokio::time::timeout(self.timeout, rx).await {
             Err(_) => {
                 conn.forget(id);
-                return Err(CallError::Timeout(CALL_TIMEOUT));
+                return Err(CallError::Timeout(self.timeout));
             }
             Ok(Err(_)) => return Err(CallError::Lost("connection closed".into())),
             Ok(Ok(Err(why))) => return Err(CallError::Lost(why)),
@@ -295,10 +310,11 @@ pub struct BlockClient {
 }
 
 impl BlockClient {
-    /// A client of the node whose block-I/O listener is at `addr`.
-    pub fn new(addr: impl Into<String>) -> Self {
+    /// A client of the node whose block-I/O listener is at `addr`. A node holds I/O through
+    /// pauses and coordinator changes, so calls wait up to `timeout` for an answer.
+    pub fn new(addr: impl Into<String>, timeout: Duration) -> Self {
         Self {
-            client: Client::new(),
+            client: Client::new().with_timeout(timeout),
             addr: addr.into(),
         }
     }

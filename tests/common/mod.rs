@@ -241,7 +241,16 @@ impl Cluster {
     /// Starts node 1, runs `cluster init` on it, starts the others with `--join` node 1 and
     /// waits until all are voters with one leader. Returns the cluster id.
     pub async fn start_initialized(&mut self, extra: &[&str]) -> String {
-        self.nodes[0].start_fresh(None, extra);
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        self.start_initialized_each(|_| extra.clone()).await
+    }
+
+    /// Like [`Cluster::start_initialized`], with flags chosen per node id.
+    pub async fn start_initialized_each(&mut self, extra: impl Fn(u64) -> Vec<String>) -> String {
+        let args = |id: u64| extra(id);
+        let first = args(self.nodes[0].id);
+        let first: Vec<&str> = first.iter().map(String::as_str).collect();
+        self.nodes[0].start_fresh(None, &first);
         let mut c = self.nodes[0].client();
         let cluster_id = wait_until("cluster init", Duration::from_secs(20), || {
             let mut c = c.clone();
@@ -250,7 +259,9 @@ impl Cluster {
         .await;
         let join = self.nodes[0].grpc.clone();
         for n in self.nodes.iter_mut().skip(1) {
-            n.start_fresh(Some(&join), extra);
+            let mine = args(n.id);
+            let mine: Vec<&str> = mine.iter().map(String::as_str).collect();
+            n.start_fresh(Some(&join), &mine);
         }
         let want = self.nodes.len();
         let voters = csvd_raft::node::desired_voters(want);
