@@ -17,7 +17,8 @@
 //! offsets from a per-task xorshift; sequential ones from a shared cursor, like one fio job
 //! with that depth). Both nodes and the driver share this process and its runtime.
 //!
-//! Run: `cargo bench --bench block_io -- [--seconds N] [--file PATH] [--size-gib N] [--runs N]`.
+//! Run: `cargo bench --bench block_io -- [--seconds N] [--file PATH] [--size-gib N] [--runs N]
+//! [--only TEXT] [--no-raw]` (`--only` keeps the workloads whose name contains TEXT).
 //! The file (default `/var/tmp/csvd-block-io.img`, 1 GiB of data) is written once before the
 //! runs so reads hit allocated blocks. The markdown table goes to stdout, progress to stderr.
 
@@ -100,6 +101,10 @@ struct Args {
     file: PathBuf,
     size: u64,
     runs: usize,
+    /// Only the workloads whose name contains this.
+    only: Option<String>,
+    /// Skip the raw (fio) side.
+    no_raw: bool,
 }
 
 fn args() -> Args {
@@ -108,6 +113,8 @@ fn args() -> Args {
         file: PathBuf::from("/var/tmp/csvd-block-io.img"),
         size: 1 << 30,
         runs: 1,
+        only: None,
+        no_raw: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -117,6 +124,8 @@ fn args() -> Args {
             "--file" => a.file = PathBuf::from(value()),
             "--size-gib" => a.size = value().parse::<u64>().expect("--size-gib N") << 30,
             "--runs" => a.runs = value().parse().expect("--runs N"),
+            "--only" => a.only = Some(value()),
+            "--no-raw" => a.no_raw = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -322,10 +331,17 @@ fn main() {
     let (direct, redirected) = rt.block_on(nodes(&a.file, a.size));
     let mut rows = Vec::new();
     for w in WORKLOADS {
+        if a.only
+            .as_ref()
+            .is_some_and(|o| !w.name.contains(o.as_str()))
+        {
+            continue;
+        }
         let (mut raw, mut dir, mut red) = (None::<Rate>, Rate::default(), Rate::default());
         for run in 0..a.runs {
             eprintln!("{} (run {})", w.name, run + 1);
-            if let Some(r) = fio(&a.file, a.size, &w, a.seconds) {
+            if a.no_raw {
+            } else if let Some(r) = fio(&a.file, a.size, &w, a.seconds) {
                 raw = Some(raw.unwrap_or_default().better(r));
             }
             dir = dir.better(rt.block_on(drive(direct.clone(), a.size, w, a.seconds)));

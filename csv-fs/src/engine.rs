@@ -54,6 +54,17 @@ impl AlignedBuf {
         Ok(Self { ptr, len })
     }
 
+    /// A buffer of `len` bytes whose content the caller will overwrite: a recycled one when
+    /// one of that size is free (holding bytes of an earlier use, never uninitialized memory),
+    /// else a zeroed one. Fresh large allocations cost a page fault per 4 KiB, which at
+    /// gigabytes per second is most of the CPU time of a transfer.
+    pub fn for_overwrite(len: usize) -> io::Result<Self> {
+        match pool::take(len) {
+            Some(ptr) => Ok(Self { ptr, len }),
+            None => Self::zeroed(len),
+        }
+    }
+
     /// A buffer holding a copy of `data` (whose length must be a multiple of [`ALIGN`]).
     pub fn from_slice(data: &[u8]) -> io::Result<Self> {
         let mut b = Self::zeroed(data.len())?;
@@ -83,6 +94,9 @@ impl std::ops::DerefMut for AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        if pool::give(self.ptr, self.len) {
+            return;
+        }
         // SAFETY: allocated in `zeroed` with exactly this layout (size and alignment were valid
         // then, so they are now).
         unsafe {
@@ -97,6 +111,51 @@ impl Drop for AlignedBuf {
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "AlignedBuf({} bytes)", self.len)
+    }
+}
+
+/// Recycled buffer allocations, by exact length.
+mod pool {
+    use std::collections::HashMap;
+    use std::ptr::NonNull;
+    use std::sync::Mutex;
+
+    /// Largest length kept.
+    const MAX_LEN: usize = 16 << 20;
+    /// Bytes kept per length.
+    const BYTES_PER_LEN: usize = 64 << 20;
+    /// Buffers kept per length, whatever their size.
+    const COUNT_PER_LEN: usize = 256;
+
+    struct Free(Vec<NonNull<u8>>);
+    // SAFETY: the pointers are allocations nobody else references (their AlignedBuf was
+    // dropped); whoever takes one out owns it, like a Box moved between threads.
+    unsafe impl Send for Free {}
+
+    static FREE: Mutex<Option<HashMap<usize, Free>>> = Mutex::new(None);
+
+    /// An allocation of exactly `len` bytes, if one is free.
+    pub(super) fn take(len: usize) -> Option<NonNull<u8>> {
+        let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
+        free.as_mut()?.get_mut(&len)?.0.pop()
+    }
+
+    /// Keeps an allocation of `len` bytes for reuse; false when the pool is full for `len`.
+    pub(super) fn give(ptr: NonNull<u8>, len: usize) -> bool {
+        if len > MAX_LEN {
+            return false;
+        }
+        let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
+        let list = &mut free
+            .get_or_insert_with(HashMap::new)
+            .entry(len)
+            .or_insert(Free(Vec::new()))
+            .0;
+        if list.len() >= COUNT_PER_LEN || (list.len() + 1) * len > BYTES_PER_LEN {
+            return false;
+        }
+        list.push(ptr);
+        true
     }
 }
 
@@ -306,7 +365,7 @@ impl DirectEngine {
         let (done, rx) = oneshot::channel();
         self.send(Op::Read {
             offset,
-            buf: AlignedBuf::zeroed(len)?,
+            buf: AlignedBuf::for_overwrite(len)?,
             done,
         })?;
         rx.await

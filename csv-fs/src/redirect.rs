@@ -95,9 +95,15 @@ impl Conn {
     }
 }
 
-/// A pipelined client of the block-I/O protocol, one connection per server. Cheap to share.
+/// Connections a client keeps to each server; requests are spread over them in turn, so
+/// large transfers are not serialized on one socket.
+pub const CONNECTIONS_PER_SERVER: usize = 4;
+
+/// A pipelined client of the block-I/O protocol, with [`CONNECTIONS_PER_SERVER`] connections
+/// per server. Cheap to share.
 pub struct Client {
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    conns: Mutex<HashMap<String, Vec<Option<Arc<Conn>>>>>,
+    turn: AtomicU64,
     timeout: Duration,
 }
 
@@ -105,6 +111,7 @@ impl Default for Client {
     fn default() -> Self {
         Self {
             conns: Mutex::new(HashMap::new()),
+            turn: AtomicU64::new(0),
             timeout: CALL_TIMEOUT,
         }
     }
@@ -129,10 +136,11 @@ impl Client {
     }
 
     async fn conn(&self, addr: &str) -> Result<Arc<Conn>, CallError> {
-        if let Some(c) = lock(&self.conns).get(addr)
+        let slot = self.turn.fetch_add(1, Ordering::Relaxed) as usize % CONNECTIONS_PER_SERVER;
+        if let Some(Some(c)) = lock(&self.conns).get(addr).map(|v| v[slot].clone())
             && c.alive()
         {
-            return Ok(c.clone());
+            return Ok(c);
         }
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
             .await
@@ -149,14 +157,17 @@ impl Client {
         });
         tokio::spawn(client_reader(conn.clone(), rd));
         let mut conns = lock(&self.conns);
-        // Another caller may have connected meanwhile; keep one connection per server.
-        if let Some(c) = conns.get(addr)
+        let slots = conns
+            .entry(addr.to_string())
+            .or_insert_with(|| vec![None; CONNECTIONS_PER_SERVER]);
+        // Another caller may have filled the slot meanwhile; keep one connection per slot.
+        if let Some(c) = &slots[slot]
             && c.alive()
         {
             conn.kill("duplicate connection");
             return Ok(c.clone());
         }
-        conns.insert(addr.to_string(), conn.clone());
+        slots[slot] = Some(conn.clone());
         Ok(conn)
     }
 
@@ -253,7 +264,7 @@ async fn client_reader(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
             if !len.is_multiple_of(ALIGN) {
                 break format!("the server sent {len} bytes of data, not whole blocks");
             }
-            let mut b = match AlignedBuf::zeroed(len) {
+            let mut b = match AlignedBuf::for_overwrite(len) {
                 Ok(b) => b,
                 Err(e) => break e.to_string(),
             };
@@ -399,7 +410,7 @@ async fn serve_conn<D: BlockDevice>(stream: TcpStream, node: CsvNode<D>) -> Resu
         let mut data = None;
         if plen > 0 {
             if plen.is_multiple_of(ALIGN) {
-                let mut b = AlignedBuf::zeroed(plen).map_err(|e| e.to_string())?;
+                let mut b = AlignedBuf::for_overwrite(plen).map_err(|e| e.to_string())?;
                 rd.read_exact(&mut b).await.map_err(|e| e.to_string())?;
                 data = Some(b);
             } else {
