@@ -2,10 +2,13 @@
 //! bypassing the page cache (`O_DIRECT`), so no node ever reads stale data another node wrote.
 //!
 //! Two back ends share one API:
-//! - **io_uring** (preferred): one thread owns the ring; requests arrive on a queue, are
-//!   submitted in batches with many in flight, and complete from the completion queue — no thread
-//!   per I/O. FUA writes carry `RWF_DSYNC`; a flush is `IORING_OP_FSYNC` with `DATASYNC`;
-//!   discard and write-zeroes are `IORING_OP_FALLOCATE` (punch hole, zero range).
+//! - **io_uring** (preferred): the task that issues an I/O puts it on the submission queue
+//!   and submits it itself (no hand-off to another thread); the ring signals completions on an
+//!   eventfd that a reaper on the tokio runtime (or, outside one, a thread) watches, and the
+//!   reaper completes every finished I/O and refills the queue from the backlog when it was
+//!   full. Many I/Os are in flight, none has a thread. FUA writes carry `RWF_DSYNC`; a flush is
+//!   `IORING_OP_FSYNC` with `DATASYNC`; discard and write-zeroes are `IORING_OP_FALLOCATE`
+//!   (punch hole, zero range).
 //! - **pread/pwrite** (fallback, chosen at start with a log line when io_uring is unavailable):
 //!   a few threads doing positional I/O; FUA writes go through a second `O_DSYNC` descriptor.
 //!
@@ -249,12 +252,33 @@ enum Op {
     },
 }
 
+/// Where an engine's operations go.
+#[derive(Clone)]
+enum Sink {
+    /// Straight onto the ring; `_open` tells the reaper to stop when the last clone is gone.
+    Ring {
+        ring: Arc<Ring>,
+        _open: Arc<OpenHandle>,
+    },
+    /// To the pread/pwrite threads.
+    Threads(mpsc::Sender<Op>),
+}
+
 /// Direct I/O against one device or file. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DirectEngine {
-    queue: mpsc::Sender<Op>,
+    sink: Sink,
     backend: Backend,
     size: u64,
+}
+
+impl std::fmt::Debug for DirectEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirectEngine")
+            .field("backend", &self.backend)
+            .field("size", &self.size)
+            .finish()
+    }
 }
 
 impl DirectEngine {
@@ -278,20 +302,14 @@ impl DirectEngine {
                 )
             })?;
         let size = file.metadata()?.len();
-        let (queue, rx) = mpsc::channel();
         let want_uring = force != Some(Backend::Pread);
         let ring = if want_uring {
-            io_uring::IoUring::new(queue_depth.max(2)).map_err(|e| e.to_string())
+            Ring::start(file.try_clone()?, queue_depth.max(2)).map_err(|e| e.to_string())
         } else {
             Err("pread back end requested".into())
         };
-        let backend = match ring {
-            Ok(ring) => {
-                std::thread::Builder::new()
-                    .name("csvfs-uring".into())
-                    .spawn(move || uring_loop(ring, file, rx))?;
-                Backend::IoUring
-            }
+        let (sink, backend) = match ring {
+            Ok((ring, open)) => (Sink::Ring { ring, _open: open }, Backend::IoUring),
             Err(why) => {
                 if force == Some(Backend::IoUring) {
                     return Err(io::Error::other(format!("io_uring is unavailable: {why}")));
@@ -303,6 +321,7 @@ impl DirectEngine {
                     .write(true)
                     .custom_flags(libc::O_DIRECT | libc::O_DSYNC)
                     .open(path)?;
+                let (queue, rx) = mpsc::channel();
                 let shared = Arc::new((file, dsync, Mutex::new(rx)));
                 for i in 0..4 {
                     let shared = shared.clone();
@@ -310,11 +329,11 @@ impl DirectEngine {
                         .name(format!("csvfs-pio-{i}"))
                         .spawn(move || pread_loop(&shared.0, &shared.1, &shared.2))?;
                 }
-                Backend::Pread
+                (Sink::Threads(queue), Backend::Pread)
             }
         };
         Ok(Self {
-            queue,
+            sink,
             backend,
             size,
         })
@@ -354,9 +373,15 @@ impl DirectEngine {
     }
 
     fn send(&self, op: Op) -> io::Result<()> {
-        self.queue
-            .send(op)
-            .map_err(|_| io::Error::other("the I/O engine stopped"))
+        match &self.sink {
+            Sink::Ring { ring, .. } => {
+                ring.submit(op);
+                Ok(())
+            }
+            Sink::Threads(queue) => queue
+                .send(op)
+                .map_err(|_| io::Error::other("the I/O engine stopped")),
+        }
     }
 
     /// Reads `len` bytes at `offset`.
@@ -494,42 +519,205 @@ enum InFlight {
     Unit(oneshot::Sender<io::Result<()>>),
 }
 
-fn uring_loop(mut ring: io_uring::IoUring, file: File, rx: mpsc::Receiver<Op>) {
-    use io_uring::{opcode, types};
-    let fd = types::Fd(file.as_raw_fd());
-    let mut inflight: HashMap<u64, InFlight> = HashMap::new();
-    let mut backlog: std::collections::VecDeque<Op> = std::collections::VecDeque::new();
-    let mut next_id: u64 = 0;
-    let mut closed = false;
-    loop {
-        // Gather work: block only when nothing is in flight.
-        if inflight.is_empty() && backlog.is_empty() {
-            if closed {
-                return;
+/// The ring's eventfd, as the reaper's AsyncFd sees it; keeps the ring (and so the fd) alive.
+struct EventFd(Arc<Ring>);
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.efd.as_raw_fd()
+    }
+}
+
+/// Tells the reaper that the engine's last handle is gone.
+struct OpenHandle(Arc<Ring>);
+
+impl Drop for OpenHandle {
+    fn drop(&mut self) {
+        self.0
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.signal();
+    }
+}
+
+/// An io_uring shared by the tasks that submit to it and the reaper that completes.
+struct Ring {
+    state: Mutex<RingState>,
+    /// Signalled by the kernel on every completion (and by [`OpenHandle`] on close).
+    efd: std::os::fd::OwnedFd,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+struct RingState {
+    ring: io_uring::IoUring,
+    file: File,
+    inflight: HashMap<u64, InFlight>,
+    /// Operations waiting for room in the submission queue.
+    backlog: std::collections::VecDeque<Op>,
+    next_id: u64,
+}
+
+impl Ring {
+    /// Sets up a ring on `file` with its completion eventfd, and starts its reaper: a task on
+    /// the current tokio runtime, or a thread when there is none.
+    fn start(file: File, depth: u32) -> io::Result<(Arc<Ring>, Arc<OpenHandle>)> {
+        let ring = io_uring::IoUring::new(depth)?;
+        let on_tokio = tokio::runtime::Handle::try_current().ok();
+        let flags = libc::EFD_CLOEXEC
+            | if on_tokio.is_some() {
+                libc::EFD_NONBLOCK
+            } else {
+                0
+            };
+        // SAFETY: eventfd(2) takes no pointers; a negative result is an error.
+        let raw = unsafe { libc::eventfd(0, flags) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let efd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let shared = Arc::new(Ring {
+            state: Mutex::new(RingState {
+                ring,
+                file,
+                inflight: HashMap::new(),
+                backlog: std::collections::VecDeque::new(),
+                next_id: 0,
+            }),
+            efd,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        });
+        let open = Arc::new(OpenHandle(shared.clone()));
+        let reaper = shared.clone();
+        match on_tokio {
+            Some(rt) => {
+                // SAFETY: the registered descriptor is the eventfd owned by the `Ring` that
+                // `EventFd` keeps alive, so it stays open (and is not replaced) for as long as
+                // the AsyncFd holds the registration.
+                let fd = unsafe { tokio::io::unix::AsyncFd::register(EventFd(reaper.clone()))? };
+                rt.spawn(async move {
+                    loop {
+                        let Ok(mut ready) = fd.readable().await else {
+                            return;
+                        };
+                        if ready.try_io(|_| reaper.drain_signal()).is_err() {
+                            continue; // spurious: readiness cleared, wait again
+                        }
+                        if reaper.reap() {
+                            return;
+                        }
+                    }
+                });
             }
-            match rx.recv() {
-                Ok(op) => backlog.push_back(op),
-                Err(_) => return,
+            None => {
+                std::thread::Builder::new()
+                    .name("csvfs-uring".into())
+                    .spawn(move || {
+                        while reaper.drain_signal().is_ok() {
+                            if reaper.reap() {
+                                return;
+                            }
+                        }
+                    })?;
             }
         }
-        loop {
-            match rx.try_recv() {
-                Ok(op) => backlog.push_back(op),
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    closed = true;
+        Ok((shared, open))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads (and so resets) the eventfd counter.
+    fn drain_signal(&self) -> io::Result<u64> {
+        let mut n: u64 = 0;
+        // SAFETY: reads 8 bytes into `n`, which is 8 bytes long and lives across the call.
+        let rc = unsafe { libc::read(self.efd.as_raw_fd(), (&raw mut n).cast(), 8) };
+        if rc == 8 {
+            Ok(n)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    /// Wakes the reaper.
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes the 8 bytes of `one`, which lives across the call.
+        let _ = unsafe { libc::write(self.efd.as_raw_fd(), (&raw const one).cast(), 8) };
+    }
+
+    /// Queues `op` and submits what fits, from the calling thread.
+    fn submit(&self, op: Op) {
+        let failed = {
+            let mut st = self.lock();
+            st.backlog.push_back(op);
+            st.push_and_submit()
+        };
+        finish(failed);
+    }
+
+    /// Completes every finished operation and refills the submission queue. True when the
+    /// engine is closed and nothing is in flight any more (the reaper may stop).
+    fn reap(&self) -> bool {
+        let (done, failed, idle) = {
+            let mut st = self.lock();
+            let mut done = Vec::new();
+            let mut failed = Vec::new();
+            // Until the completion queue stays empty: a submit may flush completions the
+            // kernel held back, and those raise no new signal.
+            loop {
+                let batch: Vec<(u64, i32)> = st
+                    .ring
+                    .completion()
+                    .map(|c| (c.user_data(), c.result()))
+                    .collect();
+                for (id, res) in batch {
+                    if let Some(s) = st.inflight.remove(&id) {
+                        done.push((s, res));
+                    }
+                }
+                failed.extend(st.push_and_submit());
+                if st.ring.completion().is_empty() {
                     break;
                 }
             }
+            let idle = st.inflight.is_empty() && st.backlog.is_empty();
+            (done, failed, idle)
+        };
+        for (state, res) in done {
+            complete(state, res);
         }
-        // Fill the submission queue.
-        while let Some(op) = backlog.pop_front() {
-            if ring.submission().is_full() {
-                backlog.push_front(op);
+        finish(failed);
+        idle && self.closed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Fails operations the ring could not take.
+fn finish(failed: Vec<(InFlight, io::Error)>) {
+    for (state, e) in failed {
+        fail(state, &e);
+    }
+}
+
+impl RingState {
+    /// Moves backlog into the submission queue and submits it. A broken ring fails what was
+    /// queued (returned, to be failed outside the lock).
+    fn push_and_submit(&mut self) -> Vec<(InFlight, io::Error)> {
+        use io_uring::{opcode, types};
+        let fd = types::Fd(self.file.as_raw_fd());
+        let mut pushed = false;
+        // Never more in flight than the completion queue holds: an overflowing completion
+        // queue would hold completions back from the reaper.
+        let cq = self.ring.params().cq_entries() as usize;
+        while let Some(op) = self.backlog.pop_front() {
+            if self.ring.submission().is_full() || self.inflight.len() >= cq {
+                self.backlog.push_front(op);
                 break;
             }
-            let id = next_id;
-            next_id += 1;
+            let id = self.next_id;
+            self.next_id += 1;
             let (entry, state) = match op {
                 Op::Read {
                     offset,
@@ -576,37 +764,65 @@ fn uring_loop(mut ring: io_uring::IoUring, file: File, rx: mpsc::Receiver<Op>) {
             let entry = entry.user_data(id);
             // SAFETY: a read or write entry points into the heap allocation of the AlignedBuf
             // owned (for a write: kept alive through its Arc) by `state`; `state` stays in
-            // `inflight` until the matching completion is reaped below (the map may move the
-            // value, never the allocation), and the file descriptor lives as long as this loop.
-            let pushed = unsafe { ring.submission().push(&entry) };
-            debug_assert!(pushed.is_ok(), "checked is_full above");
-            inflight.insert(id, state);
+            // `inflight` until the matching completion is reaped (the map may move the value,
+            // never the allocation), and `RingState` does not drop the ring or the file while
+            // anything is in flight (see its Drop).
+            let ok = unsafe { self.ring.submission().push(&entry) }.is_ok();
+            debug_assert!(ok, "checked is_full above");
+            self.inflight.insert(id, state);
+            pushed = true;
         }
-        if inflight.is_empty() {
-            continue;
+        if !pushed {
+            return Vec::new();
         }
-        if let Err(e) = ring.submit_and_wait(1) {
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
+        match self.ring.submit() {
+            Ok(_) => Vec::new(),
+            // The kernel is busy (completion queue full): the entries stay queued and go with
+            // the next submit, after the reaper has made room.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBUSY | libc::EAGAIN | libc::EINTR)
+                ) =>
+            {
+                Vec::new()
             }
-            // The ring is broken: fail everything in flight and queued.
-            for (_, state) in inflight.drain() {
-                fail(state, &e);
+            Err(e) => {
+                tracing::error!(error = %e, "io_uring submission failed");
+                let mut failed: Vec<(InFlight, io::Error)> = self
+                    .inflight
+                    .drain()
+                    .map(|(_, s)| (s, io::Error::new(e.kind(), e.to_string())))
+                    .collect();
+                failed.extend(
+                    self.backlog
+                        .drain(..)
+                        .map(|op| (op.into(), io::Error::new(e.kind(), e.to_string()))),
+                );
+                failed
             }
-            for op in backlog.drain(..) {
-                fail(op.into(), &e);
-            }
-            return;
         }
-        let done: Vec<(u64, i32)> = ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (id, res) in done {
-            let Some(state) = inflight.remove(&id) else {
-                continue;
-            };
-            complete(state, res);
+    }
+}
+
+impl Drop for RingState {
+    fn drop(&mut self) {
+        // The kernel may still write into buffers of operations in flight: wait for them
+        // before the buffers are freed.
+        while !self.inflight.is_empty() {
+            if self.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let done: Vec<(u64, i32)> = self
+                .ring
+                .completion()
+                .map(|c| (c.user_data(), c.result()))
+                .collect();
+            for (id, res) in done {
+                if let Some(state) = self.inflight.remove(&id) {
+                    complete(state, res);
+                }
+            }
         }
     }
 }
