@@ -18,7 +18,8 @@
 //! with that depth). Both nodes and the driver share this process and its runtime.
 //!
 //! Run: `cargo bench --bench block_io -- [--seconds N] [--file PATH] [--size-gib N] [--runs N]
-//! [--only TEXT] [--no-raw]` (`--only` keeps the workloads whose name contains TEXT).
+//! [--only TEXT] [--no-raw] [--no-redirected]` (`--only` keeps the workloads whose name
+//! contains TEXT; the `--no-*` flags skip a side, for profiling the other).
 //! The file (default `/var/tmp/csvd-block-io.img`, 1 GiB of data) is written once before the
 //! runs so reads hit allocated blocks. The markdown table goes to stdout, progress to stderr.
 
@@ -105,6 +106,8 @@ struct Args {
     only: Option<String>,
     /// Skip the raw (fio) side.
     no_raw: bool,
+    /// Skip the redirected side.
+    no_redirected: bool,
 }
 
 fn args() -> Args {
@@ -115,6 +118,7 @@ fn args() -> Args {
         runs: 1,
         only: None,
         no_raw: false,
+        no_redirected: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -126,6 +130,7 @@ fn args() -> Args {
             "--runs" => a.runs = value().parse().expect("--runs N"),
             "--only" => a.only = Some(value()),
             "--no-raw" => a.no_raw = true,
+            "--no-redirected" => a.no_redirected = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -345,7 +350,9 @@ fn main() {
                 raw = Some(raw.unwrap_or_default().better(r));
             }
             dir = dir.better(rt.block_on(drive(direct.clone(), a.size, w, a.seconds)));
-            red = red.better(rt.block_on(drive(redirected.clone(), a.size, w, a.seconds)));
+            if !a.no_redirected {
+                red = red.better(rt.block_on(drive(redirected.clone(), a.size, w, a.seconds)));
+            }
         }
         rows.push((w, raw, dir, red));
     }

@@ -402,3 +402,134 @@ fn nix_signal(pid: u32, sig: &str) {
         .unwrap();
     assert!(st.success());
 }
+
+/// Bad input reaches no device: garbage on the block-I/O port closes only that connection, a
+/// corrupt write payload fails only its request, out-of-range and unaligned I/O is refused
+/// with its reason, and a device path showing a corrupt or another cluster's superblock is
+/// never attached (the node goes redirected) and never written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_bad_block_io_and_bad_superblocks_write_nothing() {
+    use csvd_csv_fs::redirect::CallError;
+    use csvd_csv_fs::superblock::Superblock;
+    use csvd_csv_fs::wire::{Op, RESPONSE_BYTES, RequestHeader, ResponseHeader, Status};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let Some(s) = start().await else { return };
+    let disk = s.disk;
+    let state = s.state(0).await;
+    let addr = state.nodes[&1].spec.io_addr.clone();
+    let a = s.client(1).await;
+
+    // Garbage: the server closes the connection and keeps serving others.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    sock.write_all(&[0x5a; 56]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf))
+        .await
+        .expect("the server closes a garbage connection")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no answer to garbage");
+
+    // A write whose payload does not match its checksum: refused, the connection lives on.
+    let mut sock = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let payload = block(42);
+    let head = RequestHeader {
+        op: Op::Write,
+        flags: csvd_csv_fs::wire::FLAG_LOCAL,
+        id: 7,
+        disk,
+        offset: 0,
+        len: BLOCK,
+        epoch: 0,
+        payload_crc: crc32fast::hash(&payload) ^ 1,
+    };
+    sock.write_all(&head.encode()).await.unwrap();
+    sock.write_all(&payload).await.unwrap();
+    let mut h = [0u8; RESPONSE_BYTES];
+    sock.read_exact(&mut h).await.unwrap();
+    let answer = ResponseHeader::decode(&h).unwrap();
+    assert_eq!((answer.status, answer.id), (Status::ChecksumMismatch, 7));
+    let mut msg = vec![0u8; answer.len as usize];
+    sock.read_exact(&mut msg).await.unwrap();
+    let read = RequestHeader {
+        op: Op::Read,
+        id: 8,
+        payload_crc: 0,
+        ..head
+    };
+    sock.write_all(&read.encode()).await.unwrap();
+    sock.read_exact(&mut h).await.unwrap();
+    let answer = ResponseHeader::decode(&h).unwrap();
+    assert_eq!(
+        (answer.status, answer.id, answer.len),
+        (Status::Ok, 8, 4096)
+    );
+    let mut data = vec![0u8; 4096];
+    sock.read_exact(&mut data).await.unwrap();
+    assert!(
+        data.iter().all(|b| *b == 0),
+        "the corrupt write did not land"
+    );
+
+    // Out of range and unaligned, through a real node.
+    let err = a.read(disk, 64 << 20, BLOCK).await.unwrap_err();
+    assert!(
+        matches!(&err, CallError::Remote(Status::OutOfRange, m) if m.contains("beyond the end")),
+        "{err}"
+    );
+    let err = a
+        .write(disk, 100, BufSlice::from(block(1)), false)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CallError::Remote(Status::Unaligned, m) if m.contains("multiple of 4096")),
+        "{err}"
+    );
+
+    // Node 2's path now shows a superblock of another cluster, node 3's a corrupt one.
+    let real = std::fs::read(&s.image).unwrap()[..4096].to_vec();
+    let sb = Superblock::decode(&real).unwrap();
+    let foreign = Superblock::new(
+        sb.volume_id,
+        Uuid::from_u128(0xf0e1),
+        sb.device_bytes,
+        &sb.name,
+        1,
+    )
+    .unwrap()
+    .encode()
+    .unwrap();
+    let mut corrupt = real.clone();
+    corrupt[100] ^= 0xff; // inside the name: the checksum no longer matches
+    for (id, head) in [(2u64, foreign.to_vec()), (3, corrupt.clone())] {
+        let p = s.path_of(id);
+        std::fs::remove_file(&p).unwrap();
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(DEVICE_BYTES).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &head, 0).unwrap();
+    }
+    s.wait_mode(0, 2, IoMode::Redirected(RedirectReason::NoDevicePath))
+        .await;
+    s.wait_mode(0, 3, IoMode::Redirected(RedirectReason::NoDevicePath))
+        .await;
+    // I/O through them still works, via the coordinator...
+    let c = s.client(3).await;
+    c.write(disk, 0, BufSlice::from(block(5)), true)
+        .await
+        .unwrap();
+    assert!(a.read(disk, 0, BLOCK).await.unwrap()[..] == block(5)[..]);
+    // ...and their stand-in devices were never written.
+    for (id, want) in [(2u64, &foreign[..]), (3, &corrupt[..])] {
+        let got = std::fs::read(s.path_of(id)).unwrap();
+        assert!(got[..4096] == *want, "node {id} changed the superblock");
+        assert!(
+            got[4096..].iter().all(|b| *b == 0),
+            "node {id} wrote to a bad device"
+        );
+    }
+    let log = s.cluster.nodes[2].log();
+    assert!(
+        log.contains("checksum"),
+        "the skip reason is logged:\n{log}"
+    );
+}
