@@ -18,8 +18,15 @@
 //! with that depth). Both nodes and the driver share this process and its runtime.
 //!
 //! Run: `cargo bench --bench block_io -- [--seconds N] [--file PATH] [--size-gib N] [--runs N]
-//! [--only TEXT] [--no-raw] [--no-redirected]` (`--only` keeps the workloads whose name
-//! contains TEXT; the `--no-*` flags skip a side, for profiling the other).
+//! [--only TEXT] [--no-raw] [--no-redirected] [--grpc]` (`--only` keeps the workloads whose
+//! name contains TEXT; the `--no-*` flags skip a side, for profiling the other; `--grpc` adds
+//! the transport the redirect protocol was chosen over, below).
+//!
+//! **Transport comparison** (`--grpc`): the same coordinator node also serves redirected I/O
+//! as one unary gRPC call per I/O (tonic over one HTTP/2 connection, calls multiplexed, the
+//! payload a protobuf `bytes` field with the same CRC-32 checks), executed exactly as the
+//! redirect protocol executes it (`execute_as_coordinator`). The column compares it with the
+//! redirect protocol.
 //! The file (default `/var/tmp/csvd-block-io.img`, 1 GiB of data) is written once before the
 //! runs so reads hit allocated blocks. The markdown table goes to stdout, progress to stderr.
 
@@ -108,6 +115,8 @@ struct Args {
     no_raw: bool,
     /// Skip the redirected side.
     no_redirected: bool,
+    /// Also measure redirected I/O over gRPC.
+    grpc: bool,
 }
 
 fn args() -> Args {
@@ -119,6 +128,7 @@ fn args() -> Args {
         only: None,
         no_raw: false,
         no_redirected: false,
+        grpc: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -131,6 +141,7 @@ fn args() -> Args {
             "--only" => a.only = Some(value()),
             "--no-raw" => a.no_raw = true,
             "--no-redirected" => a.no_redirected = true,
+            "--grpc" => a.grpc = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -199,7 +210,12 @@ fn fio(file: &Path, size: u64, w: &Workload, seconds: u64) -> Option<Rate> {
     })
 }
 
-async fn drive(node: CsvNode<DirectEngine>, size: u64, w: Workload, seconds: u64) -> Rate {
+/// Runs `w` for `seconds` through `io(offset, data)`: `qd` tasks, each with one I/O in flight.
+async fn drive<F, Fut>(io: F, size: u64, w: Workload, seconds: u64) -> Rate
+where
+    F: Fn(u64, BufSlice) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let cursor = Arc::new(AtomicU64::new(0));
@@ -208,8 +224,8 @@ async fn drive(node: CsvNode<DirectEngine>, size: u64, w: Workload, seconds: u64
     let start = Instant::now();
     let tasks: Vec<_> = (0..w.qd)
         .map(|t| {
-            let (node, stop, done, cursor, data) = (
-                node.clone(),
+            let (io, stop, done, cursor, data) = (
+                io.clone(),
                 stop.clone(),
                 done.clone(),
                 cursor.clone(),
@@ -226,12 +242,7 @@ async fn drive(node: CsvNode<DirectEngine>, size: u64, w: Workload, seconds: u64
                     } else {
                         cursor.fetch_add(1, Ordering::Relaxed) % blocks
                     };
-                    let offset = block * w.bs as u64;
-                    if w.write {
-                        node.write(1, offset, data.clone(), false).await.unwrap();
-                    } else {
-                        node.read(1, offset, w.bs as u64).await.unwrap();
-                    }
+                    io(block * w.bs as u64, data.clone()).await;
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -248,6 +259,34 @@ async fn drive(node: CsvNode<DirectEngine>, size: u64, w: Workload, seconds: u64
         iops: n as f64 / secs,
         bytes: n as f64 * w.bs as f64 / secs,
     }
+}
+
+/// Drives `w` through a csv-fs node's public API.
+async fn drive_node(node: CsvNode<DirectEngine>, size: u64, w: Workload, seconds: u64) -> Rate {
+    let io = move |offset: u64, data: BufSlice| {
+        let node = node.clone();
+        async move {
+            if w.write {
+                node.write(1, offset, data, false).await.unwrap();
+            } else {
+                node.read(1, offset, w.bs as u64).await.unwrap();
+            }
+        }
+    };
+    drive(io, size, w, seconds).await
+}
+
+/// Drives `w` through the gRPC alternative to the redirect protocol.
+async fn drive_grpc(client: grpc::Client, size: u64, w: Workload, seconds: u64) -> Rate {
+    let io = move |offset: u64, data: BufSlice| {
+        let client = client.clone();
+        async move {
+            client
+                .io(1, offset, w.bs as u64, w.write.then_some(data))
+                .await;
+        }
+    };
+    drive(io, size, w, seconds).await
 }
 
 fn apply(state: &mut ClusterState, cmd: Command) {
@@ -334,6 +373,7 @@ fn main() {
         .build()
         .unwrap();
     let (direct, redirected) = rt.block_on(nodes(&a.file, a.size));
+    let grpc = rt.block_on(grpc::start(direct.clone()));
     let mut rows = Vec::new();
     for w in WORKLOADS {
         if a.only
@@ -342,31 +382,52 @@ fn main() {
         {
             continue;
         }
-        let (mut raw, mut dir, mut red) = (None::<Rate>, Rate::default(), Rate::default());
+        let (mut raw, mut dir, mut red, mut gr) = (
+            None::<Rate>,
+            Rate::default(),
+            Rate::default(),
+            Rate::default(),
+        );
         for run in 0..a.runs {
             eprintln!("{} (run {})", w.name, run + 1);
             if a.no_raw {
             } else if let Some(r) = fio(&a.file, a.size, &w, a.seconds) {
                 raw = Some(raw.unwrap_or_default().better(r));
             }
-            dir = dir.better(rt.block_on(drive(direct.clone(), a.size, w, a.seconds)));
+            dir = dir.better(rt.block_on(drive_node(direct.clone(), a.size, w, a.seconds)));
             if !a.no_redirected {
-                red = red.better(rt.block_on(drive(redirected.clone(), a.size, w, a.seconds)));
+                red = red.better(rt.block_on(drive_node(redirected.clone(), a.size, w, a.seconds)));
+            }
+            if a.grpc {
+                gr = gr.better(rt.block_on(drive_grpc(grpc.clone(), a.size, w, a.seconds)));
             }
         }
-        rows.push((w, raw, dir, red));
+        rows.push((w, raw, dir, red, gr));
     }
     println!(
-        "| workload | raw file (fio io_uring) | csv-fs direct | direct / raw | csv-fs redirected | redirected / direct |"
+        "| workload | raw file (fio io_uring) | csv-fs direct | direct / raw | csv-fs redirected | redirected / direct |{}",
+        if a.grpc {
+            " redirected over gRPC | gRPC / ours |"
+        } else {
+            ""
+        }
     );
-    println!("|---|---|---|---|---|---|");
-    for (w, raw, dir, red) in rows {
+    println!(
+        "|---|---|---|---|---|---|{}",
+        if a.grpc { "---|---|" } else { "" }
+    );
+    for (w, raw, dir, red, gr) in rows {
         let (raw_s, ratio) = match raw {
             Some(r) => (r.show(&w), format!("{:.2}", dir.iops / r.iops)),
             None => ("-".into(), "-".into()),
         };
+        let grpc_cols = if a.grpc {
+            format!(" {} | {:.2} |", gr.show(&w), gr.iops / red.iops)
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {} | {} | {:.2} |{grpc_cols}",
             w.name,
             raw_s,
             dir.show(&w),
@@ -374,5 +435,183 @@ fn main() {
             red.show(&w),
             red.iops / dir.iops
         );
+    }
+}
+
+/// Redirected I/O over gRPC: the alternative the redirect protocol was measured against.
+mod grpc {
+    use csvd_csv_fs::engine::{AlignedBuf, BufSlice, DirectEngine};
+    use csvd_csv_fs::node::{CsvNode, IoReply, IoRequest};
+    use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
+
+    const PATH: &str = "/bench.BlockIo/Call";
+    const MAX: usize = 64 << 20;
+
+    /// One I/O.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct IoCall {
+        #[prost(uint64, tag = "1")]
+        pub disk: u64,
+        #[prost(uint64, tag = "2")]
+        pub offset: u64,
+        #[prost(uint64, tag = "3")]
+        pub len: u64,
+        #[prost(bool, tag = "4")]
+        pub write: bool,
+        #[prost(bytes = "bytes", tag = "5")]
+        pub data: bytes::Bytes,
+        #[prost(uint32, tag = "6")]
+        pub crc: u32,
+    }
+
+    /// Its answer.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct IoAnswer {
+        #[prost(string, tag = "1")]
+        pub error: String,
+        #[prost(bytes = "bytes", tag = "2")]
+        pub data: bytes::Bytes,
+        #[prost(uint32, tag = "3")]
+        pub crc: u32,
+    }
+
+    #[derive(Clone)]
+    struct Server(CsvNode<DirectEngine>);
+
+    impl tonic::server::NamedService for Server {
+        const NAME: &'static str = "bench.BlockIo";
+    }
+
+    struct Call(CsvNode<DirectEngine>);
+
+    impl tonic::server::UnaryService<IoCall> for Call {
+        type Response = IoAnswer;
+        type Future = BoxFuture<tonic::Response<IoAnswer>, tonic::Status>;
+        fn call(&mut self, req: tonic::Request<IoCall>) -> Self::Future {
+            let node = self.0.clone();
+            Box::pin(async move {
+                let c = req.into_inner();
+                if crc32fast::hash(&c.data) != c.crc {
+                    return Err(tonic::Status::data_loss("payload checksum mismatch"));
+                }
+                let request = if c.write {
+                    // The payload arrives in protobuf's buffer; the engine needs it aligned.
+                    let mut b = AlignedBuf::for_overwrite(c.data.len())
+                        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    b.copy_from_slice(&c.data);
+                    IoRequest::Write {
+                        offset: c.offset,
+                        data: BufSlice::from(b),
+                        fua: false,
+                    }
+                } else {
+                    IoRequest::Read {
+                        offset: c.offset,
+                        len: c.len,
+                    }
+                };
+                let answer = match node.execute_as_coordinator(c.disk, 0, request).await {
+                    Ok(IoReply::Data(d)) => IoAnswer {
+                        crc: crc32fast::hash(&d),
+                        data: bytes::Bytes::from_owner(d),
+                        error: String::new(),
+                    },
+                    Ok(IoReply::Done) => IoAnswer::default(),
+                    Err(e) => IoAnswer {
+                        error: e.to_string(),
+                        ..Default::default()
+                    },
+                };
+                Ok(tonic::Response::new(answer))
+            })
+        }
+    }
+
+    impl<B> Service<http::Request<B>> for Server
+    where
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = std::convert::Infallible;
+        type Future = BoxFuture<Self::Response, Self::Error>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, req: http::Request<B>) -> Self::Future {
+            let node = self.0.clone();
+            Box::pin(async move {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+                    .apply_max_message_size_config(Some(MAX), Some(MAX));
+                Ok(grpc.unary(Call(node), req).await)
+            })
+        }
+    }
+
+    /// A client of the gRPC side.
+    #[derive(Clone)]
+    pub struct Client(tonic::client::Grpc<tonic::transport::Channel>);
+
+    impl Client {
+        /// One I/O: a read when `data` is `None`.
+        pub async fn io(&self, disk: u64, offset: u64, len: u64, data: Option<BufSlice>) {
+            let data = data.map(bytes::Bytes::from_owner).unwrap_or_default();
+            let call = IoCall {
+                disk,
+                offset,
+                len,
+                write: !data.is_empty(),
+                crc: crc32fast::hash(&data),
+                data,
+            };
+            let mut g = self.0.clone();
+            g.ready().await.expect("gRPC channel ready");
+            let answer: IoAnswer = g
+                .unary(
+                    tonic::Request::new(call),
+                    http::uri::PathAndQuery::from_static(PATH),
+                    tonic_prost::ProstCodec::default(),
+                )
+                .await
+                .expect("gRPC call")
+                .into_inner();
+            assert!(answer.error.is_empty(), "{}", answer.error);
+            assert_eq!(crc32fast::hash(&answer.data), answer.crc);
+        }
+    }
+
+    /// Accepted connections with Nagle's algorithm off, as the daemon's gRPC server has them.
+    fn async_stream_nodelay(
+        listener: tokio::net::TcpListener,
+    ) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+        use futures::StreamExt;
+        tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
+            let c = c?;
+            c.set_nodelay(true)?;
+            Ok(c)
+        })
+    }
+
+    /// Serves `node` over gRPC on a loopback port; returns a connected client.
+    pub async fn start(node: CsvNode<DirectEngine>) -> Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = async_stream_nodelay(listener);
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(Server(node))
+                .serve_with_incoming(incoming),
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .expect("connect to the gRPC side");
+        Client(
+            tonic::client::Grpc::new(channel)
+                .max_decoding_message_size(MAX)
+                .max_encoding_message_size(MAX),
+        )
     }
 }

@@ -88,6 +88,12 @@ impl std::ops::Deref for AlignedBuf {
     }
 }
 
+impl AsRef<[u8]> for AlignedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
 impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as in `deref`, and `&mut self` guarantees exclusive access.
@@ -199,6 +205,12 @@ impl std::ops::Deref for BufSlice {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl AsRef<[u8]> for BufSlice {
+    fn as_ref(&self) -> &[u8] {
+        self
     }
 }
 
