@@ -108,6 +108,21 @@ async fn test_three_nodes_survive_leader_crash_and_full_restart() {
         .await
         .expect("write after leader crash");
     assert!(index2 > index);
+    // The new leader retries the dead node with a pause, not in a tight loop (which once
+    // logged thousands of lines a second).
+    let attempts = || {
+        cluster.nodes[(new_leader - 1) as usize]
+            .log()
+            .matches("Unreachable")
+            .count()
+    };
+    let before = attempts();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let per_2s = attempts() - before;
+    assert!(
+        per_2s < 100,
+        "{per_2s} unreachable reports in 2 s: the leader retries a dead follower in a loop"
+    );
 
     // The crashed node restarts from its data dir alone and catches up.
     cluster.node(leader).restart();

@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+
+/// How long an append stream that could not reach its follower waits before it reports so.
+const UNREACHABLE_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
@@ -262,7 +265,16 @@ impl RaftNetworkV2<TypeConfig> for GrpcPeer {
                         option.hard_ttl()
                     ))));
                 }
-                Ok(Err(status)) => return Err(classify(target, &addr, status).into()),
+                Ok(Err(status)) => {
+                    let err = classify(target, &addr, status);
+                    if matches!(err, CallError::Unreachable(_)) {
+                        // openraft backs off inside the request stream, which a stream that
+                        // never opened does not poll: without a pause here a dead follower
+                        // is retried thousands of times a second.
+                        tokio::time::sleep(UNREACHABLE_PAUSE).await;
+                    }
+                    return Err(err.into());
+                }
                 Ok(Ok(r)) => r.into_inner(),
             };
             let results = responses.map(move |item| {
