@@ -831,18 +831,22 @@ impl WriteLog {
         self.next
     }
 
-    /// Records the end of write `seq`; a successful one is remembered while an older write is
-    /// still in flight.
+    /// Records the end of write `seq`. A successful one is remembered only while an older
+    /// write to an overlapping range is still in flight (the only writes whose retry it can
+    /// make stale), so the log stays as small as the set of overlapping writes in flight.
     pub fn finish(&mut self, seq: u64, ok: bool) {
         let Some((disk, offset, len)) = self.inflight.remove(&seq) else {
             return;
         };
-        let oldest = self.inflight.keys().next().copied();
-        if ok && oldest.is_some_and(|o| o < seq) {
+        let overlaps_older = self
+            .inflight
+            .range(..seq)
+            .any(|(_, &(d, o, l))| d == disk && o < offset + len && offset < o + l);
+        if ok && overlaps_older {
             self.done.push((seq, disk, offset, len));
         }
-        match oldest {
-            Some(o) => self.done.retain(|d| d.0 > o),
+        match self.inflight.keys().next() {
+            Some(&oldest) => self.done.retain(|d| d.0 > oldest),
             None => self.done.clear(),
         }
     }
@@ -909,6 +913,12 @@ mod tests {
         log.finish(a, false);
         log.finish(d, true);
         assert!(log.done.is_empty() && log.inflight.is_empty());
+        // Writes that overlap nothing older in flight are not remembered at all.
+        let e = log.begin(1, 0, 4096);
+        let f = log.begin(1, 8192, 4096);
+        log.finish(f, true);
+        assert!(log.done.is_empty());
+        log.finish(e, true);
     }
 
     #[test]
