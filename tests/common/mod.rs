@@ -66,6 +66,8 @@ pub struct Node {
     pub dir: PathBuf,
     pub child: Option<Child>,
     pub starts: u32,
+    /// A command the daemon runs under, like `ip netns exec NS` (empty: none).
+    pub prefix: Vec<String>,
 }
 
 impl Node {
@@ -93,7 +95,15 @@ impl Node {
         assert!(self.child.is_none(), "node {} is already running", self.id);
         self.starts += 1;
         let log = std::fs::File::create(self.log_path()).unwrap();
-        let child = Command::new(bin("csvd"))
+        let mut cmd = match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("csvd"));
+                c
+            }
+            None => Command::new(bin("csvd")),
+        };
+        let child = cmd
             .args(["--data-dir", self.dir.to_str().unwrap()])
             .args(args)
             .env("RUST_LOG", "info,openraft=warn")
@@ -224,6 +234,7 @@ impl Cluster {
             dir,
             child: None,
             starts: 0,
+            prefix: Vec::new(),
         }
     }
 
