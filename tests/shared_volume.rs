@@ -68,7 +68,15 @@ impl Shared {
     }
 
     async fn client(&self, id: u64) -> BlockClient {
-        let state = self.state(0).await;
+        // Ask any node that answers (one may have left or been killed).
+        let mut state = None;
+        for n in &self.cluster.nodes {
+            if let Ok(s) = n.client().state().await {
+                state = Some(s);
+                break;
+            }
+        }
+        let state = state.expect("a node answers");
         BlockClient::new(
             state.nodes[&id].spec.io_addr.clone(),
             Duration::from_secs(90),
@@ -393,6 +401,47 @@ async fn test_node_without_quorum_pauses_until_it_is_back() {
         .unwrap();
     assert!(device_bytes(&s.image, device_offset, BLOCK as usize) == block(2)[..]);
     assert!(c.read(disk, 0, BLOCK).await.unwrap()[..] == block(2)[..]);
+
+    // The coordinator (node 1) leaves the cluster: the role moves at once, no wait needed.
+    let ep = s.cluster.nodes[1].endpoint();
+    let out = migrator(&["--endpoint", &ep, "cluster", "leave", "--node", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let client = s.cluster.nodes[1].client();
+    let volume = s.volume;
+    let to = wait_until(
+        "the coordinator to move off the node that left",
+        Duration::from_secs(30),
+        || {
+            let mut c = client.clone();
+            async move {
+                let st = c.state().await.ok()?;
+                let v = st.volumes.get(&volume)?;
+                (!st.nodes.contains_key(&1) && v.coordinator != 1).then_some(v.coordinator)
+            }
+        },
+    )
+    .await;
+    assert!(to == 2 || to == 3);
+    let out = migrator(&[
+        "--endpoint",
+        &ep,
+        "volume",
+        "set-mode",
+        "csv1",
+        "--node",
+        &(5 - to).to_string(),
+        "--mode",
+        "redirected",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    s.wait_mode(1, 5 - to, IoMode::Redirected(RedirectReason::UserRequest))
+        .await;
+    let other = s.client(5 - to).await;
+    other
+        .write(disk, BLOCK, BufSlice::from(block(3)), true)
+        .await
+        .unwrap();
+    assert!(device_bytes(&s.image, device_offset + BLOCK, BLOCK as usize) == block(3)[..]);
 }
 
 fn nix_signal(pid: u32, sig: &str) {
