@@ -8,16 +8,16 @@
 
 mod common;
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Cluster, free_port, migrator, stderr, stdout, wait_until};
-use csvd_csv_fs::engine::{AlignedBuf, BufSlice};
+use common::{
+    Cluster, block, create_lun, create_volume, device_block, free_port, migrator, shared_image,
+    stderr, wait_until,
+};
+use csvd_csv_fs::engine::BufSlice;
 use csvd_csv_fs::redirect::BlockClient;
 use csvd_raft::volume::{IoMode, RedirectReason};
-use uuid::Uuid;
 
 const BLOCK: u64 = 4096;
 
@@ -102,26 +102,6 @@ impl Drop for Netns {
     }
 }
 
-fn block(seq: u64) -> AlignedBuf {
-    let mut b = AlignedBuf::zeroed(BLOCK as usize).unwrap();
-    for (i, c) in b.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&(seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
-    }
-    b
-}
-
-fn device_block(image: &Path, offset: u64) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(image)
-        .unwrap();
-    let mut buf = AlignedBuf::zeroed(BLOCK as usize).unwrap();
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf.to_vec()
-}
-
 /// The timestamp at the start of the first log line containing `needle` (RFC 3339, so
 /// timestamps of one machine compare as strings).
 fn logged_at(log: &str, needle: &str) -> Option<String> {
@@ -147,16 +127,7 @@ async fn test_partitioned_coordinator_fences_itself_before_failover() {
     let Some(ns) = Netns::create() else { return };
     let mut cluster = Cluster::new(3);
     let root = cluster.tmp.path().to_path_buf();
-    let image = root.join("shared.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(128 << 20)
-        .unwrap();
-    for id in 1..=3 {
-        let dir = root.join(format!("paths/n{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::symlink(&image, dir.join("shared.img")).unwrap();
-    }
+    let image = shared_image(&root, 128 << 20, 1..=3);
     // Nodes 1 and 2 on the host side of the cluster link, node 3 inside the namespace.
     for n in cluster.nodes.iter_mut() {
         let ip = if n.id == 3 {
@@ -185,40 +156,13 @@ async fn test_partitioned_coordinator_fences_itself_before_failover() {
         .await;
 
     // Node 3 creates the volume, so it coordinates it; node 2 redirects.
-    let ep3 = cluster.nodes[2].endpoint();
-    let dev3 = root.join("paths/n3/shared.img");
-    let out = migrator(&[
-        "--endpoint",
-        &ep3,
-        "--json",
-        "volume",
-        "create",
-        "--device",
-        dev3.to_str().unwrap(),
-        "--name",
+    let volume = create_volume(
+        &cluster.nodes[2].endpoint(),
+        &root.join("paths/n3/shared.img"),
         "csv1",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let volume: Uuid = v["id"].as_str().unwrap().parse().unwrap();
+    );
     let ep1 = cluster.nodes[0].endpoint();
-    let out = migrator(&[
-        "--endpoint",
-        &ep1,
-        "--json",
-        "lun",
-        "create",
-        "--volume",
-        "csv1",
-        "--size",
-        "16M",
-        "--name",
-        "d",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let disk = serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["id"]
-        .as_u64()
-        .unwrap();
+    let disk = create_lun(&ep1, "csv1", "16M", "d");
     let out = migrator(&[
         "--endpoint",
         &ep1,
@@ -256,6 +200,7 @@ async fn test_partitioned_coordinator_fences_itself_before_failover() {
     let state = mode_of(2, IoMode::Redirected(RedirectReason::UserRequest)).await;
     assert_eq!(state.volumes[&volume].coordinator, 3);
     let at = state.disks[&disk].extents[0].device_offset;
+    let device_block = |offset| device_block(&image, offset);
     let b2 = BlockClient::new(
         state.nodes[&2].spec.io_addr.clone(),
         Duration::from_secs(90),
@@ -300,10 +245,10 @@ async fn test_partitioned_coordinator_fences_itself_before_failover() {
         "node 3 must hold its write while fenced"
     );
     assert!(
-        device_block(&image, at) == block(1)[..],
+        device_block(at) == block(1)[..],
         "a fenced node issued a write"
     );
-    assert!(device_block(&image, at + BLOCK) == block(11)[..]);
+    assert!(device_block(at + BLOCK) == block(11)[..]);
     // Node 3 stopped before anyone treated it as gone.
     let paused = logged_at(&std::fs::read_to_string(&log3).unwrap(), "I/O paused").unwrap();
     let moved = cluster
@@ -327,6 +272,6 @@ async fn test_partitioned_coordinator_fences_itself_before_failover() {
         .expect("the held write completes once node 3 is back")
         .unwrap()
         .unwrap();
-    assert!(device_block(&image, at) == block(2)[..]);
+    assert!(device_block(at) == block(2)[..]);
     assert!(b3.read(disk, BLOCK, BLOCK).await.unwrap()[..] == block(11)[..]);
 }

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, migrator, stderr, stdout, wait_until};
+use common::{
+    Cluster, block, create_lun, create_volume, device_block, migrator, shared_image, stderr,
+    stdout, wait_until,
+};
 use csvd_csv_fs::engine::{AlignedBuf, BufSlice};
 use csvd_csv_fs::redirect::BlockClient;
 use csvd_raft::ClusterState;
@@ -35,15 +38,6 @@ fn direct_io_works(dir: &Path) -> bool {
         eprintln!("skip: O_DIRECT is not supported on {}", dir.display());
     }
     ok
-}
-
-/// Content of block `seq`: distinct per block, checkable on its own.
-fn block(seq: u64) -> AlignedBuf {
-    let mut b = AlignedBuf::zeroed(BLOCK as usize).unwrap();
-    for (i, c) in b.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&(seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
-    }
-    b
 }
 
 struct Shared {
@@ -111,17 +105,8 @@ async fn start() -> Option<Shared> {
     if !direct_io_works(cluster.tmp.path()) {
         return None;
     }
-    let image = cluster.tmp.path().join("shared.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(DEVICE_BYTES)
-        .unwrap();
-    for id in 1..=3 {
-        let dir = cluster.tmp.path().join(format!("paths/n{id}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::symlink(&image, dir.join("shared.img")).unwrap();
-    }
     let root = cluster.tmp.path().to_path_buf();
+    let image = shared_image(&root, DEVICE_BYTES, 1..=3);
     cluster
         .start_initialized_each(|id| {
             vec![
@@ -131,41 +116,13 @@ async fn start() -> Option<Shared> {
         })
         .await;
     let ep = cluster.nodes[0].endpoint();
-    let dev = root.join("paths/n1/shared.img");
-    let out = migrator(&[
-        "--endpoint",
-        &ep,
-        "--json",
-        "volume",
-        "create",
-        "--device",
-        dev.to_str().unwrap(),
-        "--name",
-        "csv1",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let volume: Uuid = v["id"].as_str().unwrap().parse().unwrap();
-    let out = migrator(&[
-        "--endpoint",
-        &ep,
-        "--json",
-        "lun",
-        "create",
-        "--volume",
-        "csv1",
-        "--size",
-        "64M",
-        "--name",
-        "disk1",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let d: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let volume = create_volume(&ep, &root.join("paths/n1/shared.img"), "csv1");
+    let disk = create_lun(&ep, "csv1", "64M", "disk1");
     let shared = Shared {
         cluster,
         image,
         volume,
-        disk: d["id"].as_u64().unwrap(),
+        disk,
     };
     for id in 1..=3 {
         shared.wait_mode(0, id, IoMode::Direct).await;
@@ -340,19 +297,6 @@ async fn test_three_nodes_direct_redirected_path_loss_and_coordinator_crash() {
     }
 }
 
-/// Reads `len` bytes of the shared image at `offset` with O_DIRECT (what the device holds).
-fn device_bytes(image: &Path, offset: u64, len: usize) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(image)
-        .unwrap();
-    let mut buf = AlignedBuf::zeroed(len).unwrap();
-    f.read_exact_at(&mut buf, offset).unwrap();
-    buf.to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_node_without_quorum_pauses_until_it_is_back() {
     let Some(mut s) = start().await else { return };
@@ -363,7 +307,7 @@ async fn test_node_without_quorum_pauses_until_it_is_back() {
     c.write(disk, 0, BufSlice::from(block(1)), true)
         .await
         .unwrap();
-    assert!(device_bytes(&s.image, device_offset, BLOCK as usize) == block(1)[..]);
+    assert!(device_block(&s.image, device_offset) == block(1)[..]);
 
     // Freeze both peers: node 3 is alone, without quorum.
     let pid = |s: &mut Shared, id: u64| s.cluster.node(id).child.as_ref().unwrap().id();
@@ -387,7 +331,7 @@ async fn test_node_without_quorum_pauses_until_it_is_back() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!held.is_finished(), "the write must wait while paused");
     assert!(
-        device_bytes(&s.image, device_offset, BLOCK as usize) == block(1)[..],
+        device_block(&s.image, device_offset) == block(1)[..],
         "a paused node issued a write"
     );
     for p in peers {
@@ -399,7 +343,7 @@ async fn test_node_without_quorum_pauses_until_it_is_back() {
         .expect("the held write completes after the quorum is back")
         .unwrap()
         .unwrap();
-    assert!(device_bytes(&s.image, device_offset, BLOCK as usize) == block(2)[..]);
+    assert!(device_block(&s.image, device_offset) == block(2)[..]);
     assert!(c.read(disk, 0, BLOCK).await.unwrap()[..] == block(2)[..]);
 
     // The coordinator (node 1) leaves the cluster: the role moves at once, no wait needed.
@@ -441,7 +385,7 @@ async fn test_node_without_quorum_pauses_until_it_is_back() {
         .write(disk, BLOCK, BufSlice::from(block(3)), true)
         .await
         .unwrap();
-    assert!(device_bytes(&s.image, device_offset + BLOCK, BLOCK as usize) == block(3)[..]);
+    assert!(device_block(&s.image, device_offset + BLOCK) == block(3)[..]);
 }
 
 fn nix_signal(pid: u32, sig: &str) {

@@ -680,16 +680,7 @@ impl Ring {
             // Until the completion queue stays empty: a submit may flush completions the
             // kernel held back, and those raise no new signal.
             loop {
-                let batch: Vec<(u64, i32)> = st
-                    .ring
-                    .completion()
-                    .map(|c| (c.user_data(), c.result()))
-                    .collect();
-                for (id, res) in batch {
-                    if let Some(s) = st.inflight.remove(&id) {
-                        done.push((s, res));
-                    }
-                }
+                done.extend(st.take_completed());
                 failed.extend(st.push_and_submit());
                 if st.ring.completion().is_empty() {
                     break;
@@ -714,6 +705,19 @@ fn finish(failed: Vec<(InFlight, io::Error)>) {
 }
 
 impl RingState {
+    /// Removes the finished operations from the completion queue and the in-flight map.
+    fn take_completed(&mut self) -> Vec<(InFlight, i32)> {
+        let batch: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect();
+        batch
+            .into_iter()
+            .filter_map(|(id, res)| self.inflight.remove(&id).map(|s| (s, res)))
+            .collect()
+    }
+
     /// Moves backlog into the submission queue and submits it. A broken ring fails what was
     /// queued (returned, to be failed outside the lock).
     fn push_and_submit(&mut self) -> Vec<(InFlight, io::Error)> {
@@ -825,15 +829,8 @@ impl Drop for RingState {
             if self.ring.submit_and_wait(1).is_err() {
                 break;
             }
-            let done: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (id, res) in done {
-                if let Some(state) = self.inflight.remove(&id) {
-                    complete(state, res);
-                }
+            for (state, res) in self.take_completed() {
+                complete(state, res);
             }
         }
     }

@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::device::BlockDevice;
 use crate::engine::{ALIGN, AlignedBuf, BufSlice};
-use crate::node::{CsvNode, IoError, IoReply, IoRequest};
+use crate::node::{CsvNode, IoError, IoReply, IoRequest, lock};
 use crate::wire::{
     FLAG_FUA, FLAG_LOCAL, Op, REQUEST_BYTES, RESPONSE_BYTES, RequestHeader, ResponseHeader, Status,
 };
@@ -523,8 +523,4 @@ fn error_answer(id: u64, e: &IoError) -> Answer {
         },
         Payload::Text(text),
     )
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

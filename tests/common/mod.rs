@@ -326,3 +326,80 @@ pub fn stderr(o: &Output) -> String {
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// A sparse file of `bytes` at `root/shared.img`, the shared device, and one symlink to it per
+/// node id in `ids` at `root/paths/n<id>/shared.img`: each node finds the volume through its
+/// own path (`--devices root/paths/n<id>/*.img`), as nodes of a SAN would.
+pub fn shared_image(root: &Path, bytes: u64, ids: std::ops::RangeInclusive<u64>) -> PathBuf {
+    let image = root.join("shared.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(bytes)
+        .unwrap();
+    for id in ids {
+        let dir = root.join(format!("paths/n{id}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(&image, dir.join("shared.img")).unwrap();
+    }
+    image
+}
+
+/// `migrator volume create` through `endpoint`; returns the volume id.
+pub fn create_volume(endpoint: &str, device: &Path, name: &str) -> uuid::Uuid {
+    let out = migrator(&[
+        "--endpoint",
+        endpoint,
+        "--json",
+        "volume",
+        "create",
+        "--device",
+        device.to_str().unwrap(),
+        "--name",
+        name,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    v["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// `migrator lun create` through `endpoint`; returns the disk id.
+pub fn create_lun(endpoint: &str, volume: &str, size: &str, name: &str) -> u64 {
+    let out = migrator(&[
+        "--endpoint",
+        endpoint,
+        "--json",
+        "lun",
+        "create",
+        "--volume",
+        volume,
+        "--size",
+        size,
+        "--name",
+        name,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    v["id"].as_u64().unwrap()
+}
+
+/// 4 KiB whose content depends on `seq`: distinct per block, checkable on its own.
+pub fn block(seq: u64) -> csvd_csv_fs::engine::AlignedBuf {
+    let mut b = csvd_csv_fs::engine::AlignedBuf::zeroed(4096).unwrap();
+    for (i, c) in b.chunks_mut(8).enumerate() {
+        c.copy_from_slice(&(seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64).to_le_bytes());
+    }
+    b
+}
+
+/// 4 KiB of `image` at `offset`, read with O_DIRECT: what the device holds.
+pub fn device_block(image: &Path, offset: u64) -> Vec<u8> {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(image)
+        .unwrap();
+    let mut buf = csvd_csv_fs::engine::AlignedBuf::zeroed(4096).unwrap();
+    f.read_exact_at(&mut buf, offset).unwrap();
+    buf.to_vec()
+}
