@@ -396,39 +396,39 @@ impl DirectEngine {
         }
     }
 
+    /// Queues the operation `make` builds around its completion channel and awaits it.
+    async fn run<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<io::Result<T>>) -> Op,
+    ) -> io::Result<T> {
+        let (done, rx) = oneshot::channel();
+        self.send(make(done))?;
+        rx.await
+            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+    }
+
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> io::Result<AlignedBuf> {
         self.check(offset, len)?;
-        let (done, rx) = oneshot::channel();
-        self.send(Op::Read {
-            offset,
-            buf: AlignedBuf::for_overwrite(len)?,
-            done,
-        })?;
-        rx.await
-            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+        let buf = AlignedBuf::for_overwrite(len)?;
+        self.run(|done| Op::Read { offset, buf, done }).await
     }
 
     /// Writes `buf` at `offset`; with `fua` the write is on stable storage when this returns.
     pub async fn write(&self, offset: u64, buf: BufSlice, fua: bool) -> io::Result<()> {
         self.check(offset, buf.len())?;
-        let (done, rx) = oneshot::channel();
-        self.send(Op::Write {
+        self.run(|done| Op::Write {
             offset,
             buf,
             fua,
             done,
-        })?;
-        rx.await
-            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+        })
+        .await
     }
 
     /// Makes every completed write durable (fdatasync).
     pub async fn flush(&self) -> io::Result<()> {
-        let (done, rx) = oneshot::channel();
-        self.send(Op::Flush { done })?;
-        rx.await
-            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+        self.run(|done| Op::Flush { done }).await
     }
 
     /// Deallocates `len` bytes at `offset`; they read back as zeroes.
@@ -458,15 +458,13 @@ impl DirectEngine {
 
     async fn fallocate(&self, offset: u64, len: u64, mode: i32) -> io::Result<()> {
         self.check_range(offset, len)?;
-        let (done, rx) = oneshot::channel();
-        self.send(Op::Fallocate {
+        self.run(|done| Op::Fallocate {
             offset,
             len,
             mode,
             done,
-        })?;
-        rx.await
-            .map_err(|_| io::Error::other("the I/O engine stopped"))?
+        })
+        .await
     }
 }
 
