@@ -13,6 +13,9 @@
 //! - **csv-fs redirected**: a second node in `redirected(user_request)`, whose every I/O goes
 //!   over TCP on 127.0.0.1 to the first (the coordinator), which runs it on its engine.
 //!
+//! Each run measures every side once, one after the other; with `--runs N` the table shows each
+//! side's median rate and, for each ratio, the median of the ratios taken within a run.
+//!
 //! The csv-fs sides are driven by this process: `qd` tasks each keep one I/O in flight (random
 //! offsets from a per-task xorshift; sequential ones from a shared cursor, like one fio job
 //! with that depth). Both nodes and the driver share this process and its runtime.
@@ -99,9 +102,6 @@ impl Rate {
             format!("{:.1}k IOPS", self.iops / 1e3)
         }
     }
-    fn better(self, other: Rate) -> Rate {
-        if other.iops > self.iops { other } else { self }
-    }
 }
 
 struct Args {
@@ -166,6 +166,21 @@ fn prepare(file: &Path, size: u64) {
         f.write_all(&chunk).unwrap();
     }
     f.sync_all().unwrap();
+}
+
+/// The median of `values` (the mean of the middle two for an even count); `None` when empty.
+fn median(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 fn fio(file: &Path, size: u64, w: &Workload, seconds: u64) -> Option<Rate> {
@@ -382,27 +397,23 @@ fn main() {
         {
             continue;
         }
-        let (mut raw, mut dir, mut red, mut gr) = (
-            None::<Rate>,
-            Rate::default(),
-            Rate::default(),
-            Rate::default(),
-        );
+        let mut runs: Vec<[Option<Rate>; 4]> = Vec::new();
         for run in 0..a.runs {
             eprintln!("{} (run {})", w.name, run + 1);
-            if a.no_raw {
-            } else if let Some(r) = fio(&a.file, a.size, &w, a.seconds) {
-                raw = Some(raw.unwrap_or_default().better(r));
-            }
-            dir = dir.better(rt.block_on(drive_node(direct.clone(), a.size, w, a.seconds)));
-            if !a.no_redirected {
-                red = red.better(rt.block_on(drive_node(redirected.clone(), a.size, w, a.seconds)));
-            }
-            if a.grpc {
-                gr = gr.better(rt.block_on(drive_grpc(grpc.clone(), a.size, w, a.seconds)));
-            }
+            let raw = if a.no_raw {
+                None
+            } else {
+                fio(&a.file, a.size, &w, a.seconds)
+            };
+            let dir = Some(rt.block_on(drive_node(direct.clone(), a.size, w, a.seconds)));
+            let red = (!a.no_redirected)
+                .then(|| rt.block_on(drive_node(redirected.clone(), a.size, w, a.seconds)));
+            let gr = a
+                .grpc
+                .then(|| rt.block_on(drive_grpc(grpc.clone(), a.size, w, a.seconds)));
+            runs.push([raw, dir, red, gr]);
         }
-        rows.push((w, raw, dir, red, gr));
+        rows.push((w, runs));
     }
     println!(
         "| workload | raw file (fio io_uring) | csv-fs direct | direct / raw | csv-fs redirected | redirected / direct |{}",
@@ -416,24 +427,36 @@ fn main() {
         "|---|---|---|---|---|---|{}",
         if a.grpc { "---|---|" } else { "" }
     );
-    for (w, raw, dir, red, gr) in rows {
-        let (raw_s, ratio) = match raw {
-            Some(r) => (r.show(&w), format!("{:.2}", dir.iops / r.iops)),
-            None => ("-".into(), "-".into()),
+    for (w, runs) in rows {
+        // Each side's median rate; each ratio the median of the ratios within a run, so
+        // a side's good or bad run is only compared with the other side's run next to it.
+        let side = |i: usize| median(runs.iter().filter_map(|r| r[i].map(|x| x.iops)));
+        let ratio =
+            |i: usize, j: usize| median(runs.iter().filter_map(|r| Some(r[i]?.iops / r[j]?.iops)));
+        let show = |v: Option<f64>| {
+            v.map(|iops| {
+                Rate {
+                    iops,
+                    bytes: iops * w.bs as f64,
+                }
+                .show(&w)
+            })
+            .unwrap_or_else(|| "-".into())
         };
+        let num = |v: Option<f64>| v.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into());
         let grpc_cols = if a.grpc {
-            format!(" {} | {:.2} |", gr.show(&w), gr.iops / red.iops)
+            format!(" {} | {} |", show(side(3)), num(ratio(3, 2)))
         } else {
             String::new()
         };
         println!(
-            "| {} | {} | {} | {} | {} | {:.2} |{grpc_cols}",
+            "| {} | {} | {} | {} | {} | {} |{grpc_cols}",
             w.name,
-            raw_s,
-            dir.show(&w),
-            ratio,
-            red.show(&w),
-            red.iops / dir.iops
+            show(side(0)),
+            show(side(1)),
+            num(ratio(1, 0)),
+            show(side(2)),
+            num(ratio(2, 1)),
         );
     }
 }
