@@ -135,35 +135,45 @@ mod pool {
     const BYTES_PER_LEN: usize = 64 << 20;
     /// Buffers kept per length, whatever their size.
     const COUNT_PER_LEN: usize = 256;
+    /// Bytes kept in all.
+    const BYTES_TOTAL: usize = 256 << 20;
 
-    struct Free(Vec<NonNull<u8>>);
+    #[derive(Default)]
+    struct Free {
+        by_len: HashMap<usize, Vec<NonNull<u8>>>,
+        bytes: usize,
+    }
     // SAFETY: the pointers are allocations nobody else references (their AlignedBuf was
     // dropped); whoever takes one out owns it, like a Box moved between threads.
     unsafe impl Send for Free {}
 
-    static FREE: Mutex<Option<HashMap<usize, Free>>> = Mutex::new(None);
+    static FREE: Mutex<Option<Free>> = Mutex::new(None);
 
     /// An allocation of exactly `len` bytes, if one is free.
     pub(super) fn take(len: usize) -> Option<NonNull<u8>> {
-        let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
-        free.as_mut()?.get_mut(&len)?.0.pop()
+        let mut guard = FREE.lock().unwrap_or_else(|p| p.into_inner());
+        let free = guard.as_mut()?;
+        let ptr = free.by_len.get_mut(&len)?.pop()?;
+        free.bytes -= len;
+        Some(ptr)
     }
 
-    /// Keeps an allocation of `len` bytes for reuse; false when the pool is full for `len`.
+    /// Keeps an allocation of `len` bytes for reuse; false when the pool is full.
     pub(super) fn give(ptr: NonNull<u8>, len: usize) -> bool {
         if len > MAX_LEN {
             return false;
         }
-        let mut free = FREE.lock().unwrap_or_else(|p| p.into_inner());
-        let list = &mut free
-            .get_or_insert_with(HashMap::new)
-            .entry(len)
-            .or_insert(Free(Vec::new()))
-            .0;
+        let mut guard = FREE.lock().unwrap_or_else(|p| p.into_inner());
+        let free = guard.get_or_insert_with(Free::default);
+        if free.bytes + len > BYTES_TOTAL {
+            return false;
+        }
+        let list = free.by_len.entry(len).or_default();
         if list.len() >= COUNT_PER_LEN || (list.len() + 1) * len > BYTES_PER_LEN {
             return false;
         }
         list.push(ptr);
+        free.bytes += len;
         true
     }
 }
