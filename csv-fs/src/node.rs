@@ -330,20 +330,9 @@ impl<D: BlockDevice> CsvNode<D> {
     /// volume whose epoch or coordinator address changed goes through a barrier.
     pub async fn apply(&self, state: &ClusterState) {
         let _one = self.inner.applying.lock().await;
-        let gone: Vec<Arc<Vol<D>>> = {
-            let mut vols = write(&self.inner.volumes);
-            let gone: Vec<Uuid> = vols
-                .keys()
-                .filter(|k| !state.volumes.contains_key(k))
-                .copied()
-                .collect();
-            gone.iter().filter_map(|k| vols.remove(k)).collect()
-        };
-        for vol in gone {
-            let mut g = vol.gate.write().await;
-            g.disks.clear();
-            g.device = None;
-        }
+        // Volumes are only ever added (there is no command that removes one), and a volume
+        // missing from `state` may only mean `state` is an older copy than one applied before
+        // (the local view lags the leader's): it is kept.
         for (vid, v) in &state.volumes {
             let vol = {
                 let mut vols = write(&self.inner.volumes);

@@ -409,3 +409,37 @@ async fn test_layout_changes_are_barriers_for_io_in_flight() {
         );
     }
 }
+
+#[tokio::test]
+async fn test_an_older_state_never_undoes_a_newer_one() {
+    let Some(mut rig) = rig().await else { return };
+    let older = rig.state.clone();
+    // A disk created after `older`, then `older` applied again (a lagging local copy).
+    let id = apply(
+        &mut rig.state,
+        Command::CreateDisk {
+            name: "c".into(),
+            volume: VOL,
+            size_bytes: ALLOCATION_UNIT,
+        },
+    );
+    rig.sync().await;
+    let node = &rig.nodes[1];
+    node.write(id, 0, BufSlice::from(pattern(8, 4096)), false)
+        .await
+        .unwrap();
+    node.apply(&older).await;
+    assert!(node.read(id, 0, 4096).await.unwrap()[..] == pattern(8, 4096)[..]);
+    assert_eq!(node.reports().await[0].epoch, rig.state.volumes[&VOL].epoch);
+    // Nor does a state that predates the volume itself.
+    let mut before_volume = ClusterState::default();
+    apply(
+        &mut before_volume,
+        Command::InitCluster {
+            cluster_id: Uuid::from_u128(1),
+        },
+    );
+    node.apply(&before_volume).await;
+    assert_eq!(node.reports().await[0].mode, IoMode::Direct);
+    assert!(node.read(id, 0, 4096).await.unwrap()[..] == pattern(8, 4096)[..]);
+}
