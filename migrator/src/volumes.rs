@@ -4,7 +4,7 @@
 use csvd_raft::ClusterState;
 use csvd_raft::api::ClusterClient;
 use csvd_raft::command::{Command, Outcome};
-use csvd_raft::volume::{DiskRecord, VolumeRecord, free_gaps, used_extents};
+use csvd_raft::volume::{DiskRecord, IoMode, VolumeRecord, free_gaps, used_extents};
 use serde::Serialize;
 
 use crate::cli::{LunCmd, VolumeCmd};
@@ -152,6 +152,7 @@ pub async fn run(
                 "FREE".into(),
                 "DISKS".into(),
                 "COORDINATOR".into(),
+                "NODES".into(),
             ]];
             for r in &rows {
                 t.push(vec![
@@ -161,6 +162,7 @@ pub async fn run(
                     human(r.free_bytes),
                     r.disks.to_string(),
                     format!("node {}", r.volume.coordinator),
+                    mode_summary(&state, r.volume),
                 ]);
             }
             Ok(table(t))
@@ -200,6 +202,26 @@ pub async fn run(
             Ok(out.trim_end().to_string())
         }
     }
+}
+
+/// How many nodes are in each I/O mode for the volume, like `2 direct, 1 redirected`; nodes
+/// that have not reported count as `unknown`.
+fn mode_summary(state: &ClusterState, v: &VolumeRecord) -> String {
+    let mut counts: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for id in state.nodes.keys() {
+        let kind = match v.nodes.get(id).map(|s| s.mode) {
+            Some(IoMode::Direct) => "direct",
+            Some(IoMode::Redirected(_)) => "redirected",
+            Some(IoMode::Paused(_)) => "paused",
+            None => "unknown",
+        };
+        *counts.entry(kind).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{n} {k}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Each cluster node's access to the volume, as it last reported it.
@@ -402,6 +424,55 @@ mod tests {
         assert!(parse_size("10X").is_err());
         assert!(parse_size("G").is_err());
         assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn test_mode_summary_counts_every_node() {
+        use csvd_raft::command::{Command, Request};
+        use csvd_raft::state::NodeSpec;
+        use csvd_raft::volume::{ALLOCATION_UNIT, RedirectReason};
+        let mut s = ClusterState::default();
+        let mut apply = |cmd| s.apply(&Request::new(cmd)).unwrap();
+        apply(Command::InitCluster {
+            cluster_id: uuid::Uuid::from_u128(1),
+        });
+        for id in 1..=3 {
+            apply(Command::RegisterNode {
+                spec: NodeSpec {
+                    id,
+                    grpc_addr: format!("127.0.0.1:{}", 7000 + id),
+                    protocol_version: csvd_raft::PROTOCOL_VERSION,
+                    ..Default::default()
+                },
+                now_ms: 1,
+            });
+        }
+        let vol = uuid::Uuid::from_u128(2);
+        apply(Command::RegisterVolume {
+            id: vol,
+            name: "v".into(),
+            device_bytes: 4 * ALLOCATION_UNIT,
+            data_offset: ALLOCATION_UNIT,
+            coordinator: 1,
+            now_ms: 1,
+        });
+        for (node, mode) in [
+            (1, IoMode::Direct),
+            (2, IoMode::Redirected(RedirectReason::NoDevicePath)),
+        ] {
+            apply(Command::ReportVolume {
+                volume: vol,
+                node,
+                mode,
+                path: None,
+                acked_epoch: 0,
+                at_ms: 1,
+            });
+        }
+        assert_eq!(
+            mode_summary(&s, &s.volumes[&vol]),
+            "1 direct, 1 redirected, 1 unknown"
+        );
     }
 
     #[test]
