@@ -21,9 +21,12 @@
 //! with that depth). Both nodes and the driver share this process and its runtime.
 //!
 //! Run: `cargo bench --bench block_io -- [--seconds N] [--file PATH] [--size-gib N] [--runs N]
-//! [--only TEXT] [--no-raw] [--no-redirected] [--grpc]` (`--only` keeps the workloads whose
-//! name contains TEXT; the `--no-*` flags skip a side, for profiling the other; `--grpc` adds
-//! the transport the redirect protocol was chosen over, below).
+//! [--only TEXT] [--no-raw] [--no-redirected] [--grpc] [--one-thread]` (`--only` keeps the
+//! workloads whose name contains TEXT; the `--no-*` flags skip a side, for profiling the other;
+//! `--grpc` adds the transport the redirect protocol was chosen over, below; `--one-thread`
+//! runs the driver, the nodes and their engines on one thread, as fio runs its one job,
+//! instead of on a two-worker runtime as the daemon does — for redirected I/O it puts client
+//! and coordinator on the same thread, so read only its direct column).
 //!
 //! **Transport comparison** (`--grpc`): the same coordinator node also serves redirected I/O
 //! as one unary gRPC call per I/O (tonic over one HTTP/2 connection, calls multiplexed, the
@@ -117,6 +120,9 @@ struct Args {
     no_redirected: bool,
     /// Also measure redirected I/O over gRPC.
     grpc: bool,
+    /// Run the driver, both nodes and their engines on one thread (like fio's one job)
+    /// instead of a two-worker runtime (like the daemon).
+    one_thread: bool,
 }
 
 fn args() -> Args {
@@ -129,6 +135,7 @@ fn args() -> Args {
         no_raw: false,
         no_redirected: false,
         grpc: false,
+        one_thread: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -142,6 +149,7 @@ fn args() -> Args {
             "--no-raw" => a.no_raw = true,
             "--no-redirected" => a.no_redirected = true,
             "--grpc" => a.grpc = true,
+            "--one-thread" => a.one_thread = true,
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -382,11 +390,17 @@ async fn nodes(file: &Path, size: u64) -> (CsvNode<DirectEngine>, CsvNode<Direct
 fn main() {
     let a = args();
     prepare(&a.file, a.size);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = if a.one_thread {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+    }
+    .unwrap();
     let (direct, redirected) = rt.block_on(nodes(&a.file, a.size));
     let grpc = rt.block_on(grpc::start(direct.clone()));
     let mut rows = Vec::new();
