@@ -24,9 +24,9 @@
 //! [--only TEXT] [--no-raw] [--no-redirected] [--grpc] [--one-thread]` (`--only` keeps the
 //! workloads whose name contains TEXT; the `--no-*` flags skip a side, for profiling the other;
 //! `--grpc` adds the transport the redirect protocol was chosen over, below; `--one-thread`
-//! runs the driver, the nodes and their engines on one thread, as fio runs its one job,
-//! instead of on a two-worker runtime as the daemon does — for redirected I/O it puts client
-//! and coordinator on the same thread, so read only its direct column).
+//! runs the driver and the direct and redirected nodes on one thread, as fio runs its one job,
+//! instead of on a two-worker runtime as the daemon does). The coordinator always runs on a
+//! runtime thread of its own, as another node's process would.
 //!
 //! **Transport comparison** (`--grpc`): the same coordinator node also serves redirected I/O
 //! as one unary gRPC call per I/O (tonic over one HTTP/2 connection, calls multiplexed, the
@@ -316,8 +316,9 @@ fn apply(state: &mut ClusterState, cmd: Command) {
     state.apply(&Request::new(cmd)).expect("command applies");
 }
 
-async fn nodes(file: &Path, size: u64) -> (CsvNode<DirectEngine>, CsvNode<DirectEngine>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// The state every bench node adopts: node 1 coordinates the volume at `io_addr`, node 2 is in
+/// `redirected(user_request)`, and one disk of `size` bytes covers the data area.
+fn bench_state(io_addr: String, size: u64) -> ClusterState {
     let mut state = ClusterState::default();
     apply(
         &mut state,
@@ -333,7 +334,7 @@ async fn nodes(file: &Path, size: u64) -> (CsvNode<DirectEngine>, CsvNode<Direct
                     id,
                     grpc_addr: format!("127.0.0.1:{}", 1000 + id),
                     io_addr: if id == 1 {
-                        listener.local_addr().unwrap().to_string()
+                        io_addr.clone()
                     } else {
                         "127.0.0.1:9".into()
                     },
@@ -344,11 +345,10 @@ async fn nodes(file: &Path, size: u64) -> (CsvNode<DirectEngine>, CsvNode<Direct
             },
         );
     }
-    let volume = Uuid::from_u128(2);
     apply(
         &mut state,
         Command::RegisterVolume {
-            id: volume,
+            id: VOLUME,
             name: "bench".into(),
             device_bytes: ALLOCATION_UNIT + size,
             data_offset: ALLOCATION_UNIT,
@@ -360,31 +360,31 @@ async fn nodes(file: &Path, size: u64) -> (CsvNode<DirectEngine>, CsvNode<Direct
         &mut state,
         Command::CreateDisk {
             name: "disk".into(),
-            volume,
+            volume: VOLUME,
             size_bytes: size,
         },
     );
     apply(
         &mut state,
         Command::SetVolumeMode {
-            volume,
+            volume: VOLUME,
             node: 2,
             redirected: true,
         },
     );
-    let make = |id| {
-        let n =
-            csvd_csv_fs::node::CsvNode::new(id, Arc::new(|p: &Path| DirectEngine::open(p, 128)));
-        n.renew_lease(Instant::now() + Duration::from_secs(86_400));
-        n
-    };
-    let (a, b) = (make(1), make(2));
-    for n in [&a, &b] {
-        n.apply(&state).await;
-        n.attach(volume, file).await.expect("attach the bench file");
-    }
-    tokio::spawn(csvd_csv_fs::redirect::serve(listener, a.clone()));
-    (a, b)
+    state
+}
+
+const VOLUME: Uuid = Uuid::from_u128(2);
+
+/// A node with id `id` that has adopted `state` and attached `file`; its engine runs on the
+/// runtime this is called on.
+async fn node(id: u64, state: &ClusterState, file: &Path) -> CsvNode<DirectEngine> {
+    let n = CsvNode::new(id, Arc::new(|p: &Path| DirectEngine::open(p, 128)));
+    n.renew_lease(Instant::now() + Duration::from_secs(86_400));
+    n.apply(state).await;
+    n.attach(VOLUME, file).await.expect("attach the bench file");
+    n
 }
 
 fn main() {
@@ -401,8 +401,29 @@ fn main() {
             .build()
     }
     .unwrap();
-    let (direct, redirected) = rt.block_on(nodes(&a.file, a.size));
-    let grpc = rt.block_on(grpc::start(direct.clone()));
+    // The coordinator runs on a runtime thread of its own, as another node's process would:
+    // the redirect server, the gRPC alternative and its engine.
+    let coordinator_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (state, grpc_addr) = coordinator_rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let state = bench_state(listener.local_addr().unwrap().to_string(), a.size);
+        let coordinator = node(1, &state, &a.file).await;
+        tokio::spawn(csvd_csv_fs::redirect::serve(listener, coordinator.clone()));
+        (state, grpc::serve(coordinator).await)
+    });
+    // The driver, the direct node (same id and state as the coordinator, its own engine) and
+    // the redirected node share the measuring runtime.
+    let (direct, redirected, grpc) = rt.block_on(async {
+        (
+            node(1, &state, &a.file).await,
+            node(2, &state, &a.file).await,
+            grpc::connect(grpc_addr).await,
+        )
+    });
     let mut rows = Vec::new();
     for w in WORKLOADS {
         if a.only
@@ -629,8 +650,8 @@ mod grpc {
         })
     }
 
-    /// Serves `node` over gRPC on a loopback port; returns a connected client.
-    pub async fn start(node: CsvNode<DirectEngine>) -> Client {
+    /// Serves `node` over gRPC on a loopback port, on the current runtime; returns the address.
+    pub async fn serve(node: CsvNode<DirectEngine>) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let incoming = async_stream_nodelay(listener);
@@ -639,6 +660,11 @@ mod grpc {
                 .add_service(Server(node))
                 .serve_with_incoming(incoming),
         );
+        addr
+    }
+
+    /// A client of the gRPC side at `addr`, its connection driven by the current runtime.
+    pub async fn connect(addr: std::net::SocketAddr) -> Client {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .tcp_nodelay(true)
