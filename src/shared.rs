@@ -1,7 +1,7 @@
 //! The node's shared-volume agent: it keeps csv-fs in step with the cluster.
 //!
 //! - **follow**: every committed change of the metadata is adopted by csv-fs (layouts,
-//!   coordinators, requested modes; each a barrier).
+//!   coordinators, requested modes; each a barrier) and acknowledged at once.
 //! - **lease**: every [`RENEW_EVERY`] the node reads the state linearizably, which needs the
 //!   Raft quorum; a success renews the I/O lease for [`LEASE`] from when the read began. A node
 //!   that cannot reach the quorum stops issuing I/O when its lease ends (`paused(no_quorum)`)
@@ -53,21 +53,9 @@ pub fn spawn(
     devices: Vec<String>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     vec![
-        tokio::spawn(follow(node.clone(), csv.clone())),
         tokio::spawn(lease(node.clone(), csv.clone())),
-        tokio::spawn(devices_and_reports(node, csv, devices)),
+        tokio::spawn(follow_devices_and_reports(node, csv, devices)),
     ]
-}
-
-async fn follow(node: MetaNode, csv: Shared) {
-    let mut rx = node.subscribe();
-    loop {
-        let view = rx.borrow_and_update().clone();
-        csv.apply(&view.state).await;
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
 }
 
 async fn lease(node: MetaNode, csv: Shared) {
@@ -99,11 +87,15 @@ async fn lease(node: MetaNode, csv: Shared) {
     }
 }
 
-async fn devices_and_reports(node: MetaNode, csv: Shared, globs: Vec<String>) {
+/// Follows committed changes, and each [`PROBE_EVERY`] probes devices, reports and (on the
+/// leader) moves coordinators.
+async fn follow_devices_and_reports(node: MetaNode, csv: Shared, globs: Vec<String>) {
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut told: HashSet<(PathBuf, String)> = HashSet::new();
     let mut states = node.subscribe();
+    let first = states.borrow_and_update().state.clone();
+    csv.apply(&first).await;
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -118,7 +110,8 @@ async fn devices_and_reports(node: MetaNode, csv: Shared, globs: Vec<String>) {
                 if changed.is_err() {
                     return;
                 }
-                // Acknowledge new epochs promptly: freed space waits for every node's ack.
+                // Adopt the change and acknowledge it at once: freed space waits for every
+                // node's acknowledgement.
                 let state = states.borrow_and_update().state.clone();
                 csv.apply(&state).await;
                 report(&node, &csv, &state).await;
@@ -271,12 +264,6 @@ pub fn matched_by(globs: &[String], path: &std::path::Path) -> bool {
     globs
         .iter()
         .any(|g| glob::Pattern::new(g).is_ok_and(|p| p.matches_path(path)))
-        || globs
-            .iter()
-            .filter_map(|g| glob::glob(g).ok())
-            .flatten()
-            .flatten()
-            .any(|p| p == path)
 }
 
 #[cfg(test)]

@@ -133,7 +133,10 @@ pub enum IoError {
         /// The disk's size.
         size: u64,
     },
-    /// Not a multiple of the block size, empty, or too large.
+    /// Offset or length not a multiple of the block size.
+    #[error("{0}")]
+    Unaligned(String),
+    /// Empty, too large, or otherwise not a valid request.
     #[error("{0}")]
     BadRequest(String),
     /// The node is fenced (no quorum) and the I/O waited in vain.
@@ -156,7 +159,7 @@ impl IoError {
         match self {
             IoError::NoSuchDisk(_) => Status::NoSuchDisk,
             IoError::OutOfRange { .. } => Status::OutOfRange,
-            IoError::BadRequest(m) if m.contains("multiple of") => Status::Unaligned,
+            IoError::Unaligned(_) => Status::Unaligned,
             IoError::BadRequest(_) => Status::BadRequest,
             IoError::Paused(_) => Status::Paused,
             IoError::Unavailable(_) => Status::Unavailable,
@@ -168,7 +171,8 @@ impl IoError {
     /// Rebuilds an error from a wire status and message.
     pub fn from_status(status: Status, message: String) -> IoError {
         match status {
-            Status::NoSuchDisk | Status::OutOfRange | Status::Unaligned | Status::BadRequest => {
+            Status::Unaligned => IoError::Unaligned(message),
+            Status::NoSuchDisk | Status::OutOfRange | Status::BadRequest => {
                 IoError::BadRequest(message)
             }
             Status::Paused => IoError::Paused(message),
@@ -729,10 +733,13 @@ fn validate(rec: &DiskRecord, req: &IoRequest) -> Result<(), IoError> {
             (*offset, *len)
         }
     };
+    if len == 0 {
+        return Err(IoError::BadRequest("an I/O of 0 bytes".into()));
+    }
     let align = ALIGN as u64;
-    if !offset.is_multiple_of(align) || len == 0 || !len.is_multiple_of(align) {
-        return Err(IoError::BadRequest(format!(
-            "offset {offset} and length {len} must be a non-zero multiple of {ALIGN} bytes"
+    if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
+        return Err(IoError::Unaligned(format!(
+            "offset {offset} and length {len} must each be a multiple of {ALIGN} bytes"
         )));
     }
     if matches!(req, IoRequest::Read { .. } | IoRequest::Write { .. }) && len > MAX_PAYLOAD {
