@@ -29,13 +29,27 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range (32768 and up): a port
+/// taken from that range is free only until the next outgoing connection or `bind(0)` of any
+/// process reuses it, which made concurrent cluster tests start nodes on each other's ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = u64::from(std::process::id())
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos().into())
+                .unwrap_or(0),
+        );
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 12_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` naming `what`.
@@ -137,6 +151,12 @@ impl Node {
         ];
         if let Some(j) = join {
             args.extend(["--join", j]);
+        }
+        // The block-I/O listener on a chosen port too, not a kernel-picked one.
+        let ip = grpc.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip);
+        let io = format!("{ip}:{}", free_port());
+        if !extra.contains(&"--io-addr") {
+            args.extend(["--io-addr", &io]);
         }
         args.extend(extra);
         self.start_with(&args);
