@@ -1,0 +1,143 @@
+//! Sense data (SPC-4 4.5): what a CHECK CONDITION tells the initiator.
+
+/// Sense keys used by the target.
+pub mod key {
+    /// NO SENSE.
+    pub const NO_SENSE: u8 = 0x0;
+    /// RECOVERED ERROR.
+    pub const RECOVERED_ERROR: u8 = 0x1;
+    /// NOT READY.
+    pub const NOT_READY: u8 = 0x2;
+    /// MEDIUM ERROR.
+    pub const MEDIUM_ERROR: u8 = 0x3;
+    /// HARDWARE ERROR.
+    pub const HARDWARE_ERROR: u8 = 0x4;
+    /// ILLEGAL REQUEST.
+    pub const ILLEGAL_REQUEST: u8 = 0x5;
+    /// UNIT ATTENTION.
+    pub const UNIT_ATTENTION: u8 = 0x6;
+    /// DATA PROTECT.
+    pub const DATA_PROTECT: u8 = 0x7;
+    /// ABORTED COMMAND.
+    pub const ABORTED_COMMAND: u8 = 0xb;
+    /// MISCOMPARE.
+    pub const MISCOMPARE: u8 = 0xe;
+}
+
+/// A sense key with its additional sense code and qualifier, and the optional INFORMATION
+/// and SENSE KEY SPECIFIC fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sense {
+    /// The sense key (see [`key`]).
+    pub key: u8,
+    /// Additional sense code.
+    pub asc: u8,
+    /// Additional sense code qualifier.
+    pub ascq: u8,
+    /// The INFORMATION field (for example, the miscompare offset), when valid.
+    pub information: Option<u64>,
+    /// SENSE KEY SPECIFIC field pointer for ILLEGAL REQUEST: `(in_cdb, byte, bit)`; `bit` is
+    /// `None` when the whole byte is meant.
+    pub field: Option<(bool, u16, Option<u8>)>,
+}
+
+impl Sense {
+    /// Sense with only key, ASC and ASCQ.
+    pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
+        Sense { key, asc, ascq, information: None, field: None }
+    }
+
+    /// The same sense with the INFORMATION field set.
+    pub const fn with_information(mut self, information: u64) -> Sense {
+        self.information = Some(information);
+        self
+    }
+
+    /// The same sense pointing at a CDB byte (and bit).
+    pub const fn in_cdb(mut self, byte: u16, bit: Option<u8>) -> Sense {
+        self.field = Some((true, byte, bit));
+        self
+    }
+
+    /// The same sense pointing at a parameter-list byte (and bit).
+    pub const fn in_parameters(mut self, byte: u16, bit: Option<u8>) -> Sense {
+        self.field = Some((false, byte, bit));
+        self
+    }
+
+    /// Fixed-format sense data (response code 0x70), 18 bytes.
+    pub fn to_fixed(&self) -> [u8; 18] {
+        let mut b = [0u8; 18];
+        b[0] = 0x70;
+        b[2] = self.key & 0x0f;
+        if let Some(info) = self.information {
+            b[0] |= 0x80; // VALID
+            // Fixed format carries 4 bytes of INFORMATION.
+            b[3..7].copy_from_slice(&(info as u32).to_be_bytes());
+        }
+        b[7] = 10; // additional sense length
+        b[12] = self.asc;
+        b[13] = self.ascq;
+        if let Some((in_cdb, byte, bit)) = self.field {
+            b[15] = 0x80 | if in_cdb { 0x40 } else { 0 };
+            if let Some(bit) = bit {
+                b[15] |= 0x08 | (bit & 0x07);
+            }
+            b[16..18].copy_from_slice(&byte.to_be_bytes());
+        }
+        b
+    }
+}
+
+/// Common sense values.
+pub mod codes {
+    use super::{Sense, key};
+
+    /// INVALID COMMAND OPERATION CODE.
+    pub const INVALID_OPCODE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x20, 0x00);
+    /// INVALID FIELD IN CDB.
+    pub const INVALID_FIELD_IN_CDB: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x24, 0x00);
+    /// INVALID FIELD IN PARAMETER LIST.
+    pub const INVALID_FIELD_IN_PARAMETERS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x00);
+    /// PARAMETER LIST LENGTH ERROR.
+    pub const PARAMETER_LIST_LENGTH: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x1a, 0x00);
+    /// LOGICAL BLOCK ADDRESS OUT OF RANGE.
+    pub const LBA_OUT_OF_RANGE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00);
+    /// LOGICAL UNIT NOT SUPPORTED.
+    pub const LUN_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x25, 0x00);
+    /// INVALID MESSAGE ERROR (also used for a Data-Out length that does not match).
+    pub const INVALID_MESSAGE: Sense = Sense::new(key::ABORTED_COMMAND, 0x49, 0x00);
+    /// MISCOMPARE DURING VERIFY OPERATION.
+    pub const MISCOMPARE: Sense = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
+    /// WRITE PROTECTED.
+    pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
+    /// LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE.
+    pub const PORT_UNAVAILABLE: Sense = Sense::new(key::NOT_READY, 0x04, 0x0c);
+    /// LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION.
+    pub const PORT_TRANSITIONING: Sense = Sense::new(key::NOT_READY, 0x04, 0x0a);
+    /// UNRECOVERED READ ERROR.
+    pub const READ_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x11, 0x00);
+    /// WRITE ERROR.
+    pub const WRITE_ERROR: Sense = Sense::new(key::MEDIUM_ERROR, 0x0c, 0x00);
+    /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
+    pub const RESET_OCCURRED: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x00);
+    /// REPORTED LUNS DATA HAS CHANGED.
+    pub const LUNS_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x3f, 0x0e);
+    /// CAPACITY DATA HAS CHANGED.
+    pub const CAPACITY_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x09);
+    /// ASYMMETRIC ACCESS STATE CHANGED.
+    pub const ALUA_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x06);
+    /// RESERVATIONS PREEMPTED.
+    pub const RESERVATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x03);
+    /// RESERVATIONS RELEASED.
+    pub const RESERVATIONS_RELEASED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x04);
+    /// REGISTRATIONS PREEMPTED.
+    pub const REGISTRATIONS_PREEMPTED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x05);
+    /// COMMANDS CLEARED BY ANOTHER INITIATOR.
+    pub const COMMANDS_CLEARED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2f, 0x00);
+    /// MODE PARAMETERS CHANGED.
+    pub const MODE_PARAMETERS_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x01);
+    /// INSUFFICIENT REGISTRATION RESOURCES.
+    pub const INSUFFICIENT_REGISTRATION_RESOURCES: Sense =
+        Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
+}
