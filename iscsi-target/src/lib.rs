@@ -21,6 +21,7 @@
 
 pub mod backend;
 pub mod login;
+pub mod mem;
 pub mod pdu;
 pub mod scsi;
 pub mod server;

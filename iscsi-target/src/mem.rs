@@ -1,0 +1,1 @@
+//! An in-memory [`Backend`](crate::backend::Backend) for tests, fuzzing and examples.
