@@ -362,6 +362,7 @@ fn bench_state(io_addr: String, size: u64) -> ClusterState {
             name: "disk".into(),
             volume: VOLUME,
             size_bytes: size,
+            block_size: None,
         },
     );
     apply(

@@ -35,6 +35,10 @@ pub struct Flags {
     /// Address of the iSCSI portal, IP:port.
     #[arg(long)]
     pub iscsi_addr: Option<String>,
+    /// Accept iSCSI logins without CHAP on a portal reachable from the network (`true` or
+    /// `false`; loopback portals never require CHAP).
+    #[arg(long)]
+    pub iscsi_allow_no_auth: Option<bool>,
     /// Address QEMU listens on for incoming live migrations, IP:port.
     #[arg(long)]
     pub migration_addr: Option<String>,
@@ -75,6 +79,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iscsi_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub iscsi_allow_no_auth: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub migration_addr: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub io_addr: Option<String>,
@@ -108,6 +114,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub grpc_addr: SocketAddr,
     pub iscsi_addr: Option<SocketAddr>,
+    pub iscsi_allow_no_auth: bool,
     pub migration_addr: Option<SocketAddr>,
     pub io_addr: Option<SocketAddr>,
     pub devices: Vec<String>,
@@ -174,6 +181,7 @@ impl Flags {
             data_dir,
             grpc_addr,
             iscsi_addr,
+            iscsi_allow_no_auth,
             migration_addr,
             io_addr,
             join,
@@ -224,6 +232,7 @@ fn fill_missing(mut new: FileConfig, old: FileConfig) -> FileConfig {
         data_dir,
         grpc_addr,
         iscsi_addr,
+        iscsi_allow_no_auth,
         migration_addr,
         io_addr,
         join,
@@ -341,6 +350,7 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
         data_dir,
         grpc_addr,
         iscsi_addr,
+        iscsi_allow_no_auth: f.iscsi_allow_no_auth.unwrap_or(false),
         migration_addr,
         io_addr,
         devices: f.devices.clone(),

@@ -3,6 +3,7 @@
 
 mod config;
 mod host;
+mod iscsi;
 mod shared;
 mod volumes;
 
@@ -82,12 +83,16 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-fn node_spec(config: &Config, io_addr: std::net::SocketAddr) -> NodeSpec {
+fn node_spec(
+    config: &Config,
+    io_addr: std::net::SocketAddr,
+    iscsi_addr: std::net::SocketAddr,
+) -> NodeSpec {
     let (cpu_model, cpu_flags) = host::cpu();
     NodeSpec {
         id: config.node_id,
         grpc_addr: config.grpc_addr.to_string(),
-        iscsi_addr: config.iscsi_addr.map(|a| a.to_string()).unwrap_or_default(),
+        iscsi_addr: iscsi_addr.to_string(),
         migration_addr: config
             .migration_addr
             .map(|a| a.to_string())
@@ -125,7 +130,18 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
         .local_addr()
         .map_err(|e| format!("io_addr: {e}"))?;
 
-    let mut opts = MetaOptions::new(node_spec(&config, io_addr), dir.clone());
+    let iscsi_listener = TcpListener::bind(
+        config
+            .iscsi_addr
+            .unwrap_or(std::net::SocketAddr::new(config.grpc_addr.ip(), 0)),
+    )
+    .await
+    .map_err(|e| format!("cannot listen on iscsi_addr: {e}"))?;
+    let iscsi_addr = iscsi_listener
+        .local_addr()
+        .map_err(|e| format!("iscsi_addr: {e}"))?;
+
+    let mut opts = MetaOptions::new(node_spec(&config, io_addr, iscsi_addr), dir.clone());
     opts.snapshot_every_entries = config.snapshot_every_entries;
     let node = MetaNode::open(opts).await.map_err(|e| e.to_string())?;
 
@@ -163,11 +179,29 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
     };
     let csv = shared::new_node(config.node_id);
     let io_server = tokio::spawn(csvd_csv_fs::redirect::serve(io_listener, csv.clone()));
-    tracing::info!(node = config.node_id, grpc = %config.grpc_addr, io = %io_addr, "csvd is serving");
+    let target = csvd_iscsi_target::server::Target::new(
+        std::sync::Arc::new(iscsi::CsvBackend::new(node.clone(), csv.clone())),
+        std::sync::Arc::new(iscsi::CsvDirectory::new(
+            node.clone(),
+            config.node_id,
+            iscsi_addr,
+            config.iscsi_allow_no_auth,
+        )),
+        csvd_iscsi_target::server::Config {
+            portal_group_tag: iscsi::port_group(config.node_id),
+            relative_port: iscsi::port_group(config.node_id),
+            ..Default::default()
+        },
+    );
+    let iscsi_server = tokio::spawn(target.clone().serve(iscsi_listener));
+    tracing::info!(node = config.node_id, grpc = %config.grpc_addr, io = %io_addr,
+        iscsi = %iscsi_addr, "csvd is serving");
 
     if !node.is_initialized().await.map_err(|e| e.to_string())? {
         match config.join {
-            Some(join) => join_cluster(&node, &config, io_addr, &join.to_string()).await?,
+            Some(join) => {
+                join_cluster(&node, &config, io_addr, iscsi_addr, &join.to_string()).await?
+            }
             None => tracing::info!(
                 "not in a cluster yet: waiting for `migrator cluster init` or a restart with --join"
             ),
@@ -188,6 +222,8 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
         a.abort();
     }
     io_server.abort();
+    target.stop();
+    iscsi_server.abort();
     node.shutdown().await;
     agents.abort();
     let _ = stop_tx.send(true);
@@ -202,9 +238,10 @@ async fn join_cluster(
     node: &MetaNode,
     config: &Config,
     io_addr: std::net::SocketAddr,
+    iscsi_addr: std::net::SocketAddr,
     join: &str,
 ) -> Result<(), String> {
-    let spec = node_spec(config, io_addr);
+    let spec = node_spec(config, io_addr, iscsi_addr);
     let expected = config.cluster_id.map(|c| c.to_string());
     let mut client = ClusterClient::new(join, None).map_err(|e| e.to_string())?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);

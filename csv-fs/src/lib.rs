@@ -13,13 +13,17 @@
 //! - [`engine`]: the io_uring / `O_DIRECT` engine, and [`device`], the trait the layer above
 //!   uses (with a fault-injecting wrapper for recovery tests);
 //! - [`node`]: a node's extent maps, I/O modes, barriers, lease and the I/O path;
-//! - [`wire`] and [`redirect`]: redirected I/O to the coordinator over TCP.
+//! - [`wire`] and [`redirect`]: redirected I/O to the coordinator over TCP;
+//! - [`serial`]: compare-and-write and sub-block writes, serialized at the coordinator under
+//!   per-block range locks (`range_lock`).
 #![deny(unsafe_code)]
 
 pub mod device;
 pub mod engine;
 pub mod node;
+mod range_lock;
 pub mod redirect;
 pub mod scan;
+pub mod serial;
 pub mod superblock;
 pub mod wire;

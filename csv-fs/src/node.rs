@@ -20,6 +20,17 @@
 //! Writes are tracked in a [`WriteLog`]: a write retried after a failure (new coordinator,
 //! path lost) skips any part that a newer write from this node has completed meanwhile, so a
 //! stale retry never overwrites newer data.
+//!
+//! Compare-and-write and writes of 512-byte sectors that do not cover whole 4 KiB blocks
+//! ([`crate::serial`]) always run at the coordinator, which reads, compares or patches and
+//! writes the covering blocks under an exclusive range lock (`range_lock`). They go
+//! through the same loop as any other I/O (same waits and retries), with one difference: a
+//! compare-and-write is never sent again once the coordinator may have run it.
+//!
+//! Internally a request is a *job*, planned into *parts*: whole-block parts run where the
+//! node's mode says (its own device when direct), sub-block parts at the coordinator. An
+//! unaligned discard, for example, zeroes its partial head and tail blocks at the coordinator
+//! and discards the whole blocks between them directly.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -29,18 +40,28 @@ use std::time::{Duration, Instant};
 
 use csvd_raft::ClusterState;
 use csvd_raft::NodeId;
-use csvd_raft::volume::{DiskId, DiskRecord, IoMode, PauseReason, RedirectReason};
+use csvd_raft::volume::{DiskId, DiskRecord, IoMode, PauseReason, RedirectReason, VolumeRecord};
 use futures::future::try_join_all;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::device::BlockDevice;
 use crate::engine::{ALIGN, AlignedBuf, BufSlice};
+use crate::range_lock::{RangeGuard, RangeLocks};
 use crate::redirect::{CallError, Client};
+pub use crate::serial::{CompareResult, SECTOR, SerialRequest};
+use crate::serial::{covering, split_blocks, whole_blocks};
 use crate::wire::{MAX_PAYLOAD, Status};
 
 /// How long an I/O waits through a pause or a coordinator change before it fails.
 pub const DEFAULT_IO_WAIT: Duration = Duration::from_secs(60);
+
+/// How long a node that has just become a volume's coordinator holds compare-and-write and
+/// sub-block writes when the previous coordinator has not acknowledged the change. It must
+/// exceed the I/O lease a node grants itself (the daemon's is 5 s): a previous coordinator
+/// that has not adopted the change stops serving when its lease ends, and any lease it renews
+/// after the change was committed comes with the change adopted.
+pub const HANDOFF_WAIT: Duration = Duration::from_secs(6);
 
 /// One I/O request against a virtual disk.
 #[derive(Debug, Clone)]
@@ -63,14 +84,16 @@ pub enum IoRequest {
     },
     /// Make completed writes durable.
     Flush,
-    /// Deallocate a range (reads back zeroes).
+    /// Deallocate a range (reads back zeroes). Offset and length are multiples of
+    /// [`SECTOR`]; partial 4 KiB blocks at either end are zeroed by read-modify-write at the
+    /// coordinator, the whole blocks between them deallocated.
     Discard {
         /// Offset in the disk.
         offset: u64,
         /// Bytes.
         len: u64,
     },
-    /// Zero a range.
+    /// Zero a range. Offset and length are multiples of [`SECTOR`], as for `Discard`.
     WriteZeroes {
         /// Offset in the disk.
         offset: u64,
@@ -91,19 +114,219 @@ impl IoRequest {
         }
     }
 
-    /// The same request restricted to `off..off + len` (inside its range).
-    fn restricted(&self, off: u64, len: u64) -> Option<IoRequest> {
-        Some(match self {
-            IoRequest::Write { offset, data, fua } => IoRequest::Write {
-                offset: off,
-                data: data.slice((off - offset) as usize, len as usize)?,
-                fua: *fua,
+    /// Checks what can be checked without the disk: non-empty, aligned, within limits.
+    fn check(&self) -> Result<(), IoError> {
+        let (offset, len, unit) = match self {
+            IoRequest::Flush => return Ok(()),
+            IoRequest::Read { offset, len } => (*offset, *len, ALIGN as u64),
+            IoRequest::Write { offset, data, .. } => (*offset, data.len() as u64, ALIGN as u64),
+            IoRequest::Discard { offset, len } | IoRequest::WriteZeroes { offset, len } => {
+                (*offset, *len, SECTOR)
+            }
+        };
+        if len == 0 {
+            return Err(IoError::BadRequest("an I/O of 0 bytes".into()));
+        }
+        if !offset.is_multiple_of(unit) || !len.is_multiple_of(unit) {
+            return Err(IoError::Unaligned(format!(
+                "offset {offset} and length {len} must each be a multiple of {unit} bytes"
+            )));
+        }
+        if matches!(self, IoRequest::Read { .. } | IoRequest::Write { .. }) && len > MAX_PAYLOAD {
+            return Err(IoError::BadRequest(format!(
+                "{len} bytes is over the {MAX_PAYLOAD}-byte limit of one I/O"
+            )));
+        }
+        if offset.checked_add(len).is_none() {
+            return Err(IoError::BadRequest(format!(
+                "an I/O at {offset}+{len} runs past the largest offset"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A request as the data path runs it.
+#[derive(Debug, Clone, Copy)]
+enum Job<'a> {
+    Io(&'a IoRequest),
+    Serial(&'a SerialRequest),
+}
+
+/// One piece of a job.
+#[derive(Debug)]
+enum Part {
+    /// Whole blocks, a read or a flush: on the node's own device when it is direct, else at
+    /// the coordinator.
+    Io(IoRequest),
+    /// Serialized at the coordinator.
+    Serial(SerialRequest),
+}
+
+/// What a job returned.
+#[derive(Debug)]
+enum Outcome {
+    Reply(IoReply),
+    Compared(CompareResult),
+}
+
+impl Outcome {
+    /// Whether the job changed the bytes of its range (for the [`WriteLog`]).
+    fn wrote(&self) -> bool {
+        !matches!(self, Outcome::Compared(CompareResult::Miscompare { .. }))
+    }
+}
+
+impl Job<'_> {
+    fn check(&self) -> Result<(), IoError> {
+        match self {
+            Job::Io(r) => r.check(),
+            Job::Serial(r) => r.check(),
+        }
+    }
+
+    /// The byte range the job changes, if it writes.
+    fn range(&self) -> Option<(u64, u64)> {
+        match self {
+            Job::Io(r) => r.written_range(),
+            Job::Serial(r) => Some((r.offset(), r.len())),
+        }
+    }
+
+    /// Checks the job against the disk's size (after [`Job::check`]).
+    fn bounds(&self, rec: &DiskRecord) -> Result<(), IoError> {
+        let (offset, len) = match self {
+            Job::Io(IoRequest::Read { offset, len }) => (*offset, *len),
+            _ => match self.range() {
+                Some(r) => r,
+                None => return Ok(()),
             },
-            IoRequest::Discard { .. } => IoRequest::Discard { offset: off, len },
-            IoRequest::WriteZeroes { .. } => IoRequest::WriteZeroes { offset: off, len },
-            IoRequest::Read { .. } | IoRequest::Flush => return None,
+        };
+        if offset.checked_add(len).is_none_or(|e| e > rec.size_bytes) {
+            return Err(IoError::OutOfRange {
+                disk: rec.id,
+                offset,
+                len,
+                size: rec.size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// What the job returns when nothing is left to do.
+    fn nothing_left(&self) -> Outcome {
+        match self {
+            Job::Io(_) => Outcome::Reply(IoReply::Done),
+            Job::Serial(_) => Outcome::Compared(CompareResult::Written),
+        }
+    }
+
+    /// The job's parts, restricted to `pieces` of its range if given (a retry). A
+    /// compare-and-write, a read and a flush are never split or restricted.
+    fn plan(&self, pieces: Option<Vec<(u64, u64)>>) -> Result<Vec<Part>, IoError> {
+        match *self {
+            Job::Io(r @ (IoRequest::Read { .. } | IoRequest::Flush)) => {
+                return Ok(vec![Part::Io(r.clone())]);
+            }
+            Job::Serial(r @ SerialRequest::CompareAndWrite { .. }) => {
+                return Ok(vec![Part::Serial(r.clone())]);
+            }
+            _ => {}
+        }
+        let pieces = match (pieces, self.range()) {
+            (Some(p), _) => p,
+            (None, Some(r)) => vec![r],
+            (None, None) => Vec::new(),
+        };
+        let mut parts = Vec::with_capacity(pieces.len());
+        for (offset, len) in pieces {
+            for (o, l) in split_blocks(offset, len) {
+                parts.push(self.part(o, l)?);
+            }
+        }
+        Ok(parts)
+    }
+
+    /// The job restricted to `o..o + l`, which is whole blocks or lies in partial ones.
+    fn part(&self, o: u64, l: u64) -> Result<Part, IoError> {
+        let whole = whole_blocks(o, l);
+        let zeroes = |o: u64, l: u64| {
+            Part::Serial(SerialRequest::WritePartial {
+                offset: o,
+                data: vec![0; l as usize],
+                fua: false,
+            })
+        };
+        Ok(match *self {
+            Job::Io(IoRequest::Write { offset, data, fua }) => {
+                let at = (o - offset) as usize;
+                if whole {
+                    let data = data.slice(at, l as usize).ok_or_else(|| {
+                        IoError::BadRequest(format!("{o}+{l} is not inside the write"))
+                    })?;
+                    Part::Io(IoRequest::Write {
+                        offset: o,
+                        data,
+                        fua: *fua,
+                    })
+                } else {
+                    Part::Serial(SerialRequest::WritePartial {
+                        offset: o,
+                        data: data[at..at + l as usize].to_vec(),
+                        fua: *fua,
+                    })
+                }
+            }
+            Job::Io(IoRequest::Discard { .. }) if whole => {
+                Part::Io(IoRequest::Discard { offset: o, len: l })
+            }
+            Job::Io(IoRequest::WriteZeroes { .. }) if whole => {
+                Part::Io(IoRequest::WriteZeroes { offset: o, len: l })
+            }
+            Job::Io(IoRequest::Discard { .. } | IoRequest::WriteZeroes { .. }) => zeroes(o, l),
+            Job::Serial(SerialRequest::WritePartial { offset, data, fua }) => {
+                let bytes = &data[(o - offset) as usize..][..l as usize];
+                if whole {
+                    let buf = AlignedBuf::from_slice(bytes).map_err(|e| {
+                        IoError::Unavailable(format!("cannot allocate {l} bytes: {e}"))
+                    })?;
+                    Part::Io(IoRequest::Write {
+                        offset: o,
+                        data: BufSlice::from(buf),
+                        fua: *fua,
+                    })
+                } else {
+                    Part::Serial(SerialRequest::WritePartial {
+                        offset: o,
+                        data: bytes.to_vec(),
+                        fua: *fua,
+                    })
+                }
+            }
+            Job::Io(r @ (IoRequest::Read { .. } | IoRequest::Flush)) => Part::Io(r.clone()),
+            Job::Serial(r @ SerialRequest::CompareAndWrite { .. }) => Part::Serial(r.clone()),
         })
     }
+}
+
+/// The blocks a plan's writes touch, and whether any part needs them exclusively.
+fn lock_span(parts: &[Part]) -> Option<(u64, u64, bool)> {
+    let mut span: Option<(u64, u64, bool)> = None;
+    for p in parts {
+        let (offset, len, exclusive) = match p {
+            Part::Io(r) => match r.written_range() {
+                Some((o, l)) => (o, l, false),
+                None => continue,
+            },
+            Part::Serial(r) => (r.offset(), r.len(), true),
+        };
+        let (s, e) = covering(offset, len);
+        span = Some(match span {
+            None => (s, e, exclusive),
+            Some((a, b, x)) => (a.min(s), b.max(e), x || exclusive),
+        });
+    }
+    span
 }
 
 /// What a successful I/O returns.
@@ -181,6 +404,10 @@ impl IoError {
             Status::Unavailable | Status::ChecksumMismatch | Status::Ok => {
                 IoError::Unavailable(message)
             }
+            // Only an answer to a compare-and-write, which is read before it gets here.
+            Status::Miscompare => {
+                IoError::Device(format!("unexpected miscompare answer: {message}"))
+            }
         }
     }
 }
@@ -231,9 +458,12 @@ struct Inner<D> {
     disks: RwLock<HashMap<DiskId, Uuid>>,
     client: Client,
     writes: Mutex<WriteLog>,
+    /// The blocks writes issued or served by this node are changing.
+    ranges: RangeLocks,
     /// Direct I/O is allowed until then (`None`: never granted).
     lease_until: Mutex<Option<Instant>>,
     io_wait: Duration,
+    handoff_wait: Mutex<Duration>,
     /// One [`CsvNode::apply`] at a time.
     applying: tokio::sync::Mutex<()>,
 }
@@ -242,6 +472,17 @@ struct Vol<D> {
     gate: tokio::sync::RwLock<VolState<D>>,
     /// Bumped after every change, for I/O waiting on a pause or a new coordinator.
     changed: watch::Sender<u64>,
+    /// Set while this node has just become the coordinator and the previous one may still be
+    /// running serialized I/O.
+    handoff: Mutex<Option<Handoff>>,
+}
+
+/// A coordinator change to this node that the previous coordinator has not acknowledged.
+#[derive(Debug, Clone, Copy)]
+struct Handoff {
+    from: NodeId,
+    epoch: u64,
+    since: Instant,
 }
 
 struct VolState<D> {
@@ -276,8 +517,10 @@ impl<D: BlockDevice> CsvNode<D> {
                 disks: RwLock::new(HashMap::new()),
                 client: Client::new(),
                 writes: Mutex::new(WriteLog::default()),
+                ranges: RangeLocks::default(),
                 lease_until: Mutex::new(None),
                 io_wait,
+                handoff_wait: Mutex::new(HANDOFF_WAIT),
                 applying: tokio::sync::Mutex::new(()),
             }),
         }
@@ -286,6 +529,13 @@ impl<D: BlockDevice> CsvNode<D> {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// Sets how long serialized I/O waits, on a node that has just become a volume's
+    /// coordinator, for the previous coordinator to acknowledge the change (default
+    /// [`HANDOFF_WAIT`]; see there for the lower bound).
+    pub fn set_handoff_wait(&self, wait: Duration) {
+        *lock(&self.inner.handoff_wait) = wait;
     }
 
     /// Allows I/O until `until`. Called each time the node reaches the quorum.
@@ -353,45 +603,25 @@ impl<D: BlockDevice> CsvNode<D> {
                                 user_redirect: false,
                             }),
                             changed: watch::channel(0).0,
+                            handoff: Mutex::new(None),
                         })
                     })
                     .clone()
             };
-            let addr = state
-                .nodes
-                .get(&v.coordinator)
-                .map(|n| n.spec.io_addr.clone())
-                .filter(|a| !a.is_empty());
-            let user_redirect = v.redirect_requested.contains(&self.inner.id);
+            self.adopt(&vol, *vid, v, state).await;
+            // The previous coordinator has drained and switched once it acknowledges the
+            // epoch that moved the role here (acknowledgements only move forward, so even an
+            // older copy of the state is good evidence).
+            let mut h = lock(&vol.handoff);
+            if let Some(x) = *h
+                && v.nodes
+                    .get(&x.from)
+                    .is_some_and(|n| n.acked_epoch >= x.epoch)
             {
-                let g = vol.gate.read().await;
-                let adopted = g.epoch != u64::MAX;
-                // An older state (a lagging local copy after a fresher one) never undoes a
-                // newer layout.
-                if adopted && g.epoch > v.epoch {
-                    continue;
-                }
-                if g.epoch == v.epoch
-                    && g.coordinator_addr == addr
-                    && g.user_redirect == user_redirect
-                {
-                    continue;
-                }
+                *h = None;
+                drop(h);
+                vol.changed.send_modify(|n| *n += 1);
             }
-            // The barrier: waits for in-flight I/O on this volume, holds new I/O.
-            let mut g = vol.gate.write().await;
-            g.epoch = v.epoch;
-            g.disks = state
-                .disks
-                .values()
-                .filter(|d| d.volume == *vid)
-                .map(|d| (d.id, d.clone()))
-                .collect();
-            g.coordinator = v.coordinator;
-            g.coordinator_addr = addr;
-            g.user_redirect = user_redirect;
-            drop(g);
-            vol.changed.send_modify(|n| *n += 1);
         }
         // The disk index follows what each volume adopted.
         let vols: Vec<(Uuid, Arc<Vol<D>>)> = read(&self.inner.volumes)
@@ -405,6 +635,69 @@ impl<D: BlockDevice> CsvNode<D> {
             }
         }
         *write(&self.inner.disks) = index;
+    }
+
+    /// Adopts one volume's layout, coordinator and requested mode, behind the barrier if any
+    /// of them changed.
+    async fn adopt(&self, vol: &Vol<D>, vid: Uuid, v: &VolumeRecord, state: &ClusterState) {
+        let addr = state
+            .nodes
+            .get(&v.coordinator)
+            .map(|n| n.spec.io_addr.clone())
+            .filter(|a| !a.is_empty());
+        let user_redirect = v.redirect_requested.contains(&self.inner.id);
+        {
+            let g = vol.gate.read().await;
+            let adopted = g.epoch != u64::MAX;
+            // An older state (a lagging local copy after a fresher one) never undoes a
+            // newer layout.
+            if adopted && g.epoch > v.epoch {
+                return;
+            }
+            if g.epoch == v.epoch && g.coordinator_addr == addr && g.user_redirect == user_redirect
+            {
+                return;
+            }
+        }
+        // The barrier: waits for in-flight I/O on this volume, holds new I/O.
+        let mut g = vol.gate.write().await;
+        let previous = (g.epoch != u64::MAX).then_some(g.coordinator);
+        g.epoch = v.epoch;
+        g.disks = state
+            .disks
+            .values()
+            .filter(|d| d.volume == vid)
+            .map(|d| (d.id, d.clone()))
+            .collect();
+        g.coordinator = v.coordinator;
+        g.coordinator_addr = addr;
+        g.user_redirect = user_redirect;
+        {
+            let mut h = lock(&vol.handoff);
+            if v.coordinator != self.inner.id {
+                *h = None;
+            } else if let Some(from) = previous
+                && from != self.inner.id
+            {
+                // The role moved here from another node, which may still be running
+                // serialized I/O under the old epoch until it adopts this one.
+                *h = Some(Handoff {
+                    from,
+                    epoch: v.epoch,
+                    since: Instant::now(),
+                });
+            }
+        }
+        drop(g);
+        vol.changed.send_modify(|n| *n += 1);
+    }
+
+    /// While this node has just become `vol`'s coordinator and the previous one has not
+    /// acknowledged it: that node and when the wait ends.
+    fn handoff_pending(&self, vol: &Vol<D>) -> Option<(NodeId, Instant)> {
+        let h = (*lock(&vol.handoff))?;
+        let until = h.since + *lock(&self.inner.handoff_wait);
+        (Instant::now() < until).then_some((h.from, until))
     }
 
     /// Attaches the device at `path` to `volume` (a barrier), or records why it cannot.
@@ -485,79 +778,74 @@ impl<D: BlockDevice> CsvNode<D> {
 
     /// Serves one I/O from a client of this node, in the node's current mode.
     pub async fn execute(&self, disk: DiskId, req: IoRequest) -> Result<IoReply, IoError> {
-        let seq = req
-            .written_range()
+        match self.run(disk, Job::Io(&req)).await? {
+            Outcome::Reply(r) => Ok(r),
+            Outcome::Compared(_) => Ok(IoReply::Done),
+        }
+    }
+
+    /// Serves one serialized request (compare-and-write, sub-block write) from a client of
+    /// this node: it runs at the volume's coordinator, which is this node or a peer. The
+    /// whole 4 KiB blocks inside a sub-block write run like any write, directly when this node
+    /// is direct.
+    pub async fn execute_serial(
+        &self,
+        disk: DiskId,
+        req: SerialRequest,
+    ) -> Result<CompareResult, IoError> {
+        match self.run(disk, Job::Serial(&req)).await? {
+            Outcome::Compared(c) => Ok(c),
+            Outcome::Reply(_) => Ok(CompareResult::Written),
+        }
+    }
+
+    async fn run(&self, disk: DiskId, job: Job<'_>) -> Result<Outcome, IoError> {
+        job.check()?;
+        let seq = job
+            .range()
             .map(|(off, len)| lock(&self.inner.writes).begin(disk, off, len));
-        let res = self.execute_tracked(disk, &req, seq).await;
+        let res = self.run_tracked(disk, job, seq).await;
         if let Some(seq) = seq {
-            lock(&self.inner.writes).finish(seq, res.is_ok());
+            let wrote = res.as_ref().is_ok_and(Outcome::wrote);
+            lock(&self.inner.writes).finish(seq, wrote);
         }
         res
     }
 
-    async fn execute_tracked(
+    async fn run_tracked(
         &self,
         disk: DiskId,
-        req: &IoRequest,
+        job: Job<'_>,
         seq: Option<u64>,
-    ) -> Result<IoReply, IoError> {
+    ) -> Result<Outcome, IoError> {
         let deadline = Instant::now() + self.inner.io_wait;
         let mut attempt = 0u32;
         loop {
             let vol = self.volume_of(disk)?;
             let mut changed = vol.changed.subscribe();
-            let g = vol.gate.read().await;
-            let rec = g.disks.get(&disk).ok_or(IoError::NoSuchDisk(disk))?;
-            validate(rec, req)?;
-            // A retry sends only what no newer write of this node has overwritten meanwhile.
-            let parts = match (attempt, seq) {
-                (0, _) | (_, None) => vec![req.clone()],
-                (_, Some(seq)) => {
-                    let (off, len) = req.written_range().unwrap_or((0, 0));
-                    lock(&self.inner.writes)
-                        .uncovered(seq, disk, off, len)
-                        .into_iter()
-                        .filter_map(|(o, l)| req.restricted(o, l))
-                        .collect()
-                }
-            };
-            if parts.is_empty() {
-                return Ok(IoReply::Done);
-            }
-            attempt += 1;
-            let mode = self.mode_of(&g);
-            let local = match (&g.device, mode) {
-                (Some(a), IoMode::Direct) => Some(a.dev.clone()),
-                // The coordinator serves everyone's I/O on its device, its own included.
-                (Some(a), IoMode::Redirected(_)) if g.coordinator == self.inner.id => {
-                    Some(a.dev.clone())
+            // A retry sends only what no newer write of this node has completed meanwhile
+            // (a compare-and-write is never restricted: it is retried only when it cannot
+            // have run).
+            let pieces = match (attempt, seq, job.range()) {
+                (1.., Some(seq), Some((off, len))) => {
+                    Some(lock(&self.inner.writes).uncovered(seq, disk, off, len))
                 }
                 _ => None,
             };
-            if let Some(dev) = local {
-                let mut reply = IoReply::Done;
-                let mut failed = None;
-                for part in &parts {
-                    match direct(&*dev, rec, part).await {
-                        Ok(r) => reply = r,
-                        Err(e) => {
-                            failed = Some(e);
-                            break;
-                        }
-                    }
-                }
-                let Some(e) = failed else {
-                    return Ok(reply);
-                };
-                drop(g);
-                let vid = *read(&self.inner.disks)
-                    .get(&disk)
-                    .ok_or(IoError::NoSuchDisk(disk))?;
-                self.detach(vid, format!("I/O failed: {e}")).await;
-                continue;
+            let parts = job.plan(pieces)?;
+            if parts.is_empty() {
+                return Ok(job.nothing_left());
             }
+            attempt += 1;
+            // The blocks first, then the gate: a task waiting for blocks never holds the gate,
+            // so a barrier never waits behind a range held across a network call.
+            let held = self.lock_blocks(disk, &parts).await;
+            let g = vol.gate.read().await;
+            let rec = g.disks.get(&disk).ok_or(IoError::NoSuchDisk(disk))?;
+            job.bounds(rec)?;
+            let mode = self.mode_of(&g);
             if let IoMode::Paused(_) = mode {
-                drop(g);
+                drop((g, held));
                 if !wait_change(&mut changed, deadline, Duration::from_millis(250)).await {
                     return Err(IoError::Paused(format!(
                         "node {} cannot reach the cluster quorum",
@@ -566,30 +854,101 @@ impl<D: BlockDevice> CsvNode<D> {
                 }
                 continue;
             }
-            let target = (g.coordinator != self.inner.id)
-                .then(|| g.coordinator_addr.clone())
-                .flatten();
+            let here = g.coordinator == self.inner.id;
+            let dev = g.device.as_ref().map(|a| a.dev.clone());
+            // Whole blocks run on the node's own device when it is direct; the coordinator
+            // serves everyone's I/O on its device, its own included. Serialized parts run
+            // only at the coordinator.
+            let (local, remote): (Vec<&Part>, Vec<&Part>) = parts.iter().partition(|p| {
+                dev.is_some()
+                    && match p {
+                        Part::Io(_) => here || mode == IoMode::Direct,
+                        Part::Serial(_) => here,
+                    }
+            });
+            let addr = (!here).then(|| g.coordinator_addr.clone()).flatten();
             let epoch = g.epoch;
-            drop(g);
-            let Some(addr) = target else {
-                // This node is the coordinator but has no device: wait for a new one.
+            if !remote.is_empty() && addr.is_none() {
+                drop((g, held));
                 if !wait_change(&mut changed, deadline, Duration::from_millis(250)).await {
-                    return Err(IoError::Unavailable(
-                        "the coordinator has no path to the device".into(),
-                    ));
+                    return Err(IoError::Unavailable(if here {
+                        "the coordinator has no path to the device".into()
+                    } else {
+                        "the coordinator's block-I/O address is not known".into()
+                    }));
                 }
                 continue;
-            };
-            let mut reply = IoReply::Done;
-            let mut retry = None;
-            for part in parts {
-                match self
-                    .inner
-                    .client
-                    .call(&addr, disk, epoch, &part, false)
-                    .await
+            }
+            let serial_here = local.iter().any(|p| matches!(p, Part::Serial(_)));
+            if serial_here && let Some((from, until)) = self.handoff_pending(&vol) {
+                drop((g, held));
+                if !wait_change(
+                    &mut changed,
+                    deadline,
+                    until.saturating_duration_since(Instant::now()),
+                )
+                .await
                 {
-                    Ok(r) => reply = r,
+                    return Err(self.handoff_error(from));
+                }
+                continue;
+            }
+            let mut out = job.nothing_left();
+            if let Some(dev) = dev.filter(|_| !local.is_empty()) {
+                match run_parts(&*dev, rec, &local).await {
+                    Ok(Some(o)) => out = o,
+                    Ok(None) => {}
+                    Err((e, ambiguous)) => {
+                        drop((g, held));
+                        let vid = *read(&self.inner.disks)
+                            .get(&disk)
+                            .ok_or(IoError::NoSuchDisk(disk))?;
+                        self.detach(vid, format!("I/O failed: {e}")).await;
+                        if ambiguous {
+                            return Err(IoError::Device(format!(
+                                "compare-and-write: node {}'s device failed the write ({e}); \
+                                 the range may hold the old data, the new data or a mix",
+                                self.inner.id
+                            )));
+                        }
+                        continue;
+                    }
+                }
+            }
+            drop(g);
+            let Some(addr) = addr.filter(|_| !remote.is_empty()) else {
+                return Ok(out);
+            };
+            let mut retry = None;
+            for part in remote {
+                let res = match part {
+                    Part::Io(req) => self
+                        .inner
+                        .client
+                        .call(&addr, disk, epoch, req, false)
+                        .await
+                        .map(Outcome::Reply),
+                    Part::Serial(req) => {
+                        let res = self
+                            .inner
+                            .client
+                            .call_serial(&addr, disk, epoch, req, false)
+                            .await;
+                        // Without an answer the coordinator may have run it: sending it again
+                        // could report a miscompare against this very write.
+                        if let Err(e @ (CallError::Lost(_) | CallError::Timeout(_))) = &res
+                            && req.is_compare()
+                        {
+                            return Err(IoError::Unavailable(format!(
+                                "compare-and-write sent to the coordinator at {addr} got no \
+                                 answer ({e}); it may have run, so it is not sent again"
+                            )));
+                        }
+                        res.map(Outcome::Compared)
+                    }
+                };
+                match res {
+                    Ok(o) => out = o,
                     Err(CallError::Remote(status, msg)) if !status.is_retryable() => {
                         return Err(IoError::from_status(status, msg));
                     }
@@ -600,14 +959,28 @@ impl<D: BlockDevice> CsvNode<D> {
                 }
             }
             let Some(why) = retry else {
-                return Ok(reply);
+                return Ok(out);
             };
+            drop(held);
             let why = format!("coordinator at {addr}: {why}");
             tracing::debug!(disk, error = %why, "redirected I/O will be retried");
             if !wait_change(&mut changed, deadline, Duration::from_millis(200)).await {
                 return Err(IoError::Unavailable(why));
             }
         }
+    }
+
+    /// Locks the blocks `parts` write: exclusively if any part is serialized.
+    async fn lock_blocks(&self, disk: DiskId, parts: &[Part]) -> Option<RangeGuard<'_>> {
+        let (start, end, exclusive) = lock_span(parts)?;
+        Some(self.inner.ranges.lock(disk, start, end, exclusive).await)
+    }
+
+    fn handoff_error(&self, from: NodeId) -> IoError {
+        IoError::Unavailable(format!(
+            "node {} has just become the coordinator and waits for node {from} to let go",
+            self.inner.id
+        ))
     }
 
     /// Serves one redirected I/O from a peer: only the coordinator, holding a lease and a
@@ -618,7 +991,35 @@ impl<D: BlockDevice> CsvNode<D> {
         epoch: u64,
         req: IoRequest,
     ) -> Result<IoReply, IoError> {
+        match self.serve(disk, epoch, Job::Io(&req)).await? {
+            Outcome::Reply(r) => Ok(r),
+            Outcome::Compared(_) => Ok(IoReply::Done),
+        }
+    }
+
+    /// Serves one redirected serialized request from a peer, like
+    /// [`CsvNode::execute_as_coordinator`]. A retryable refusal means the request did not
+    /// run; once a compare-and-write's write has been issued, a failure is a
+    /// [`IoError::Device`] (not retryable), so the peer never runs it twice.
+    pub async fn execute_serial_as_coordinator(
+        &self,
+        disk: DiskId,
+        epoch: u64,
+        req: SerialRequest,
+    ) -> Result<CompareResult, IoError> {
+        match self.serve(disk, epoch, Job::Serial(&req)).await? {
+            Outcome::Compared(c) => Ok(c),
+            Outcome::Reply(_) => Ok(CompareResult::Written),
+        }
+    }
+
+    async fn serve(&self, disk: DiskId, epoch: u64, job: Job<'_>) -> Result<Outcome, IoError> {
+        job.check()?;
+        let parts = job.plan(None)?;
         let deadline = Instant::now() + Duration::from_secs(5);
+        let serial = parts.iter().any(|p| matches!(p, Part::Serial(_)));
+        let writes = lock_span(&parts).is_some();
+        let mut held = None;
         loop {
             let vol = self.volume_of(disk)?;
             let mut changed = vol.changed.subscribe();
@@ -635,7 +1036,7 @@ impl<D: BlockDevice> CsvNode<D> {
                 )));
             }
             let rec = g.disks.get(&disk).ok_or(IoError::NoSuchDisk(disk))?;
-            validate(rec, &req)?;
+            job.bounds(rec)?;
             if g.coordinator != self.inner.id {
                 return Err(IoError::NotCoordinator(format!(
                     "node {} does not coordinate this volume (node {} does)",
@@ -654,21 +1055,51 @@ impl<D: BlockDevice> CsvNode<D> {
                     self.inner.id
                 )));
             };
+            if serial && let Some((from, until)) = self.handoff_pending(&vol) {
+                drop(g);
+                if wait_change(
+                    &mut changed,
+                    deadline,
+                    until.saturating_duration_since(Instant::now()),
+                )
+                .await
+                {
+                    continue;
+                }
+                return Err(self.handoff_error(from));
+            }
+            // The blocks are locked only once this node knows it coordinates (a node that
+            // does not answers at once), and without the gate held; then everything is
+            // checked again.
+            if writes && held.is_none() {
+                drop(g);
+                held = self.lock_blocks(disk, &parts).await;
+                continue;
+            }
             let dev = a.dev.clone();
-            match direct(&*dev, rec, &req).await {
-                Ok(r) => return Ok(r),
-                Err(e) => {
-                    drop(g);
+            let all: Vec<&Part> = parts.iter().collect();
+            return match run_parts(&*dev, rec, &all).await {
+                Ok(o) => Ok(o.unwrap_or_else(|| job.nothing_left())),
+                Err((e, ambiguous)) => {
+                    drop((g, held));
                     let vid = *read(&self.inner.disks)
                         .get(&disk)
                         .ok_or(IoError::NoSuchDisk(disk))?;
                     self.detach(vid, format!("I/O failed: {e}")).await;
-                    return Err(IoError::Unavailable(format!(
-                        "coordinator {} lost its device path: {e}",
-                        self.inner.id
-                    )));
+                    Err(if ambiguous {
+                        IoError::Device(format!(
+                            "compare-and-write: coordinator {}'s device failed the write \
+                             ({e}); the range may hold the old data, the new data or a mix",
+                            self.inner.id
+                        ))
+                    } else {
+                        IoError::Unavailable(format!(
+                            "coordinator {} lost its device path: {e}",
+                            self.inner.id
+                        ))
+                    })
                 }
-            }
+            };
         }
     }
 
@@ -680,7 +1111,8 @@ impl<D: BlockDevice> CsvNode<D> {
         }
     }
 
-    /// Writes `data` at `offset` of `disk`.
+    /// Writes `data` at `offset` of `disk`; offset and length are multiples of 4096 bytes
+    /// (see [`CsvNode::write_partial`] for 512-byte sectors).
     pub async fn write(
         &self,
         disk: DiskId,
@@ -693,24 +1125,115 @@ impl<D: BlockDevice> CsvNode<D> {
             .map(drop)
     }
 
+    /// Writes `data` at `offset` of `disk` in 512-byte sectors: offset and length are
+    /// multiples of [`SECTOR`], the length at most [`MAX_PAYLOAD`].
+    ///
+    /// The whole 4 KiB blocks inside the range are written like [`CsvNode::write`] (directly
+    /// when this node is direct); a partial block at either end is read, patched and written
+    /// back by the volume's coordinator under an exclusive lock on the block. So two sub-block
+    /// writes into one block, from any nodes, never lose each other's bytes, and neither
+    /// loses bytes to a compare-and-write or to a whole-block write that this node or the
+    /// coordinator issues meanwhile.
+    ///
+    /// Not covered: a whole-block write that *another* node (not the coordinator) issues
+    /// directly on its own device, landing between the coordinator's read and write of the
+    /// same block. The read-modify-write then puts back the bytes it read, and the other
+    /// write's bytes outside this write's sectors are lost. Concurrent writers on one LUN from
+    /// several nodes (cluster filesystems) should use 4096-byte logical blocks.
+    ///
+    /// A write retried after a failure skips what a newer write of this node has completed
+    /// meanwhile, as every write does (see [`WriteLog`]).
+    pub async fn write_partial(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), IoError> {
+        let req = SerialRequest::WritePartial {
+            offset,
+            data: data.to_vec(),
+            fua,
+        };
+        self.execute_serial(disk, req).await.map(drop)
+    }
+
+    /// Compares `compare` with the data at `offset` of `disk` and, only if they are equal,
+    /// writes `data` there, atomically across the cluster: every node sends it to the
+    /// volume's coordinator, which runs it under an exclusive lock on the covering 4 KiB
+    /// blocks, so of several nodes racing with the same expected data exactly one succeeds.
+    /// Offset and length are multiples of [`SECTOR`]; `compare` and `data` have the same
+    /// length, at most [`crate::wire::MAX_COMPARE`].
+    ///
+    /// Returns [`CompareResult::Miscompare`] with the offset (within `compare`) of the first
+    /// differing byte when the data differs; nothing is written then.
+    ///
+    /// It is sent again after a failure only when the coordinator cannot have run it
+    /// (refused, not reachable, not the coordinator, paused). When it may have run (the
+    /// connection broke or timed out after it was sent: [`IoError::Unavailable`]; the
+    /// coordinator's device failed the write: [`IoError::Device`]) the error is returned
+    /// instead, because a second run would compare against this write's own data and report
+    /// a miscompare for a write that succeeded. The caller (the SCSI layer) reports a
+    /// retryable error and the initiator decides.
+    pub async fn compare_and_write(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        compare: &[u8],
+        data: &[u8],
+    ) -> Result<CompareResult, IoError> {
+        let req = SerialRequest::CompareAndWrite {
+            offset,
+            compare: compare.to_vec(),
+            data: data.to_vec(),
+            fua: false,
+        };
+        self.execute_serial(disk, req).await
+    }
+
     /// Makes `disk`'s completed writes durable.
     pub async fn flush(&self, disk: DiskId) -> Result<(), IoError> {
         self.execute(disk, IoRequest::Flush).await.map(drop)
     }
 
-    /// Deallocates a range of `disk`.
+    /// Deallocates a range of `disk` (it reads back as zeroes). Offset and length are
+    /// multiples of [`SECTOR`]: partial 4 KiB blocks at either end are zeroed by
+    /// read-modify-write at the coordinator (as [`CsvNode::write_partial`] writes), the whole
+    /// blocks between them are deallocated.
     pub async fn discard(&self, disk: DiskId, offset: u64, len: u64) -> Result<(), IoError> {
         self.execute(disk, IoRequest::Discard { offset, len })
             .await
             .map(drop)
     }
 
-    /// Zeroes a range of `disk`.
+    /// Zeroes a range of `disk`. Offset and length are multiples of [`SECTOR`], handled as in
+    /// [`CsvNode::discard`].
     pub async fn write_zeroes(&self, disk: DiskId, offset: u64, len: u64) -> Result<(), IoError> {
         self.execute(disk, IoRequest::WriteZeroes { offset, len })
             .await
             .map(drop)
     }
+}
+
+/// Runs parts on the device in order. Returns the last part's outcome, or the device error
+/// and whether it is ambiguous: a compare-and-write whose write had been issued.
+async fn run_parts<D: BlockDevice>(
+    dev: &D,
+    rec: &DiskRecord,
+    parts: &[&Part],
+) -> Result<Option<Outcome>, (io::Error, bool)> {
+    let mut out = None;
+    for part in parts {
+        out = Some(match part {
+            Part::Io(req) => Outcome::Reply(direct(dev, rec, req).await.map_err(|e| (e, false))?),
+            Part::Serial(req) => Outcome::Compared(
+                crate::serial::run(dev, rec, req)
+                    .await
+                    .map_err(|f| (f.error, f.written && req.is_compare()))?,
+            ),
+        });
+    }
+    Ok(out)
 }
 
 /// Waits for a change or `step`, whichever is first; false once `deadline` has passed.
@@ -723,43 +1246,12 @@ async fn wait_change(rx: &mut watch::Receiver<u64>, deadline: Instant, step: Dur
     true
 }
 
-/// Checks a request against the disk: aligned, non-empty, inside.
-fn validate(rec: &DiskRecord, req: &IoRequest) -> Result<(), IoError> {
-    let (offset, len) = match req {
-        IoRequest::Flush => return Ok(()),
-        IoRequest::Read { offset, len } => (*offset, *len),
-        IoRequest::Write { offset, data, .. } => (*offset, data.len() as u64),
-        IoRequest::Discard { offset, len } | IoRequest::WriteZeroes { offset, len } => {
-            (*offset, *len)
-        }
-    };
-    if len == 0 {
-        return Err(IoError::BadRequest("an I/O of 0 bytes".into()));
-    }
-    let align = ALIGN as u64;
-    if !offset.is_multiple_of(align) || !len.is_multiple_of(align) {
-        return Err(IoError::Unaligned(format!(
-            "offset {offset} and length {len} must each be a multiple of {ALIGN} bytes"
-        )));
-    }
-    if matches!(req, IoRequest::Read { .. } | IoRequest::Write { .. }) && len > MAX_PAYLOAD {
-        return Err(IoError::BadRequest(format!(
-            "{len} bytes is over the {MAX_PAYLOAD}-byte limit of one I/O"
-        )));
-    }
-    if offset.checked_add(len).is_none_or(|e| e > rec.size_bytes) {
-        return Err(IoError::OutOfRange {
-            disk: rec.id,
-            offset,
-            len,
-            size: rec.size_bytes,
-        });
-    }
-    Ok(())
-}
-
-/// Runs a validated request on the device through the disk's extent map.
-async fn direct<D: BlockDevice>(dev: &D, rec: &DiskRecord, req: &IoRequest) -> io::Result<IoReply> {
+/// Runs a checked, in-bounds request on the device through the disk's extent map.
+pub(crate) async fn direct<D: BlockDevice>(
+    dev: &D,
+    rec: &DiskRecord,
+    req: &IoRequest,
+) -> io::Result<IoReply> {
     let runs = |offset: u64, len: u64| {
         rec.map(offset, len)
             .ok_or_else(|| io::Error::other("range outside the extent map"))
@@ -917,6 +1409,162 @@ mod tests {
         log.finish(f, true);
         assert!(log.done.is_empty());
         log.finish(e, true);
+    }
+
+    /// `(offset, len, serialized)` of each part of a plan.
+    fn shape(parts: &[Part]) -> Vec<(u64, u64, bool)> {
+        parts
+            .iter()
+            .map(|p| match p {
+                Part::Io(r) => {
+                    let (o, l) = r.written_range().unwrap_or((0, 0));
+                    (o, l, false)
+                }
+                Part::Serial(r) => (r.offset(), r.len(), true),
+            })
+            .collect()
+    }
+
+    fn buf(seed: u8, len: usize) -> BufSlice {
+        let mut b = AlignedBuf::zeroed(len).unwrap();
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = seed.wrapping_add(i as u8);
+        }
+        BufSlice::from(b)
+    }
+
+    #[test]
+    fn test_plan_whole_blocks_stay_one_part() {
+        let w = IoRequest::Write {
+            offset: 4096,
+            data: buf(1, 8192),
+            fua: true,
+        };
+        let parts = Job::Io(&w).plan(None).unwrap();
+        assert_eq!(shape(&parts), vec![(4096, 8192, false)]);
+        assert_eq!(lock_span(&parts), Some((4096, 12288, false)));
+        let r = IoRequest::Read {
+            offset: 0,
+            len: 4096,
+        };
+        let parts = Job::Io(&r).plan(None).unwrap();
+        assert_eq!(lock_span(&parts), None, "reads lock nothing");
+    }
+
+    #[test]
+    fn test_plan_retry_of_a_write_restricted_to_sectors_patches_partial_blocks() {
+        // A newer sub-block write of this node covered 4608..5120: the retry of this older
+        // write skips it, and the pieces that no longer cover whole blocks go by
+        // read-modify-write, with the right bytes.
+        let w = IoRequest::Write {
+            offset: 4096,
+            data: buf(3, 8192),
+            fua: true,
+        };
+        let parts = Job::Io(&w)
+            .plan(Some(vec![(4096, 512), (5120, 7168)]))
+            .unwrap();
+        assert_eq!(
+            shape(&parts),
+            vec![(4096, 512, true), (5120, 3072, true), (8192, 4096, false)]
+        );
+        let Part::Serial(SerialRequest::WritePartial { data, fua, .. }) = &parts[1] else {
+            panic!("{parts:?}");
+        };
+        assert_eq!(&data[..], &w_data(&w)[1024..4096]);
+        assert!(*fua);
+        assert_eq!(lock_span(&parts), Some((4096, 12288, true)));
+    }
+
+    fn w_data(w: &IoRequest) -> Vec<u8> {
+        match w {
+            IoRequest::Write { data, .. } => data.to_vec(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn test_plan_unaligned_discard_zeroes_partial_blocks() {
+        let d = IoRequest::Discard {
+            offset: 512,
+            len: 8192 + 1024,
+        };
+        let parts = Job::Io(&d).plan(None).unwrap();
+        assert_eq!(
+            shape(&parts),
+            vec![(512, 3584, true), (4096, 4096, false), (8192, 1536, true)]
+        );
+        assert!(matches!(&parts[1], Part::Io(IoRequest::Discard { .. })));
+        for p in [&parts[0], &parts[2]] {
+            let Part::Serial(SerialRequest::WritePartial { data, .. }) = p else {
+                panic!("{p:?}");
+            };
+            assert!(data.iter().all(|b| *b == 0));
+        }
+        let z = IoRequest::WriteZeroes {
+            offset: 8192,
+            len: 4096,
+        };
+        let parts = Job::Io(&z).plan(None).unwrap();
+        assert!(matches!(
+            &parts[..],
+            [Part::Io(IoRequest::WriteZeroes { .. })]
+        ));
+    }
+
+    #[test]
+    fn test_plan_partial_write_sends_whole_blocks_directly() {
+        let data: Vec<u8> = (0..9216u32).map(|i| i as u8).collect();
+        let p = SerialRequest::WritePartial {
+            offset: 1536,
+            data: data.clone(),
+            fua: false,
+        };
+        let parts = Job::Serial(&p).plan(None).unwrap();
+        assert_eq!(
+            shape(&parts),
+            vec![(1536, 2560, true), (4096, 4096, false), (8192, 2560, true)]
+        );
+        let Part::Io(IoRequest::Write { data: middle, .. }) = &parts[1] else {
+            panic!("{parts:?}");
+        };
+        assert_eq!(&middle[..], &data[2560..6656]);
+    }
+
+    #[test]
+    fn test_plan_compare_and_write_is_never_split_or_restricted() {
+        let c = SerialRequest::CompareAndWrite {
+            offset: 512,
+            compare: vec![0; 8192],
+            data: vec![1; 8192],
+            fua: false,
+        };
+        let job = Job::Serial(&c);
+        for pieces in [None, Some(vec![]), Some(vec![(4096, 512)])] {
+            let parts = job.plan(pieces).unwrap();
+            assert_eq!(shape(&parts), vec![(512, 8192, true)]);
+        }
+        assert!(Outcome::Compared(CompareResult::Written).wrote());
+        assert!(!Outcome::Compared(CompareResult::Miscompare { offset: 3 }).wrote());
+    }
+
+    #[test]
+    fn test_io_request_checks() {
+        let discard = |offset, len| IoRequest::Discard { offset, len };
+        assert_eq!(discard(512, 1024).check(), Ok(()));
+        assert!(
+            matches!(discard(100, 512).check(), Err(IoError::Unaligned(m)) if m.contains("512"))
+        );
+        assert!(matches!(discard(0, 0).check(), Err(IoError::BadRequest(_))));
+        assert!(matches!(
+            discard(u64::MAX - 511, 1024).check(),
+            Err(IoError::BadRequest(_))
+        ));
+        let read = IoRequest::Read {
+            offset: 512,
+            len: 4096,
+        };
+        assert!(matches!(read.check(), Err(IoError::Unaligned(m)) if m.contains("4096")));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Redirected I/O over TCP: the pipelined client a node uses to reach a volume's coordinator
 //! (and that local tools use to reach a node), and the server every node runs.
 //!
-//! The framing is [`crate::wire`]. A client keeps one connection per peer; any number of
+//! The framing is [`crate::wire`]. A client keeps a few connections per peer; any number of
 //! requests are in flight on it, answers come back in any order and are matched by id. A lost
 //! connection fails every request in flight on it with a retryable error; the volume layer
 //! retries them (see [`crate::node`]). The server reads requests as fast as they come, runs up
@@ -21,9 +21,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::device::BlockDevice;
 use crate::engine::{ALIGN, AlignedBuf, BufSlice};
-use crate::node::{CsvNode, IoError, IoReply, IoRequest, lock};
+use crate::node::{CompareResult, CsvNode, IoError, IoReply, IoRequest, SerialRequest, lock};
 use crate::wire::{
-    FLAG_FUA, FLAG_LOCAL, Op, REQUEST_BYTES, RESPONSE_BYTES, RequestHeader, ResponseHeader, Status,
+    FLAG_FUA, FLAG_LOCAL, MISCOMPARE_BYTES, Op, REQUEST_BYTES, RESPONSE_BYTES, RequestHeader,
+    ResponseHeader, Status, decode_miscompare, encode_miscompare,
 };
 
 /// Requests one server connection executes at once.
@@ -51,8 +52,10 @@ pub enum CallError {
 
 enum Payload {
     None,
+    /// Read data, in aligned memory.
     Data(AlignedBuf),
-    Text(Vec<u8>),
+    /// An error message or a miscompare offset.
+    Bytes(Vec<u8>),
 }
 
 impl Payload {
@@ -60,7 +63,7 @@ impl Payload {
         match self {
             Payload::None => &[],
             Payload::Data(b) => b,
-            Payload::Text(t) => t,
+            Payload::Bytes(t) => t,
         }
     }
 }
@@ -181,7 +184,6 @@ impl Client {
         req: &IoRequest,
         local: bool,
     ) -> Result<IoReply, CallError> {
-        let conn = self.conn(addr).await?;
         let mut flags = if local { FLAG_LOCAL } else { 0 };
         let (op, offset, len, payload): (Op, u64, u64, &[u8]) = match req {
             IoRequest::Read { offset, len } => (Op::Read, *offset, *len, &[]),
@@ -195,47 +197,19 @@ impl Client {
             IoRequest::Discard { offset, len } => (Op::Discard, *offset, *len, &[]),
             IoRequest::WriteZeroes { offset, len } => (Op::WriteZeroes, *offset, *len, &[]),
         };
-        let id = conn.next_id.fetch_add(1, Ordering::Relaxed);
         let head = RequestHeader {
             op,
             flags,
-            id,
+            id: 0,
             disk,
             offset,
             len,
             epoch,
-            payload_crc: if payload.is_empty() {
-                0
-            } else {
-                crc32fast::hash(payload)
-            },
+            payload_crc: 0,
         };
-        let (tx, rx) = oneshot::channel();
-        match lock(&conn.pending).as_mut() {
-            Some(map) => {
-                map.insert(id, tx);
-            }
-            None => return Err(CallError::Lost("connection closed".into())),
-        }
-        {
-            let mut w = conn.writer.lock().await;
-            if let Err(e) = write_two(&mut *w, &head.encode(), payload).await {
-                conn.kill(&e.to_string());
-                return Err(CallError::Lost(e.to_string()));
-            }
-        }
-        let (resp, body) = match tokio::time::timeout(self.timeout, rx).await {
-            Err(_) => {
-                conn.forget(id);
-                return Err(CallError::Timeout(self.timeout));
-            }
-            Ok(Err(_)) => return Err(CallError::Lost("connection closed".into())),
-            Ok(Ok(Err(why))) => return Err(CallError::Lost(why)),
-            Ok(Ok(Ok(answer))) => answer,
-        };
+        let (resp, body) = self.send(addr, head, [payload]).await?;
         if resp.status != Status::Ok {
-            let text = String::from_utf8_lossy(body.bytes()).into_owned();
-            return Err(CallError::Remote(resp.status, text));
+            return Err(refusal(resp.status, &body));
         }
         match (op, body) {
             (Op::Read, Payload::Data(d)) if d.len() as u64 == len => Ok(IoReply::Data(d)),
@@ -245,6 +219,109 @@ impl Client {
             _ => Ok(IoReply::Done),
         }
     }
+
+    /// Sends a serialized request (compare-and-write, sub-block write) like [`Client::call`].
+    /// A request that fails [`SerialRequest::check`] is refused here, without being sent, with
+    /// the status the server would answer.
+    pub async fn call_serial(
+        &self,
+        addr: &str,
+        disk: DiskId,
+        epoch: u64,
+        req: &SerialRequest,
+        local: bool,
+    ) -> Result<CompareResult, CallError> {
+        // Checked here too: a compare-and-write whose halves differ in length could not be
+        // framed, and an over-long one would make the server drop the connection.
+        req.check()
+            .map_err(|e| CallError::Remote(e.status(), e.to_string()))?;
+        let mut flags = if local { FLAG_LOCAL } else { 0 };
+        if req.fua() {
+            flags |= FLAG_FUA;
+        }
+        let mut head = RequestHeader {
+            op: Op::WritePartial,
+            flags,
+            id: 0,
+            disk,
+            offset: req.offset(),
+            len: req.len(),
+            epoch,
+            payload_crc: 0,
+        };
+        let (resp, body) = match req {
+            SerialRequest::CompareAndWrite { compare, data, .. } => {
+                head.op = Op::CompareAndWrite;
+                self.send(addr, head, [&compare[..], &data[..]]).await?
+            }
+            SerialRequest::WritePartial { data, .. } => {
+                self.send(addr, head, [&data[..], &[]]).await?
+            }
+        };
+        match resp.status {
+            Status::Ok => Ok(CompareResult::Written),
+            Status::Miscompare if req.is_compare() => decode_miscompare(body.bytes())
+                .map(|offset| CompareResult::Miscompare { offset })
+                .ok_or_else(|| {
+                    CallError::Lost("the server's miscompare answer is malformed".into())
+                }),
+            status => Err(refusal(status, &body)),
+        }
+    }
+
+    /// Sends `head` (its id and payload checksum filled in here) followed by `payload`, and
+    /// waits for the answer.
+    async fn send<const N: usize>(
+        &self,
+        addr: &str,
+        mut head: RequestHeader,
+        payload: [&[u8]; N],
+    ) -> Result<Answer, CallError> {
+        let conn = self.conn(addr).await?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut empty = true;
+        for p in payload {
+            crc.update(p);
+            empty &= p.is_empty();
+        }
+        head.id = conn.next_id.fetch_add(1, Ordering::Relaxed);
+        head.payload_crc = if empty { 0 } else { crc.finalize() };
+        let id = head.id;
+        let (tx, rx) = oneshot::channel();
+        match lock(&conn.pending).as_mut() {
+            Some(map) => {
+                map.insert(id, tx);
+            }
+            None => return Err(CallError::Lost("connection closed".into())),
+        }
+        {
+            let mut w = conn.writer.lock().await;
+            let encoded = head.encode();
+            let mut parts = [&[][..]; 4];
+            parts[0] = &encoded[..];
+            for (slot, p) in parts[1..].iter_mut().zip(payload) {
+                *slot = p;
+            }
+            if let Err(e) = write_parts(&mut *w, &parts[..=N.min(3)]).await {
+                conn.kill(&e.to_string());
+                return Err(CallError::Lost(e.to_string()));
+            }
+        }
+        match tokio::time::timeout(self.timeout, rx).await {
+            Err(_) => {
+                conn.forget(id);
+                Err(CallError::Timeout(self.timeout))
+            }
+            Ok(Err(_)) => Err(CallError::Lost("connection closed".into())),
+            Ok(Ok(Err(why))) => Err(CallError::Lost(why)),
+            Ok(Ok(Ok(answer))) => Ok(answer),
+        }
+    }
+}
+
+/// A server's refusal: its status and message.
+fn refusal(status: Status, body: &Payload) -> CallError {
+    CallError::Remote(status, String::from_utf8_lossy(body.bytes()).into_owned())
 }
 
 async fn client_reader(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
@@ -277,7 +354,7 @@ async fn client_reader(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
             if let Err(e) = rd.read_exact(&mut t).await {
                 break e.to_string();
             }
-            Payload::Text(t)
+            Payload::Bytes(t)
         };
         let waiter = lock(&conn.pending)
             .as_mut()
@@ -294,21 +371,28 @@ async fn client_reader(conn: Arc<Conn>, mut rd: OwnedReadHalf) {
     conn.kill(&why);
 }
 
-/// Writes `a` then `b` with as few system calls as the socket allows.
-async fn write_two<W: AsyncWrite + Unpin>(w: &mut W, a: &[u8], b: &[u8]) -> io::Result<()> {
-    let total = a.len() + b.len();
+/// Writes `parts` (at most four) in order, with as few system calls as the socket allows.
+async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: &[&[u8]]) -> io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
     let mut done = 0;
     while done < total {
-        let n = if done < a.len() {
-            w.write_vectored(&[IoSlice::new(&a[done..]), IoSlice::new(b)])
-                .await?
-        } else {
-            w.write(&b[done - a.len()..]).await?
-        };
-        if n == 0 {
+        let mut slices = [IoSlice::new(&[]); 4];
+        let mut n = 0;
+        let mut skip = done;
+        for p in parts {
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            slices[n] = IoSlice::new(&p[skip..]);
+            skip = 0;
+            n += 1;
+        }
+        let wrote = w.write_vectored(&slices[..n]).await?;
+        if wrote == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        done += n;
+        done += wrote;
     }
     Ok(())
 }
@@ -333,6 +417,17 @@ impl BlockClient {
     /// Runs one request.
     pub async fn call(&self, disk: DiskId, req: &IoRequest) -> Result<IoReply, CallError> {
         self.client.call(&self.addr, disk, 0, req, true).await
+    }
+
+    /// Runs one serialized request (compare-and-write, sub-block write).
+    pub async fn call_serial(
+        &self,
+        disk: DiskId,
+        req: &SerialRequest,
+    ) -> Result<CompareResult, CallError> {
+        self.client
+            .call_serial(&self.addr, disk, 0, req, true)
+            .await
     }
 
     /// Reads `len` bytes at `offset`.
@@ -386,7 +481,7 @@ async fn serve_conn<D: BlockDevice>(stream: TcpStream, node: CsvNode<D>) -> Resu
     let (tx, mut rx) = mpsc::channel::<Answer>(SERVER_CONCURRENCY);
     let writer = tokio::spawn(async move {
         while let Some((head, body)) = rx.recv().await {
-            if write_two(&mut wr, &head.encode(), body.bytes())
+            if write_parts(&mut wr, &[&head.encode(), body.bytes()])
                 .await
                 .is_err()
             {
@@ -407,8 +502,14 @@ async fn serve_conn<D: BlockDevice>(stream: TcpStream, node: CsvNode<D>) -> Resu
             Err(e) => break Err(format!("malformed request: {e}")),
         };
         let plen = head.payload_len() as usize;
+        let serial = matches!(head.op, Op::CompareAndWrite | Op::WritePartial);
         let mut data = None;
-        if plen > 0 {
+        let mut bytes = Vec::new();
+        if serial {
+            // Sector-sized payloads, bounded by the header's checks: plain memory.
+            bytes = vec![0u8; plen];
+            rd.read_exact(&mut bytes).await.map_err(|e| e.to_string())?;
+        } else if plen > 0 {
             if plen.is_multiple_of(ALIGN) {
                 let mut b = AlignedBuf::for_overwrite(plen).map_err(|e| e.to_string())?;
                 rd.read_exact(&mut b).await.map_err(|e| e.to_string())?;
@@ -428,11 +529,16 @@ async fn serve_conn<D: BlockDevice>(stream: TcpStream, node: CsvNode<D>) -> Resu
                     len: text.len() as u32,
                     payload_crc: crc32fast::hash(&text),
                 },
-                Payload::Text(text),
+                Payload::Bytes(text),
             )
         };
-        if let Some(d) = &data
-            && crc32fast::hash(d) != head.payload_crc
+        let payload: Option<&[u8]> = match &data {
+            Some(d) => Some(d),
+            None if !bytes.is_empty() => Some(&bytes),
+            None => None,
+        };
+        if let Some(p) = payload
+            && crc32fast::hash(p) != head.payload_crc
         {
             let _ = tx
                 .send(refuse(
@@ -442,16 +548,32 @@ async fn serve_conn<D: BlockDevice>(stream: TcpStream, node: CsvNode<D>) -> Resu
                 .await;
             continue;
         }
+        let fua = head.flags & FLAG_FUA != 0;
         let req = match (head.op, data) {
-            (Op::Read, _) => IoRequest::Read {
+            (Op::CompareAndWrite, _) => {
+                // The payload is the bytes to compare, then as many bytes to write.
+                let data = bytes.split_off(bytes.len() / 2);
+                Incoming::Serial(SerialRequest::CompareAndWrite {
+                    offset: head.offset,
+                    compare: bytes,
+                    data,
+                    fua,
+                })
+            }
+            (Op::WritePartial, _) => Incoming::Serial(SerialRequest::WritePartial {
+                offset: head.offset,
+                data: bytes,
+                fua,
+            }),
+            (Op::Read, _) => Incoming::Io(IoRequest::Read {
                 offset: head.offset,
                 len: head.len,
-            },
-            (Op::Write, Some(d)) => IoRequest::Write {
+            }),
+            (Op::Write, Some(d)) => Incoming::Io(IoRequest::Write {
                 offset: head.offset,
                 data: BufSlice::from(d),
-                fua: head.flags & FLAG_FUA != 0,
-            },
+                fua,
+            }),
             (Op::Write, None) => {
                 let msg = format!(
                     "write length {} must be a non-zero multiple of {ALIGN} bytes",
@@ -460,15 +582,15 @@ async fn serve_conn<D: BlockDevice>(stream: TcpStream, node: CsvNode<D>) -> Resu
                 let _ = tx.send(refuse(Status::Unaligned, msg)).await;
                 continue;
             }
-            (Op::Flush, _) => IoRequest::Flush,
-            (Op::Discard, _) => IoRequest::Discard {
+            (Op::Flush, _) => Incoming::Io(IoRequest::Flush),
+            (Op::Discard, _) => Incoming::Io(IoRequest::Discard {
                 offset: head.offset,
                 len: head.len,
-            },
-            (Op::WriteZeroes, _) => IoRequest::WriteZeroes {
+            }),
+            (Op::WriteZeroes, _) => Incoming::Io(IoRequest::WriteZeroes {
                 offset: head.offset,
                 len: head.len,
-            },
+            }),
         };
         let Ok(permit) = permits.clone().acquire_owned().await else {
             break Ok(());
@@ -476,32 +598,26 @@ async fn serve_conn<D: BlockDevice>(stream: TcpStream, node: CsvNode<D>) -> Resu
         let node = node.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
-            let res = if head.flags & FLAG_LOCAL != 0 {
-                node.execute(head.disk, req).await
-            } else {
-                node.execute_as_coordinator(head.disk, head.epoch, req)
-                    .await
-            };
-            let answer = match res {
-                Ok(IoReply::Data(d)) => (
-                    ResponseHeader {
-                        status: Status::Ok,
-                        id: head.id,
-                        len: d.len() as u32,
-                        payload_crc: crc32fast::hash(&d),
-                    },
-                    Payload::Data(d),
-                ),
-                Ok(IoReply::Done) => (
-                    ResponseHeader {
-                        status: Status::Ok,
-                        id: head.id,
-                        len: 0,
-                        payload_crc: 0,
-                    },
-                    Payload::None,
-                ),
-                Err(e) => error_answer(head.id, &e),
+            let local = head.flags & FLAG_LOCAL != 0;
+            let answer = match req {
+                Incoming::Io(req) => {
+                    let res = if local {
+                        node.execute(head.disk, req).await
+                    } else {
+                        node.execute_as_coordinator(head.disk, head.epoch, req)
+                            .await
+                    };
+                    io_answer(head.id, res)
+                }
+                Incoming::Serial(req) => {
+                    let res = if local {
+                        node.execute_serial(head.disk, req).await
+                    } else {
+                        node.execute_serial_as_coordinator(head.disk, head.epoch, req)
+                            .await
+                    };
+                    serial_answer(head.id, res)
+                }
             };
             let _ = tx.send(answer).await;
             drop(permit);
@@ -510,6 +626,59 @@ async fn serve_conn<D: BlockDevice>(stream: TcpStream, node: CsvNode<D>) -> Resu
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// A request as the server decoded it.
+enum Incoming {
+    Io(IoRequest),
+    Serial(SerialRequest),
+}
+
+fn io_answer(id: u64, res: Result<IoReply, IoError>) -> Answer {
+    match res {
+        Ok(IoReply::Data(d)) => (
+            ResponseHeader {
+                status: Status::Ok,
+                id,
+                len: d.len() as u32,
+                payload_crc: crc32fast::hash(&d),
+            },
+            Payload::Data(d),
+        ),
+        Ok(IoReply::Done) => ok_answer(id),
+        Err(e) => error_answer(id, &e),
+    }
+}
+
+fn serial_answer(id: u64, res: Result<CompareResult, IoError>) -> Answer {
+    match res {
+        Ok(CompareResult::Written) => ok_answer(id),
+        Ok(CompareResult::Miscompare { offset }) => {
+            let b = encode_miscompare(offset);
+            (
+                ResponseHeader {
+                    status: Status::Miscompare,
+                    id,
+                    len: MISCOMPARE_BYTES as u32,
+                    payload_crc: crc32fast::hash(&b),
+                },
+                Payload::Bytes(b.to_vec()),
+            )
+        }
+        Err(e) => error_answer(id, &e),
+    }
+}
+
+fn ok_answer(id: u64) -> Answer {
+    (
+        ResponseHeader {
+            status: Status::Ok,
+            id,
+            len: 0,
+            payload_crc: 0,
+        },
+        Payload::None,
+    )
 }
 
 fn error_answer(id: u64, e: &IoError) -> Answer {
@@ -521,6 +690,6 @@ fn error_answer(id: u64, e: &IoError) -> Answer {
             len: text.len() as u32,
             payload_crc: crc32fast::hash(&text),
         },
-        Payload::Text(text),
+        Payload::Bytes(text),
     )
 }

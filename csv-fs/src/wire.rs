@@ -7,7 +7,7 @@
 //! ```text
 //! request header, 56 bytes                      response header, 32 bytes
 //!  0  magic "CSVR"             u32               0  magic "CSVA"            u32
-//!  4  version (1)              u8                4  version (1)             u8
+//!  4  version (1 or 2)         u8                4  version (1 or 2)        u8
 //!  5  op                       u8                5  status                  u8
 //!  6  flags: 1 FUA, 2 LOCAL    u8                6  reserved (0)            u16
 //!  7  reserved (0)             u8                8  request id              u64
@@ -30,6 +30,32 @@
 //!
 //! `LOCAL` marks a client's request to a node, served in whatever mode the node is in; without
 //! it the request comes from a peer and is executed on the coordinator's own device.
+//!
+//! Operations:
+//!
+//! ```text
+//! op  name               length means                    payload                 needs
+//!  1  read               bytes to read (<= 16 MiB)       -                       v1
+//!  2  write              bytes to write (<= 16 MiB)      the data                v1
+//!  3  flush              0                               -                       v1
+//!  4  discard            bytes                           -                       v1
+//!  5  write-zeroes       bytes                           -                       v1
+//!  6  compare-and-write  bytes compared (<= 1 MiB)       compare, then data      v2
+//!                                                        (2 x length bytes)
+//!  7  write-partial      bytes to write (<= 16 MiB)      the data                v2
+//! ```
+//!
+//! Ops 6 and 7 work in 512-byte sectors (offset and length multiples of 512, checked by the
+//! receiving node, which answers `unaligned` otherwise); they are serialized at the volume's
+//! coordinator (see [`crate::serial`]). A compare-and-write whose data differs from `compare`
+//! is answered with status 10 `miscompare`, whose 8-byte payload is the big-endian offset of
+//! the first differing byte within the compared range.
+//!
+//! **Versions.** A header carries the lowest version that defines its operation or status:
+//! ops 1-5 and statuses 0-9 are version 1, ops 6-7 and status 10 version 2. A node of this
+//! version reads both, so it still serves and calls version-1 peers for ops 1-5; a version-1
+//! peer refuses a version-2 header (it closes the connection), so ops 6 and 7 work only between
+//! nodes of version 2.
 
 /// Size of a request header.
 pub const REQUEST_BYTES: usize = 56;
@@ -37,10 +63,15 @@ pub const REQUEST_BYTES: usize = 56;
 pub const RESPONSE_BYTES: usize = 32;
 /// Largest read or write payload.
 pub const MAX_PAYLOAD: u64 = 16 << 20;
+/// Largest range one compare-and-write compares (its payload is twice this).
+pub const MAX_COMPARE: u64 = 1 << 20;
+/// Bytes of a miscompare answer's payload.
+pub const MISCOMPARE_BYTES: usize = 8;
 
 const REQUEST_MAGIC: u32 = u32::from_be_bytes(*b"CSVR");
 const RESPONSE_MAGIC: u32 = u32::from_be_bytes(*b"CSVA");
-const VERSION: u8 = 1;
+/// The newest protocol version this side speaks (it reads every version up to it).
+pub const VERSION: u8 = 2;
 
 /// Request flag: force unit access (durable on completion).
 pub const FLAG_FUA: u8 = 1;
@@ -60,6 +91,10 @@ pub enum Op {
     Discard = 4,
     /// Zero a range.
     WriteZeroes = 5,
+    /// Compare `len` bytes with the payload's first half; if equal, write its second half.
+    CompareAndWrite = 6,
+    /// Write the payload, in 512-byte sectors, by read-modify-write at the coordinator.
+    WritePartial = 7,
 }
 
 impl Op {
@@ -70,8 +105,27 @@ impl Op {
             3 => Op::Flush,
             4 => Op::Discard,
             5 => Op::WriteZeroes,
+            6 => Op::CompareAndWrite,
+            7 => Op::WritePartial,
             _ => return None,
         })
+    }
+
+    /// The protocol version that introduced this operation (and that its headers carry).
+    pub fn version(self) -> u8 {
+        match self {
+            Op::Read | Op::Write | Op::Flush | Op::Discard | Op::WriteZeroes => 1,
+            Op::CompareAndWrite | Op::WritePartial => 2,
+        }
+    }
+
+    /// The largest `len` a request of this operation may carry, if it is bounded.
+    pub fn max_len(self) -> Option<u64> {
+        match self {
+            Op::Read | Op::Write | Op::WritePartial => Some(MAX_PAYLOAD),
+            Op::CompareAndWrite => Some(MAX_COMPARE),
+            Op::Flush | Op::Discard | Op::WriteZeroes => None,
+        }
     }
 }
 
@@ -88,7 +142,7 @@ pub struct RequestHeader {
     pub disk: u64,
     /// Offset in the disk.
     pub offset: u64,
-    /// Bytes to read, write, discard or zero.
+    /// Bytes to read, write, discard, zero or compare.
     pub len: u64,
     /// The volume epoch the sender checked the request against.
     pub epoch: u64,
@@ -99,14 +153,18 @@ pub struct RequestHeader {
 impl RequestHeader {
     /// Bytes of payload that follow this header.
     pub fn payload_len(&self) -> u64 {
-        if self.op == Op::Write { self.len } else { 0 }
+        match self.op {
+            Op::Write | Op::WritePartial => self.len,
+            Op::CompareAndWrite => self.len.saturating_mul(2),
+            Op::Read | Op::Flush | Op::Discard | Op::WriteZeroes => 0,
+        }
     }
 
-    /// Encodes the header.
+    /// Encodes the header, with the version of its operation.
     pub fn encode(&self) -> [u8; REQUEST_BYTES] {
         let mut b = [0u8; REQUEST_BYTES];
         b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        b[4] = VERSION;
+        b[4] = self.op.version();
         b[5] = self.op as u8;
         b[6] = self.flags;
         b[8..16].copy_from_slice(&self.id.to_be_bytes());
@@ -122,8 +180,15 @@ impl RequestHeader {
 
     /// Decodes and checks a header.
     pub fn decode(b: &[u8; REQUEST_BYTES]) -> Result<Self, WireError> {
-        check_frame(b, REQUEST_MAGIC)?;
+        let version = check_frame(b, REQUEST_MAGIC)?;
         let op = Op::from_u8(b[5]).ok_or(WireError::UnknownOp(b[5]))?;
+        if op.version() > version {
+            return Err(WireError::NotInVersion {
+                what: "operation",
+                code: b[5],
+                version,
+            });
+        }
         if b[6] & !(FLAG_FUA | FLAG_LOCAL) != 0 || b[7] != 0 {
             return Err(WireError::Reserved);
         }
@@ -137,7 +202,7 @@ impl RequestHeader {
             epoch: u64_at(b, 40),
             payload_crc: u32_at(b, 48),
         };
-        if matches!(op, Op::Read | Op::Write) && h.len > MAX_PAYLOAD {
+        if op.max_len().is_some_and(|max| h.len > max) {
             return Err(WireError::TooLarge(h.len));
         }
         Ok(h)
@@ -167,6 +232,9 @@ pub enum Status {
     DeviceError = 8,
     /// The payload did not match its checksum.
     ChecksumMismatch = 9,
+    /// A compare-and-write found different data and wrote nothing; the payload is the offset
+    /// of the first differing byte ([`encode_miscompare`]).
+    Miscompare = 10,
 }
 
 impl Status {
@@ -182,8 +250,17 @@ impl Status {
             7 => Status::Unavailable,
             8 => Status::DeviceError,
             9 => Status::ChecksumMismatch,
+            10 => Status::Miscompare,
             _ => return None,
         })
+    }
+
+    /// The protocol version that introduced this status (and that its answers carry).
+    pub fn version(self) -> u8 {
+        match self {
+            Status::Miscompare => 2,
+            _ => 1,
+        }
     }
 
     /// Whether another attempt (at the same or a new coordinator) may succeed.
@@ -212,11 +289,11 @@ pub struct ResponseHeader {
 }
 
 impl ResponseHeader {
-    /// Encodes the header.
+    /// Encodes the header, with the version of its status.
     pub fn encode(&self) -> [u8; RESPONSE_BYTES] {
         let mut b = [0u8; RESPONSE_BYTES];
         b[0..4].copy_from_slice(&RESPONSE_MAGIC.to_be_bytes());
-        b[4] = VERSION;
+        b[4] = self.status.version();
         b[5] = self.status as u8;
         b[8..16].copy_from_slice(&self.id.to_be_bytes());
         b[16..20].copy_from_slice(&self.len.to_be_bytes());
@@ -228,8 +305,15 @@ impl ResponseHeader {
 
     /// Decodes and checks a header.
     pub fn decode(b: &[u8; RESPONSE_BYTES]) -> Result<Self, WireError> {
-        check_frame(b, RESPONSE_MAGIC)?;
+        let version = check_frame(b, RESPONSE_MAGIC)?;
         let status = Status::from_u8(b[5]).ok_or(WireError::UnknownStatus(b[5]))?;
+        if status.version() > version {
+            return Err(WireError::NotInVersion {
+                what: "status",
+                code: b[5],
+                version,
+            });
+        }
         if b[6] != 0 || b[7] != 0 || u32_at(b, 24) != 0 {
             return Err(WireError::Reserved);
         }
@@ -253,7 +337,7 @@ pub enum WireError {
     #[error("bad magic {0:#010x}")]
     BadMagic(u32),
     /// A version this side does not speak.
-    #[error("protocol version {0} is not supported (this node speaks {VERSION})")]
+    #[error("protocol version {0} is not supported (this node speaks versions 1 to {VERSION})")]
     BadVersion(u8),
     /// The header's checksum does not match.
     #[error("header checksum mismatch")]
@@ -264,6 +348,16 @@ pub enum WireError {
     /// A status code this side does not know.
     #[error("unknown status {0}")]
     UnknownStatus(u8),
+    /// An operation or status newer than the version the header claims.
+    #[error("{what} {code} is not part of protocol version {version}")]
+    NotInVersion {
+        /// "operation" or "status".
+        what: &'static str,
+        /// Its code.
+        code: u8,
+        /// The header's version.
+        version: u8,
+    },
     /// Reserved bits or bytes are set.
     #[error("reserved fields are not zero")]
     Reserved,
@@ -272,7 +366,8 @@ pub enum WireError {
     TooLarge(u64),
 }
 
-fn check_frame(b: &[u8], magic: u32) -> Result<(), WireError> {
+/// Checks magic, checksum and version; returns the version.
+fn check_frame(b: &[u8], magic: u32) -> Result<u8, WireError> {
     let n = b.len();
     let got = u32_at(b, 0);
     if got != magic {
@@ -281,10 +376,23 @@ fn check_frame(b: &[u8], magic: u32) -> Result<(), WireError> {
     if crc32fast::hash(&b[..n - 4]) != u32_at(b, n - 4) {
         return Err(WireError::HeaderChecksum);
     }
-    if b[4] != VERSION {
+    if b[4] == 0 || b[4] > VERSION {
         return Err(WireError::BadVersion(b[4]));
     }
-    Ok(())
+    Ok(b[4])
+}
+
+/// The payload of a [`Status::Miscompare`] answer: the offset of the first differing byte
+/// within the compared range.
+pub fn encode_miscompare(offset: u64) -> [u8; MISCOMPARE_BYTES] {
+    offset.to_be_bytes()
+}
+
+/// Reads a [`Status::Miscompare`] answer's payload; `None` unless it is exactly
+/// [`MISCOMPARE_BYTES`] long.
+pub fn decode_miscompare(payload: &[u8]) -> Option<u64> {
+    let b: [u8; MISCOMPARE_BYTES] = payload.try_into().ok()?;
+    Some(u64::from_be_bytes(b))
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -307,7 +415,7 @@ mod tests {
 
     fn arb_request() -> impl Strategy<Value = RequestHeader> {
         (
-            1u8..6,
+            1u8..8,
             0u8..4,
             any::<u64>(),
             any::<u64>(),
@@ -317,17 +425,25 @@ mod tests {
             any::<u32>(),
         )
             .prop_map(|(op, flags, id, disk, offset, len, epoch, payload_crc)| {
+                let op = Op::from_u8(op).unwrap();
                 RequestHeader {
-                    op: Op::from_u8(op).unwrap(),
+                    op,
                     flags,
                     id,
                     disk,
                     offset,
-                    len,
+                    len: op.max_len().map_or(len, |max| len.min(max)),
                     epoch,
                     payload_crc,
                 }
             })
+    }
+
+    /// Re-seals a header after a test changed a byte, so only that change is judged.
+    fn reseal(b: &mut [u8]) {
+        let n = b.len();
+        let crc = crc32fast::hash(&b[..n - 4]);
+        b[n - 4..].copy_from_slice(&crc.to_be_bytes());
     }
 
     proptest! {
@@ -337,7 +453,7 @@ mod tests {
         }
 
         #[test]
-        fn test_response_round_trip(status in 0u8..10, id in any::<u64>(), len in 0u32..=(MAX_PAYLOAD as u32), crc in any::<u32>()) {
+        fn test_response_round_trip(status in 0u8..11, id in any::<u64>(), len in 0u32..=(MAX_PAYLOAD as u32), crc in any::<u32>()) {
             let h = ResponseHeader { status: Status::from_u8(status).unwrap(), id, len, payload_crc: crc };
             prop_assert_eq!(ResponseHeader::decode(&h.encode()), Ok(h));
         }
@@ -397,11 +513,119 @@ mod tests {
         }
         .encode();
         b[5] = 77;
-        let crc = crc32fast::hash(&b[..28]);
-        b[28..32].copy_from_slice(&crc.to_be_bytes());
+        reseal(&mut b);
         assert_eq!(
             ResponseHeader::decode(&b),
             Err(WireError::UnknownStatus(77))
+        );
+    }
+
+    #[test]
+    fn test_serialized_ops_carry_version_2() {
+        let caw = RequestHeader {
+            op: Op::CompareAndWrite,
+            flags: FLAG_FUA,
+            id: 9,
+            disk: 3,
+            offset: 512,
+            len: 1024,
+            epoch: 4,
+            payload_crc: 5,
+        };
+        let b = caw.encode();
+        assert_eq!(b[4], 2);
+        assert_eq!(RequestHeader::decode(&b), Ok(caw));
+        assert_eq!(caw.payload_len(), 2048);
+        let partial = RequestHeader {
+            op: Op::WritePartial,
+            ..caw
+        };
+        assert_eq!(partial.encode()[4], 2);
+        assert_eq!(partial.payload_len(), 1024);
+        // Older operations keep version 1, so version-1 peers still understand them.
+        let read = RequestHeader {
+            op: Op::Read,
+            ..caw
+        };
+        assert_eq!(read.encode()[4], 1);
+        // A version-1 header cannot carry a version-2 operation.
+        let mut b = caw.encode();
+        b[4] = 1;
+        reseal(&mut b);
+        assert_eq!(
+            RequestHeader::decode(&b),
+            Err(WireError::NotInVersion {
+                what: "operation",
+                code: 6,
+                version: 1
+            })
+        );
+        // Nor is a newer version than this side's accepted, nor version 0.
+        for v in [0, VERSION + 1] {
+            let mut b = read.encode();
+            b[4] = v;
+            reseal(&mut b);
+            assert_eq!(RequestHeader::decode(&b), Err(WireError::BadVersion(v)));
+        }
+    }
+
+    #[test]
+    fn test_serialized_op_limits() {
+        let caw = RequestHeader {
+            op: Op::CompareAndWrite,
+            flags: 0,
+            id: 1,
+            disk: 1,
+            offset: 0,
+            len: MAX_COMPARE + 512,
+            epoch: 0,
+            payload_crc: 0,
+        };
+        assert_eq!(
+            RequestHeader::decode(&caw.encode()),
+            Err(WireError::TooLarge(MAX_COMPARE + 512))
+        );
+        let partial = RequestHeader {
+            op: Op::WritePartial,
+            len: MAX_PAYLOAD + 512,
+            ..caw
+        };
+        assert_eq!(
+            RequestHeader::decode(&partial.encode()),
+            Err(WireError::TooLarge(MAX_PAYLOAD + 512))
+        );
+        // An undecoded header with an absurd length does not overflow.
+        let huge = RequestHeader {
+            len: u64::MAX,
+            ..caw
+        };
+        assert_eq!(huge.payload_len(), u64::MAX);
+    }
+
+    #[test]
+    fn test_miscompare_answer() {
+        let h = ResponseHeader {
+            status: Status::Miscompare,
+            id: 12,
+            len: MISCOMPARE_BYTES as u32,
+            payload_crc: crc32fast::hash(&encode_miscompare(1536)),
+        };
+        let mut b = h.encode();
+        assert_eq!(b[4], 2);
+        assert_eq!(ResponseHeader::decode(&b), Ok(h));
+        assert!(!Status::Miscompare.is_retryable());
+        assert_eq!(decode_miscompare(&encode_miscompare(1536)), Some(1536));
+        assert_eq!(decode_miscompare(&[0; 7]), None);
+        assert_eq!(decode_miscompare(&[0; 9]), None);
+        b[4] = 1;
+        reseal(&mut b);
+        assert_eq!(
+            ResponseHeader::decode(&b),
+            Err(WireError::NotInVersion {
+                what: "status",
+                code: 10,
+                version: 1
+            })
         );
     }
 }

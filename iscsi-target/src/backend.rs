@@ -6,14 +6,24 @@
 
 use std::future::Future;
 
-/// The logical block size of every LUN, in bytes.
+/// The physical block size of every LUN, in bytes.
 ///
-/// Shared volumes do direct I/O in 4 KiB units, so LUNs use 4 KiB logical blocks: every SCSI
-/// write maps to whole device blocks and no node ever read-modify-writes a block another node
-/// may be writing.
+/// Shared volumes do direct I/O in 4 KiB units: this is every LUN's physical block size, and
+/// the logical block size of LUNs made with 4 KiB blocks ([`LunInfo::block_size`] 4096). LUNs
+/// with 512-byte logical blocks (512e, the default, for initiators that assume 512) address
+/// 512-byte logical blocks and report 4 KiB physical blocks (READ CAPACITY (16) LOGICAL BLOCKS
+/// PER PHYSICAL BLOCK EXPONENT 3): the daemon writes a part of a physical block by reading,
+/// changing and writing the whole 4 KiB.
 pub const BLOCK_SIZE: u32 = 4096;
 
+/// The logical block sizes a LUN may have, in bytes.
+pub const LOGICAL_BLOCK_SIZES: [u32; 2] = [512, 4096];
+
 /// A LUN as the target presents it. The same on every node.
+///
+/// Every SCSI command addresses the LUN in logical blocks of [`LunInfo::block_size`] bytes
+/// (LBAs, transfer lengths, capacities, the block limits); the backend is called with byte
+/// offsets and lengths that are multiples of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LunInfo {
     /// The LUN number within its target.
@@ -23,16 +33,44 @@ pub struct LunInfo {
     pub uuid: [u8; 16],
     /// The disk's name (shown as the product revision's neighbour in INQUIRY's vendor area).
     pub name: String,
-    /// Size in bytes, a multiple of [`BLOCK_SIZE`].
+    /// Size in bytes, a multiple of [`LunInfo::block_size`].
     pub size_bytes: u64,
+    /// The logical block size in bytes: 512 or 4096 (see [`LOGICAL_BLOCK_SIZES`]). The
+    /// physical block size is always [`BLOCK_SIZE`].
+    pub block_size: u32,
     /// Whether UNMAP and WRITE SAME with UNMAP deallocate (thin provisioning).
     pub thin: bool,
 }
 
 impl LunInfo {
     /// The number of logical blocks.
+    ///
+    /// ```
+    /// # use csvd_iscsi_target::backend::LunInfo;
+    /// let lun = LunInfo {
+    ///     lun: 0,
+    ///     uuid: [1; 16],
+    ///     name: "d".into(),
+    ///     size_bytes: 1 << 20,
+    ///     block_size: 512,
+    ///     thin: true,
+    /// };
+    /// assert_eq!(lun.blocks(), 2048);
+    /// assert_eq!(lun.blocks_per_physical(), 8);
+    /// ```
     pub fn blocks(&self) -> u64 {
-        self.size_bytes / u64::from(BLOCK_SIZE)
+        self.size_bytes / u64::from(self.block_size.max(1))
+    }
+
+    /// The logical block size as a `u64`, for offset arithmetic.
+    pub fn block_bytes(&self) -> u64 {
+        u64::from(self.block_size.max(1))
+    }
+
+    /// How many logical blocks make one physical block ([`BLOCK_SIZE`]): 8 for 512-byte
+    /// LUNs, 1 for 4096-byte ones.
+    pub fn blocks_per_physical(&self) -> u32 {
+        (BLOCK_SIZE / self.block_size.clamp(1, BLOCK_SIZE)).max(1)
     }
 }
 
@@ -114,8 +152,33 @@ pub enum CompareOutcome {
     },
 }
 
+/// The provisioning status of a run of blocks, as GET LBA STATUS reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provisioning {
+    /// The blocks are mapped (hold data).
+    Mapped,
+    /// The blocks are deallocated (read back as zeroes).
+    Deallocated,
+}
+
 /// What the target serves. Implemented by the csvd daemon over csv-fs and Raft, and by an
 /// in-memory store in tests.
+///
+/// # Data offsets and lengths
+///
+/// The `offset` and `len` (or buffer length) the SCSI layer passes to [`Backend::read`],
+/// [`Backend::write`], [`Backend::unmap`], [`Backend::write_zeroes`],
+/// [`Backend::compare_and_write`] and [`Backend::provisioning`] are multiples of the LUN's
+/// logical block size ([`LunInfo::block_size`]: 512 or 4096), not necessarily of the 4 KiB
+/// physical block ([`BLOCK_SIZE`]). On a 512-byte LUN the backend completes a partial physical
+/// block itself (read, change, write the 4 KiB).
+///
+/// # Atomicity
+///
+/// WRITE ATOMIC (16) is served by one [`Backend::write`] of exactly one physical block
+/// ([`BLOCK_SIZE`] bytes at an offset that is a multiple of it). Such a write must reach the
+/// device as one aligned write, so that a reader or a crash sees all of it or none of it. The
+/// SCSI layer makes no other atomicity assumption; COMPARE AND WRITE has its own method.
 pub trait Backend: Send + Sync + 'static {
     /// A data buffer: filled by reads, and received into for writes so data goes from the
     /// socket to the device without a copy.
@@ -139,7 +202,53 @@ pub trait Backend: Send + Sync + 'static {
     /// Every target port group (one per node) with its state for `lun`.
     fn port_groups(&self, lun: &LunInfo) -> Vec<PortGroup>;
 
-    /// Reads `len` bytes at byte `offset`.
+    /// A number that changes whenever the LUN table of `target` changes: a LUN added, removed
+    /// or resized, or an ACL changed. While it stays the same the SCSI layer serves commands
+    /// from its copy of the table instead of calling [`Backend::luns`] for each one. Default:
+    /// `None`, the table is read for every command.
+    fn luns_generation(&self, _target: &str) -> Option<u64> {
+        None
+    }
+
+    /// The asymmetric access state of `lun` through target port group `group` (this node's
+    /// TPGT), or `None` when no group has that id. Called for every command; the default asks
+    /// [`Backend::port_groups`].
+    fn alua_state(&self, lun: &LunInfo, group: u16) -> Option<AluaState> {
+        self.port_groups(lun)
+            .into_iter()
+            .find(|g| g.id == group)
+            .map(|g| g.state)
+    }
+
+    /// How many LUN resets `lun` has had through any node's portal. A node that sees the
+    /// count grow reports POWER ON, RESET, OR BUS DEVICE RESET OCCURRED to the initiators
+    /// connected to it, as if the reset had arrived there. Default: always 0 (one node).
+    fn reset_count(&self, _lun: &LunInfo) -> u64 {
+        0
+    }
+
+    /// Counts one reset of `lun` for every node; completes when every node knows it, and
+    /// returns the new count. Default: nothing to tell (one node).
+    fn count_reset(
+        &self,
+        _lun: &LunInfo,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        std::future::ready(Ok(0))
+    }
+
+    /// The provisioning status of the block at byte `offset` and the length in bytes of the
+    /// run of blocks from `offset` that share it (at least one block, at most `len`), for GET
+    /// LBA STATUS. Default: everything is mapped.
+    fn provisioning(
+        &self,
+        _lun: &LunInfo,
+        _offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(Provisioning, u64), BackendError>> + Send {
+        std::future::ready(Ok((Provisioning::Mapped, len)))
+    }
+
+    /// Reads `len` bytes at byte `offset` (both multiples of the logical block size).
     fn read(
         &self,
         lun: &LunInfo,
@@ -147,7 +256,9 @@ pub trait Backend: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = Result<Self::Buf, BackendError>> + Send;
 
-    /// Writes `data` at byte `offset`; with `fua` it is durable when this returns.
+    /// Writes `data` at byte `offset` (both multiples of the logical block size); with `fua`
+    /// it is durable when this returns. One aligned physical block is written atomically (see
+    /// the trait documentation).
     fn write(
         &self,
         lun: &LunInfo,
@@ -159,7 +270,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Makes completed writes durable.
     fn flush(&self, lun: &LunInfo) -> impl Future<Output = Result<(), BackendError>> + Send;
 
-    /// Deallocates `len` bytes at `offset`; they read back as zeroes.
+    /// Deallocates `len` bytes at `offset` (multiples of the logical block size); they read
+    /// back as zeroes. Parts of a physical block may be zeroed instead of deallocated.
     fn unmap(
         &self,
         lun: &LunInfo,
@@ -167,7 +279,8 @@ pub trait Backend: Send + Sync + 'static {
         len: u64,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
-    /// Writes zeroes to `len` bytes at `offset` (the backend may deallocate them).
+    /// Writes zeroes to `len` bytes at `offset` (multiples of the logical block size; the
+    /// backend may deallocate them).
     fn write_zeroes(
         &self,
         lun: &LunInfo,
@@ -176,7 +289,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Atomically, across every node of the cluster: compares `compare` with the data at
-    /// `offset` and, only when equal, writes `write` there.
+    /// `offset` and, only when equal, writes `write` there. The offset and the (equal) buffer
+    /// lengths are multiples of the logical block size.
     fn compare_and_write(
         &self,
         lun: &LunInfo,

@@ -51,6 +51,35 @@ pub enum Noun {
     /// Virtual disks (LUNs) carved from volumes.
     #[command(subcommand)]
     Lun(LunCmd),
+    /// The cluster's iSCSI target: its name, portals and CHAP credentials.
+    #[command(subcommand)]
+    Target(TargetCmd),
+}
+
+/// `migrator target ...`
+#[derive(Debug, Subcommand)]
+pub enum TargetCmd {
+    /// Show the target name, every node's portal and whether CHAP is set.
+    Show,
+    /// Set the CHAP credentials initiators must log in with (or remove them with --clear).
+    Chap {
+        /// The user name initiators authenticate as.
+        #[arg(long, required_unless_present = "clear")]
+        user: Option<String>,
+        /// The secret (12 to 255 characters); prefer the environment variable.
+        #[arg(long, env = "MIGRATOR_CHAP_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// Mutual CHAP: the name the target answers with.
+        #[arg(long, requires = "mutual_secret")]
+        mutual_user: Option<String>,
+        /// Mutual CHAP: the target's secret.
+        #[arg(long, env = "MIGRATOR_CHAP_MUTUAL_SECRET", hide_env_values = true)]
+        mutual_secret: Option<String>,
+        /// Remove the credentials: logins need no authentication (loopback portals, or
+        /// nodes with iscsi_allow_no_auth).
+        #[arg(long, conflicts_with_all = ["user", "mutual_user"])]
+        clear: bool,
+    },
 }
 
 /// `migrator volume ...`
@@ -104,6 +133,23 @@ pub enum LunCmd {
         /// Unique name.
         #[arg(long)]
         name: String,
+        /// Initiator name allowed to use the LUN (repeatable); by default every initiator.
+        #[arg(long = "allow")]
+        allow: Vec<String>,
+        /// Logical block size: 512 (4 KiB physical; what most initiators expect) or 4096.
+        #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+        block_size: u32,
+    },
+    /// Set which initiators may use a LUN.
+    Allow {
+        /// Disk name or id.
+        lun: String,
+        /// Initiator name (repeatable); replaces the current list.
+        #[arg(long = "initiator", required_unless_present = "any")]
+        initiators: Vec<String>,
+        /// Allow every initiator.
+        #[arg(long, conflicts_with = "initiators")]
+        any: bool,
     },
     /// List the virtual disks.
     List,
@@ -125,6 +171,15 @@ pub enum LunCmd {
         /// Disk name or id.
         lun: String,
     },
+}
+
+/// Parses a LUN block size: 512 or 4096.
+pub fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s.trim() {
+        "512" => Ok(512),
+        "4096" | "4k" | "4K" => Ok(4096),
+        other => Err(format!("{other:?} is not a block size (512 or 4096)")),
+    }
 }
 
 /// Parses sizes like `10G`, `512M`, `1T`, `4096` (binary units).
@@ -288,6 +343,7 @@ async fn run(cli: &Cli) -> Result<String, String> {
         }
         Noun::Volume(cmd) => volumes::run(&mut client, cmd, cli.json).await,
         Noun::Lun(cmd) => volumes::run_lun(&mut client, cmd, cli.json).await,
+        Noun::Target(cmd) => volumes::run_target(&mut client, cmd, cli.json).await,
     }
 }
 

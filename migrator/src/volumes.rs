@@ -4,10 +4,13 @@
 use csvd_raft::ClusterState;
 use csvd_raft::api::ClusterClient;
 use csvd_raft::command::{Command, Outcome};
-use csvd_raft::volume::{DiskRecord, IoMode, VolumeRecord, free_gaps, used_extents};
+use csvd_raft::volume::{
+    ChapAuth, DiskRecord, IoMode, VolumeRecord, free_gaps, iscsi_target_name, lun_uuid,
+    used_extents,
+};
 use serde::Serialize;
 
-use crate::cli::{LunCmd, VolumeCmd};
+use crate::cli::{LunCmd, TargetCmd, VolumeCmd};
 
 /// A volume as listed.
 #[derive(Debug, Serialize)]
@@ -277,17 +280,40 @@ pub async fn run_lun(
 ) -> Result<String, String> {
     let state = client.state().await.map_err(|e| e.to_string())?;
     match cmd {
-        LunCmd::Create { volume, size, name } => {
+        LunCmd::Create {
+            volume,
+            size,
+            name,
+            allow,
+            block_size,
+        } => {
             let v = find_volume(&state, volume)?;
+            if let Some(bad) = allow.iter().find(|i| !valid_iscsi_name(i)) {
+                return Err(format!(
+                    "{bad:?} is not an iSCSI name (iqn.…, eui.… or naa.…)"
+                ));
+            }
             let cmd = Command::CreateDisk {
                 name: name.clone(),
                 volume: v.id,
                 size_bytes: *size,
+                block_size: Some(*block_size),
             };
             let (outcome, _) = client.write(cmd).await.map_err(|e| e.to_string())?;
             let Outcome::Created { id } = outcome else {
                 return Err(format!("unexpected outcome {outcome:?}"));
             };
+            if !allow.is_empty() {
+                client
+                    .write(Command::SetDiskAccess {
+                        id,
+                        initiators: allow.clone(),
+                    })
+                    .await
+                    .map_err(|e| {
+                        format!("LUN {id} was created, but its access list was not set: {e}")
+                    })?;
+            }
             Ok(if as_json {
                 json(
                     &serde_json::json!({ "id": id, "name": name, "volume": v.id, "size_bytes": size }),
@@ -314,12 +340,40 @@ pub async fn run_lun(
                 return Ok(json(d));
             }
             let mut out = format!(
-                "LUN     {}\nname    {}\nvolume  {}\nsize    {}\n\n",
+                "LUN     {}\nname    {}\nvolume  {}\nsize    {} ({}-byte blocks)\naccess  {}\n",
                 d.id,
                 d.name,
                 d.volume,
-                human(d.size_bytes)
+                human(d.size_bytes),
+                d.block_size,
+                if d.allowed_initiators.is_empty() {
+                    "every initiator".to_string()
+                } else {
+                    d.allowed_initiators.join(", ")
+                }
             );
+            if let Some(cluster) = state.cluster_id {
+                let target = iscsi_target_name(cluster);
+                out.push_str(&format!("serial  {}\n\n", lun_uuid(cluster, d.id).simple()));
+                let mut t = vec![vec!["NODE".into(), "ISCSI URL".into(), "PATH STATE".into()]];
+                let vol = state.volumes.get(&d.volume);
+                for (id, n) in &state.nodes {
+                    let mode = vol.and_then(|v| v.nodes.get(id)).map(|s| &s.mode);
+                    let alua = match mode {
+                        Some(IoMode::Direct) => "active/optimized",
+                        Some(IoMode::Redirected(_)) => "active/non-optimized",
+                        _ => "unavailable",
+                    };
+                    t.push(vec![
+                        id.to_string(),
+                        format!("iscsi://{}/{}/{}", n.spec.iscsi_addr, target, d.id),
+                        alua.into(),
+                    ]);
+                }
+                out.push_str(&table(t));
+                out.push('\n');
+            }
+            out.push('\n');
             let mut t = vec![vec![
                 "DISK OFFSET".into(),
                 "DEVICE OFFSET".into(),
@@ -334,6 +388,33 @@ pub async fn run_lun(
             }
             out.push_str(&table(t));
             Ok(out)
+        }
+        LunCmd::Allow {
+            lun,
+            initiators,
+            any,
+        } => {
+            let d = find_disk(&state, lun)?;
+            if let Some(bad) = initiators.iter().find(|i| !valid_iscsi_name(i)) {
+                return Err(format!(
+                    "{bad:?} is not an iSCSI name (iqn.…, eui.… or naa.…)"
+                ));
+            }
+            let list = if *any { Vec::new() } else { initiators.clone() };
+            client
+                .write(Command::SetDiskAccess {
+                    id: d.id,
+                    initiators: list.clone(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(if as_json {
+                json(&serde_json::json!({ "id": d.id, "allowed_initiators": list }))
+            } else if list.is_empty() {
+                format!("LUN {} ({}) is open to every initiator", d.id, d.name)
+            } else {
+                format!("LUN {} ({}) is open to {}", d.id, d.name, list.join(", "))
+            })
         }
         LunCmd::Resize { lun, size } => {
             let d = find_disk(&state, lun)?;
@@ -410,10 +491,112 @@ async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Vec<u64> {
     }
 }
 
+/// Whether `name` looks like an iSCSI name (RFC 7143 4.2.7): `iqn.`, `eui.` or `naa.`, no
+/// spaces, at most 223 bytes.
+pub fn valid_iscsi_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    (lower.starts_with("iqn.") || lower.starts_with("eui.") || lower.starts_with("naa."))
+        && name.len() > 4
+        && name.len() <= 223
+        && !name.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Runs a `target` subcommand.
+pub async fn run_target(
+    client: &mut ClusterClient,
+    cmd: &TargetCmd,
+    as_json: bool,
+) -> Result<String, String> {
+    let state = client.state().await.map_err(|e| e.to_string())?;
+    let cluster = state
+        .cluster_id
+        .ok_or("the cluster is not initialized yet")?;
+    let name = iscsi_target_name(cluster);
+    match cmd {
+        TargetCmd::Show => {
+            let portals: Vec<(u64, String)> = state
+                .nodes
+                .iter()
+                .map(|(id, n)| (*id, n.spec.iscsi_addr.clone()))
+                .collect();
+            let chap = state.iscsi_chap.as_ref();
+            if as_json {
+                return Ok(json(&serde_json::json!({
+                    "target": name,
+                    "portals": portals.iter().map(|(id, a)| serde_json::json!({"node": id, "portal": a, "tpgt": id})).collect::<Vec<_>>(),
+                    "chap_user": chap.map(|c| c.user.clone()),
+                    "mutual_chap": chap.is_some_and(|c| c.mutual.is_some()),
+                })));
+            }
+            let mut out = format!(
+                "target  {name}\nchap    {}\n\n",
+                match chap {
+                    None => "none".to_string(),
+                    Some(c) if c.mutual.is_some() => format!("user {} (mutual)", c.user),
+                    Some(c) => format!("user {}", c.user),
+                }
+            );
+            let mut t = vec![vec!["NODE".into(), "PORTAL".into(), "TPG".into()]];
+            for (id, a) in portals {
+                t.push(vec![id.to_string(), a, id.to_string()]);
+            }
+            out.push_str(&table(t));
+            Ok(out)
+        }
+        TargetCmd::Chap {
+            user,
+            secret,
+            mutual_user,
+            mutual_secret,
+            clear,
+        } => {
+            let chap = if *clear {
+                None
+            } else {
+                let user = user.clone().ok_or("--user is required")?;
+                let secret = secret
+                    .clone()
+                    .ok_or("--secret (or MIGRATOR_CHAP_SECRET) is required")?;
+                let mutual = match (mutual_user, mutual_secret) {
+                    (Some(u), Some(s)) => Some((u.clone(), s.clone())),
+                    (None, None) => None,
+                    _ => return Err("--mutual-user and --mutual-secret go together".into()),
+                };
+                Some(ChapAuth {
+                    user,
+                    secret,
+                    mutual,
+                })
+            };
+            let set = chap.is_some();
+            client
+                .write(Command::SetIscsiAuth { chap })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(if as_json {
+                json(&serde_json::json!({ "target": name, "chap": set }))
+            } else if set {
+                format!("CHAP is now required to log in to {name}")
+            } else {
+                format!("CHAP credentials removed from {name}")
+            })
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::cli::parse_size;
+
+    #[test]
+    fn test_valid_iscsi_name() {
+        assert!(valid_iscsi_name("iqn.2025-11.org.example:host1"));
+        assert!(valid_iscsi_name("eui.02004567A425678D"));
+        assert!(!valid_iscsi_name("iqn."));
+        assert!(!valid_iscsi_name("host1"));
+        assert!(!valid_iscsi_name("iqn.2025-11.org.example:has space"));
+    }
 
     #[test]
     fn test_parse_size_units_and_errors() {

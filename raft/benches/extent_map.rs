@@ -23,6 +23,9 @@ fn disk(extents: u64) -> DiskRecord {
                 len: per,
             })
             .collect(),
+        allowed_initiators: Vec::new(),
+        block_size: 512,
+        resets: 0,
     }
 }
 

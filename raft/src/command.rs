@@ -106,6 +106,9 @@ pub enum Command {
         volume: Uuid,
         /// Size in bytes, a multiple of [`crate::volume::ALLOCATION_UNIT`].
         size_bytes: u64,
+        /// Logical block size of its LUN, 512 or 4096 (`None`: 512).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        block_size: Option<u32>,
     },
     /// Grows a virtual disk.
     ResizeDisk {
@@ -154,6 +157,34 @@ pub enum Command {
         /// The coordinator the proposer saw; the command fails if it changed meanwhile.
         expected: NodeId,
     },
+    /// Replaces a disk's SCSI reservation state if its version is still `expected`.
+    SetReservations {
+        /// The disk (LUN).
+        disk: DiskId,
+        /// The version the proposer read (0: none stored yet); the command fails if it
+        /// changed meanwhile.
+        expected: u64,
+        /// The new state, encoded by the iSCSI target (opaque to the state machine).
+        data: String,
+    },
+    /// Counts a SCSI LUN reset of a disk, received through any node's portal: every node
+    /// reports it to the initiators connected to it.
+    CountReset {
+        /// The disk.
+        disk: DiskId,
+    },
+    /// Sets which initiators may use a disk's LUN (empty: every initiator).
+    SetDiskAccess {
+        /// The disk.
+        id: DiskId,
+        /// iSCSI initiator names allowed.
+        initiators: Vec<String>,
+    },
+    /// Sets (or clears, with `None`) the CHAP credentials of the cluster's iSCSI target.
+    SetIscsiAuth {
+        /// The credentials.
+        chap: Option<crate::volume::ChapAuth>,
+    },
 }
 
 impl Command {
@@ -173,6 +204,10 @@ impl Command {
             Command::ReportVolume { .. } => "report_volume",
             Command::SetVolumeMode { .. } => "set_volume_mode",
             Command::SetCoordinator { .. } => "set_coordinator",
+            Command::SetReservations { .. } => "set_reservations",
+            Command::SetDiskAccess { .. } => "set_disk_access",
+            Command::CountReset { .. } => "count_reset",
+            Command::SetIscsiAuth { .. } => "set_iscsi_auth",
         }
     }
 }

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use crate::command::{COMMAND_VERSION, Command, Outcome, Request};
 use crate::volume::{
-    ALLOCATION_UNIT, DiskId, DiskRecord, PendingFree, VolumeNodeState, VolumeRecord, allocate,
-    free_gaps, used_extents,
+    ALLOCATION_UNIT, ChapAuth, DiskId, DiskRecord, PendingFree, ReservationRecord, VolumeNodeState,
+    VolumeRecord, allocate, free_gaps, used_extents,
 };
 use crate::{MIN_PROTOCOL_VERSION, NodeId, PROTOCOL_VERSION};
 
@@ -98,6 +98,12 @@ pub struct ClusterState {
     /// The id the next disk gets (ids are never reused).
     #[serde(default)]
     pub next_disk_id: DiskId,
+    /// SCSI reservation state of each disk that has any.
+    #[serde(default)]
+    pub reservations: BTreeMap<DiskId, ReservationRecord>,
+    /// CHAP credentials of the iSCSI target, if set.
+    #[serde(default)]
+    pub iscsi_chap: Option<ChapAuth>,
 }
 
 /// Why a command was rejected. The messages are what the operator reads.
@@ -296,9 +302,17 @@ impl ClusterState {
                 name,
                 volume,
                 size_bytes,
+                block_size,
             } => {
                 self.require_initialized()?;
-                self.create_disk(name, *volume, *size_bytes)
+                let block_size = block_size.unwrap_or(512);
+                if block_size != 512 && block_size != 4096 {
+                    return Err(ApplyError::InvalidArgument {
+                        field: "block_size".into(),
+                        reason: format!("{block_size} is not 512 or 4096"),
+                    });
+                }
+                self.create_disk(name, *volume, *size_bytes, block_size)
             }
             Command::ResizeDisk { id, size_bytes } => {
                 self.require_initialized()?;
@@ -310,6 +324,7 @@ impl ClusterState {
                     .disks
                     .remove(id)
                     .ok_or(ApplyError::UnknownDisk { id: *id })?;
+                self.reservations.remove(id);
                 if let Some(v) = self.volumes.get_mut(&disk.volume) {
                     v.epoch += 1;
                     let epoch = v.epoch;
@@ -405,6 +420,87 @@ impl ClusterState {
                 vol.epoch += 1;
                 Ok(Outcome::Applied)
             }
+            Command::SetReservations {
+                disk,
+                expected,
+                data,
+            } => {
+                self.require_initialized()?;
+                let volume = self
+                    .disks
+                    .get(disk)
+                    .ok_or(ApplyError::UnknownDisk { id: *disk })?
+                    .volume;
+                let current = self.reservations.get(disk).map_or(0, |r| r.version);
+                if current != *expected {
+                    return Err(ApplyError::PreconditionFailed {
+                        reason: format!(
+                            "disk {disk}'s reservations are at version {current}, not {expected}"
+                        ),
+                    });
+                }
+                self.reservations.insert(
+                    *disk,
+                    ReservationRecord {
+                        version: current + 1,
+                        data: data.clone(),
+                    },
+                );
+                // A new epoch for the volume: every node drains the I/O it admitted under the
+                // old reservations and acknowledges, so the change can be known to hold on
+                // every portal before the command that made it completes.
+                if let Some(v) = self.volumes.get_mut(&volume) {
+                    v.epoch += 1;
+                }
+                Ok(Outcome::Applied)
+            }
+            Command::CountReset { disk } => {
+                self.require_initialized()?;
+                let d = self
+                    .disks
+                    .get_mut(disk)
+                    .ok_or(ApplyError::UnknownDisk { id: *disk })?;
+                d.resets += 1;
+                // Like a reservation change: every node drains and acknowledges, so the reset
+                // is known everywhere before the task management request completes.
+                let volume = d.volume;
+                if let Some(v) = self.volumes.get_mut(&volume) {
+                    v.epoch += 1;
+                }
+                Ok(Outcome::Applied)
+            }
+            Command::SetDiskAccess { id, initiators } => {
+                self.require_initialized()?;
+                let disk = self
+                    .disks
+                    .get_mut(id)
+                    .ok_or(ApplyError::UnknownDisk { id: *id })?;
+                let mut list = initiators.clone();
+                list.sort();
+                list.dedup();
+                if disk.allowed_initiators == list {
+                    return Ok(Outcome::Unchanged);
+                }
+                disk.allowed_initiators = list;
+                Ok(Outcome::Applied)
+            }
+            Command::SetIscsiAuth { chap } => {
+                self.require_initialized()?;
+                if let Some(c) = chap
+                    && (c.user.is_empty() || c.secret.len() < 12 || c.secret.len() > 255)
+                {
+                    return Err(ApplyError::InvalidArgument {
+                        field: "chap".into(),
+                        reason: "CHAP needs a user name and a secret of 12 to 255 characters"
+                            .into(),
+                    });
+                }
+                if self.iscsi_chap == *chap {
+                    return Ok(Outcome::Unchanged);
+                }
+                self.iscsi_chap = chap.clone();
+                Ok(Outcome::Applied)
+            }
         }
     }
 
@@ -479,6 +575,7 @@ impl ClusterState {
         name: &str,
         volume: Uuid,
         size_bytes: u64,
+        block_size: u32,
     ) -> Result<Outcome, ApplyError> {
         validate_name("disk name", name)?;
         validate_disk_size(size_bytes)?;
@@ -509,6 +606,9 @@ impl ClusterState {
                 volume,
                 size_bytes,
                 extents,
+                allowed_initiators: Vec::new(),
+                block_size,
+                resets: 0,
             },
         );
         if let Some(v) = self.volumes.get_mut(&volume) {
@@ -1201,7 +1301,80 @@ mod tests {
             name: name.into(),
             volume: Uuid::from_u128(50),
             size_bytes: mib * ALLOCATION_UNIT,
+            block_size: None,
         }
+    }
+
+    #[test]
+    fn test_apply_reservations_compare_and_set() {
+        let mut s = with_volume(8);
+        apply(&mut s, disk("a", 1)).unwrap();
+        let set = |expected, data: &str| Command::SetReservations {
+            disk: 1,
+            expected,
+            data: data.into(),
+        };
+        assert_eq!(apply(&mut s, set(0, "one")).unwrap(), Outcome::Applied);
+        assert_eq!(s.reservations[&1].version, 1);
+        // A writer that read version 0 lost the race and changes nothing.
+        assert!(matches!(
+            rejected(&mut s, set(0, "stale")),
+            ApplyError::PreconditionFailed { .. }
+        ));
+        assert_eq!(s.reservations[&1].data, "one");
+        apply(&mut s, set(1, "two")).unwrap();
+        assert_eq!(s.reservations[&1].version, 2);
+        assert!(matches!(
+            rejected(
+                &mut s,
+                Command::SetReservations {
+                    disk: 9,
+                    expected: 0,
+                    data: String::new()
+                }
+            ),
+            ApplyError::UnknownDisk { id: 9 }
+        ));
+        apply(&mut s, Command::CountReset { disk: 1 }).unwrap();
+        assert_eq!(s.disks[&1].resets, 1);
+        // Deleting the disk drops its reservations.
+        apply(&mut s, Command::DeleteDisk { id: 1 }).unwrap();
+        assert!(s.reservations.is_empty());
+    }
+
+    #[test]
+    fn test_apply_disk_access_and_chap() {
+        let mut s = with_volume(8);
+        apply(&mut s, disk("a", 1)).unwrap();
+        let acl = |v: &[&str]| Command::SetDiskAccess {
+            id: 1,
+            initiators: v.iter().map(|x| x.to_string()).collect(),
+        };
+        assert_eq!(
+            apply(&mut s, acl(&["iqn.b", "iqn.a", "iqn.b"])).unwrap(),
+            Outcome::Applied
+        );
+        assert_eq!(s.disks[&1].allowed_initiators, vec!["iqn.a", "iqn.b"]);
+        assert_eq!(
+            apply(&mut s, acl(&["iqn.a", "iqn.b"])).unwrap(),
+            Outcome::Unchanged
+        );
+        let chap = |user: &str, secret: &str| Command::SetIscsiAuth {
+            chap: Some(ChapAuth {
+                user: user.into(),
+                secret: secret.into(),
+                mutual: None,
+            }),
+        };
+        assert!(matches!(
+            rejected(&mut s, chap("u", "short")),
+            ApplyError::InvalidArgument { .. }
+        ));
+        apply(&mut s, chap("u", "a-long-enough-secret")).unwrap();
+        assert_eq!(s.iscsi_chap.as_ref().unwrap().user, "u");
+        assert!(!format!("{:?}", s.iscsi_chap).contains("a-long-enough-secret"));
+        apply(&mut s, Command::SetIscsiAuth { chap: None }).unwrap();
+        assert!(s.iscsi_chap.is_none());
     }
 
     #[test]
@@ -1272,7 +1445,8 @@ mod tests {
                 Command::CreateDisk {
                     name: "z".into(),
                     volume: Uuid::from_u128(50),
-                    size_bytes: 4096
+                    size_bytes: 4096,
+                    block_size: None,
                 }
             ),
             ApplyError::InvalidArgument { .. }
@@ -1283,7 +1457,8 @@ mod tests {
                 Command::CreateDisk {
                     name: "z".into(),
                     volume: Uuid::from_u128(9),
-                    size_bytes: ALLOCATION_UNIT
+                    size_bytes: ALLOCATION_UNIT,
+                    block_size: None,
                 }
             ),
             ApplyError::UnknownVolume { .. }
@@ -1483,6 +1658,7 @@ mod tests {
                     name: format!("d{n}"),
                     volume: Uuid::from_u128(v),
                     size_bytes: mib * ALLOCATION_UNIT,
+                    block_size: None,
                 }),
                 (0u64..6, 0u64..16).prop_map(|(id, mib)| Command::ResizeDisk {
                     id,

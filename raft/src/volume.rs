@@ -153,6 +153,19 @@ pub struct DiskRecord {
     pub size_bytes: u64,
     /// Where its bytes are on the device, in disk order, covering `0..size_bytes`.
     pub extents: Vec<Extent>,
+    /// iSCSI initiator names allowed to use the LUN; empty: every initiator.
+    #[serde(default)]
+    pub allowed_initiators: Vec<String>,
+    /// The LUN's logical block size: 512 (the default; 4 KiB physical) or 4096.
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    /// SCSI LUN resets received so far, through any node.
+    #[serde(default)]
+    pub resets: u64,
+}
+
+fn default_block_size() -> u32 {
+    512
 }
 
 impl DiskRecord {
@@ -297,6 +310,9 @@ mod tests {
                     len: 2 * ALLOCATION_UNIT,
                 },
             ],
+            allowed_initiators: Vec::new(),
+            block_size: 512,
+            resets: 0,
         };
         assert_eq!(
             d.map(4096, 8192),
@@ -313,4 +329,47 @@ mod tests {
         assert_eq!(d.map(u64::MAX, 2), None);
         assert_eq!(d.map(0, 0), Some(vec![]));
     }
+}
+
+/// A disk's SCSI reservation state (registrations, reservation holder), as the iSCSI target
+/// encodes it, with the version compare-and-set changes check.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReservationRecord {
+    /// Bumped by every change.
+    pub version: u64,
+    /// The encoded state.
+    pub data: String,
+}
+
+/// CHAP credentials of the cluster's iSCSI target.
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ChapAuth {
+    /// The name initiators authenticate as.
+    pub user: String,
+    /// The initiators' secret.
+    pub secret: String,
+    /// For mutual CHAP: the target's name and secret.
+    #[serde(default)]
+    pub mutual: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for ChapAuth {
+    /// Secrets are never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChapAuth")
+            .field("user", &self.user)
+            .field("mutual", &self.mutual.as_ref().map(|m| &m.0))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The iSCSI name of a cluster's target: every disk is one of its LUNs, on every node's portal.
+pub fn iscsi_target_name(cluster: Uuid) -> String {
+    format!("iqn.2025-11.org.csvd:{cluster}")
+}
+
+/// A disk's cluster-wide SCSI identity (its NAA designator and serial number derive from it):
+/// the same on every portal, never reused since disk ids are not.
+pub fn lun_uuid(cluster: Uuid, disk: DiskId) -> Uuid {
+    Uuid::new_v5(&cluster, &disk.to_be_bytes())
 }

@@ -18,6 +18,8 @@ pub mod key {
     pub const UNIT_ATTENTION: u8 = 0x6;
     /// DATA PROTECT.
     pub const DATA_PROTECT: u8 = 0x7;
+    /// COPY ABORTED: EXTENDED COPY failed while processing its segments.
+    pub const COPY_ABORTED: u8 = 0xa;
     /// ABORTED COMMAND.
     pub const ABORTED_COMMAND: u8 = 0xb;
     /// MISCOMPARE.
@@ -37,14 +39,25 @@ pub struct Sense {
     /// The INFORMATION field (for example, the miscompare offset), when valid.
     pub information: Option<u64>,
     /// SENSE KEY SPECIFIC field pointer for ILLEGAL REQUEST: `(in_cdb, byte, bit)`; `bit` is
-    /// `None` when the whole byte is meant.
+    /// `None` when the whole byte is meant. For COPY ABORTED it is the segment pointer into
+    /// the parameter list (`in_cdb` false).
     pub field: Option<(bool, u16, Option<u8>)>,
+    /// SENSE KEY SPECIFIC progress indication for NOT READY (a sanitize in progress): the
+    /// fraction done, in 65536ths. Used when `field` is `None`.
+    pub progress: Option<u16>,
 }
 
 impl Sense {
     /// Sense with only key, ASC and ASCQ.
     pub const fn new(key: u8, asc: u8, ascq: u8) -> Sense {
-        Sense { key, asc, ascq, information: None, field: None }
+        Sense {
+            key,
+            asc,
+            ascq,
+            information: None,
+            field: None,
+            progress: None,
+        }
     }
 
     /// The same sense with the INFORMATION field set.
@@ -65,26 +78,70 @@ impl Sense {
         self
     }
 
+    /// The same sense with a progress indication (`done` in 65536ths).
+    pub const fn with_progress(mut self, done: u16) -> Sense {
+        self.progress = Some(done);
+        self
+    }
+
+    /// Whether this is a UNIT ATTENTION.
+    pub const fn is_unit_attention(&self) -> bool {
+        self.key == key::UNIT_ATTENTION
+    }
+
+    /// The three SENSE KEY SPECIFIC bytes (SKSV set), when a field pointer or a progress
+    /// indication is present.
+    fn key_specific(&self) -> Option<[u8; 3]> {
+        let Some((in_cdb, byte, bit)) = self.field else {
+            let [hi, lo] = self.progress?.to_be_bytes();
+            return Some([0x80, hi, lo]);
+        };
+        let mut b = [0x80 | if in_cdb { 0x40 } else { 0 }, 0, 0];
+        if let Some(bit) = bit {
+            b[0] |= 0x08 | (bit & 0x07);
+        }
+        b[1..3].copy_from_slice(&byte.to_be_bytes());
+        Some(b)
+    }
+
     /// Fixed-format sense data (response code 0x70), 18 bytes.
+    ///
+    /// The fixed format has four bytes of INFORMATION: a larger value is left out and VALID
+    /// stays clear (descriptor format carries all eight).
     pub fn to_fixed(&self) -> [u8; 18] {
         let mut b = [0u8; 18];
         b[0] = 0x70;
         b[2] = self.key & 0x0f;
-        if let Some(info) = self.information {
+        if let Some(info) = self.information.and_then(|i| u32::try_from(i).ok()) {
             b[0] |= 0x80; // VALID
-            // Fixed format carries 4 bytes of INFORMATION.
-            b[3..7].copy_from_slice(&(info as u32).to_be_bytes());
+            b[3..7].copy_from_slice(&info.to_be_bytes());
         }
         b[7] = 10; // additional sense length
         b[12] = self.asc;
         b[13] = self.ascq;
-        if let Some((in_cdb, byte, bit)) = self.field {
-            b[15] = 0x80 | if in_cdb { 0x40 } else { 0 };
-            if let Some(bit) = bit {
-                b[15] |= 0x08 | (bit & 0x07);
-            }
-            b[16..18].copy_from_slice(&byte.to_be_bytes());
+        if let Some(ks) = self.key_specific() {
+            b[15..18].copy_from_slice(&ks);
         }
+        b
+    }
+
+    /// Descriptor-format sense data (response code 0x72, SPC-4 4.5.2): the header, then an
+    /// information descriptor and a sense key specific descriptor when those fields are set.
+    pub fn to_descriptor(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(28);
+        b.extend_from_slice(&[0x72, self.key & 0x0f, self.asc, self.ascq, 0, 0, 0, 0]);
+        if let Some(info) = self.information {
+            // Information descriptor: type 0, length 0x0a, VALID.
+            b.extend_from_slice(&[0x00, 0x0a, 0x80, 0x00]);
+            b.extend_from_slice(&info.to_be_bytes());
+        }
+        if let Some(ks) = self.key_specific() {
+            // Sense key specific descriptor: type 2, length 6.
+            b.extend_from_slice(&[0x02, 0x06, 0x00, 0x00]);
+            b.extend_from_slice(&ks);
+            b.push(0);
+        }
+        b[7] = (b.len() - 8) as u8;
         b
     }
 }
@@ -105,7 +162,7 @@ pub mod codes {
     pub const LBA_OUT_OF_RANGE: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x21, 0x00);
     /// LOGICAL UNIT NOT SUPPORTED.
     pub const LUN_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x25, 0x00);
-    /// INVALID MESSAGE ERROR (also used for a Data-Out length that does not match).
+    /// INVALID MESSAGE ERROR.
     pub const INVALID_MESSAGE: Sense = Sense::new(key::ABORTED_COMMAND, 0x49, 0x00);
     /// MISCOMPARE DURING VERIFY OPERATION.
     pub const MISCOMPARE: Sense = Sense::new(key::MISCOMPARE, 0x1d, 0x00);
@@ -137,7 +194,42 @@ pub mod codes {
     pub const COMMANDS_CLEARED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2f, 0x00);
     /// MODE PARAMETERS CHANGED.
     pub const MODE_PARAMETERS_CHANGED: Sense = Sense::new(key::UNIT_ATTENTION, 0x2a, 0x01);
+    /// NO SENSE: nothing to report (REQUEST SENSE without a pending condition).
+    pub const NO_SENSE: Sense = Sense::new(key::NO_SENSE, 0x00, 0x00);
+    /// INVALID FIELD IN COMMAND INFORMATION UNIT: the Data-Out the initiator announced cannot
+    /// carry what the CDB asks for.
+    pub const INVALID_FIELD_IN_IU: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x0e, 0x03);
+    /// SAVING PARAMETERS NOT SUPPORTED.
+    pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
+    /// BUS DEVICE RESET FUNCTION OCCURRED: a LOGICAL UNIT RESET or TARGET RESET.
+    pub const DEVICE_RESET_OCCURRED: Sense = Sense::new(key::UNIT_ATTENTION, 0x29, 0x03);
+    /// LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE.
+    pub const NOT_READY: Sense = Sense::new(key::NOT_READY, 0x04, 0x00);
+    /// INTERNAL TARGET FAILURE.
+    pub const INTERNAL_FAILURE: Sense = Sense::new(key::HARDWARE_ERROR, 0x44, 0x00);
     /// INSUFFICIENT REGISTRATION RESOURCES.
     pub const INSUFFICIENT_REGISTRATION_RESOURCES: Sense =
         Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
+    /// INSUFFICIENT RESOURCES: too many EXTENDED COPY commands run at once.
+    pub const INSUFFICIENT_RESOURCES: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x03);
+    /// LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS.
+    pub const SANITIZE_IN_PROGRESS: Sense = Sense::new(key::NOT_READY, 0x04, 0x1b);
+    /// SANITIZE COMMAND FAILED: the last sanitize operation failed and was not exited.
+    pub const SANITIZE_FAILED: Sense = Sense::new(key::MEDIUM_ERROR, 0x31, 0x03);
+    /// OPERATION IN PROGRESS: an EXTENDED COPY with this list identifier is still running.
+    pub const OPERATION_IN_PROGRESS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x00, 0x16);
+    /// TOO MANY TARGET DESCRIPTORS (EXTENDED COPY).
+    pub const TOO_MANY_TARGET_DESCRIPTORS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x06);
+    /// UNSUPPORTED TARGET DESCRIPTOR TYPE CODE (EXTENDED COPY).
+    pub const UNSUPPORTED_TARGET_DESCRIPTOR: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x07);
+    /// TOO MANY SEGMENT DESCRIPTORS (EXTENDED COPY).
+    pub const TOO_MANY_SEGMENT_DESCRIPTORS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x08);
+    /// UNSUPPORTED SEGMENT DESCRIPTOR TYPE CODE (EXTENDED COPY).
+    pub const UNSUPPORTED_SEGMENT_DESCRIPTOR: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x09);
+    /// COPY ABORTED, UNREACHABLE COPY TARGET: a target descriptor names no logical unit this
+    /// target serves to the initiator, or a segment names no target descriptor.
+    pub const UNREACHABLE_COPY_TARGET: Sense = Sense::new(key::COPY_ABORTED, 0x08, 0x04);
+    /// COPY ABORTED with no additional sense code: a segment cannot be copied (its range
+    /// lies outside a logical unit); the segment pointer says which.
+    pub const COPY_ABORTED: Sense = Sense::new(key::COPY_ABORTED, 0x00, 0x00);
 }

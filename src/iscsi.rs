@@ -1,0 +1,499 @@
+//! The node's iSCSI target: every virtual disk of the cluster is a LUN of one cluster-wide
+//! target, served by every node's portal with the same identity.
+//!
+//! - The target is `iqn.2025-11.org.csvd:<cluster id>`; a disk's LUN number is its disk id,
+//!   and its SCSI identity (NAA designator, serial number) derives from the cluster id and
+//!   the disk id, so every portal presents the same device and multipath joins the paths.
+//! - Each node's portal is one ALUA target port group (its id is the node id). Its state for
+//!   a LUN follows the node's csv-fs mode for the LUN's volume, as the cluster records it:
+//!   direct is active/optimized, redirected active/non-optimized, paused unavailable.
+//! - Data goes through csv-fs (direct or redirected); reservations and LUN access lists are
+//!   cluster metadata, so a registration made through one node holds on every other.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use csvd_csv_fs::engine::AlignedBuf;
+use csvd_csv_fs::node::IoError;
+use csvd_csv_fs::serial::CompareResult;
+use csvd_iscsi_target::backend::{
+    AluaState, Backend, BackendError, CompareOutcome, LunInfo, PortGroup,
+};
+use csvd_iscsi_target::login::ChapSecrets;
+use csvd_iscsi_target::scsi::pr::PrState;
+use csvd_iscsi_target::server::Directory;
+use csvd_raft::ClusterState;
+use csvd_raft::command::Command;
+use csvd_raft::node::{MetaNode, NodeError};
+use csvd_raft::state::ApplyError;
+use csvd_raft::volume::{DiskId, IoMode, iscsi_target_name as target_name, lun_uuid};
+
+use crate::shared::Shared;
+
+/// The ALUA target port group (and relative target port) of a node.
+pub fn port_group(node: u64) -> u16 {
+    (node & 0xffff) as u16
+}
+
+/// csv-fs and the cluster metadata as the iSCSI target's backend.
+#[derive(Clone)]
+pub struct CsvBackend {
+    meta: MetaNode,
+    csv: Shared,
+}
+
+impl std::fmt::Debug for CsvBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CsvBackend").finish_non_exhaustive()
+    }
+}
+
+impl CsvBackend {
+    /// A backend over this node's metadata replica and csv-fs.
+    pub fn new(meta: MetaNode, csv: Shared) -> CsvBackend {
+        CsvBackend { meta, csv }
+    }
+
+    fn disk(lun: &LunInfo) -> DiskId {
+        lun.lun
+    }
+}
+
+fn io_error(e: IoError, writing: bool) -> BackendError {
+    match e {
+        IoError::NoSuchDisk(_) | IoError::OutOfRange { .. } => BackendError::OutOfRange,
+        IoError::Paused(m) | IoError::Unavailable(m) | IoError::NotCoordinator(m) => {
+            BackendError::NotReady(m)
+        }
+        IoError::Unaligned(m) | IoError::BadRequest(m) => BackendError::Medium(m),
+        IoError::Device(m) => {
+            if writing {
+                BackendError::Medium(format!("write failed: {m}"))
+            } else {
+                BackendError::Medium(m)
+            }
+        }
+    }
+}
+
+fn luns_of(state: &ClusterState) -> Vec<LunInfo> {
+    let Some(cluster) = state.cluster_id else {
+        return Vec::new();
+    };
+    state
+        .disks
+        .values()
+        .map(|d| LunInfo {
+            lun: d.id,
+            uuid: *lun_uuid(cluster, d.id).as_bytes(),
+            name: d.name.clone(),
+            size_bytes: d.size_bytes,
+            block_size: d.block_size,
+            thin: true,
+        })
+        .collect()
+}
+
+fn alua(mode: Option<&IoMode>) -> AluaState {
+    match mode {
+        Some(IoMode::Direct) => AluaState::ActiveOptimized,
+        Some(IoMode::Redirected(_)) => AluaState::ActiveNonOptimized,
+        Some(IoMode::Paused(_)) | None => AluaState::Unavailable,
+    }
+}
+
+/// The device's block size: csv-fs reads and writes whole 4 KiB blocks.
+const PHYSICAL: u64 = csvd_csv_fs::engine::ALIGN as u64;
+
+/// A buffer of the target: block data in direct-I/O-aligned memory, anything else (parameter
+/// lists, empty transfers) in plain memory.
+#[derive(Debug)]
+pub enum Buf {
+    /// Whole blocks, ready for the device.
+    Aligned(AlignedBuf),
+    /// Any other length.
+    Plain(Vec<u8>),
+}
+
+impl AsRef<[u8]> for Buf {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Buf::Aligned(b) => b,
+            Buf::Plain(v) => v,
+        }
+    }
+}
+
+impl AsMut<[u8]> for Buf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        match self {
+            Buf::Aligned(b) => b,
+            Buf::Plain(v) => v,
+        }
+    }
+}
+
+impl Buf {
+    /// The data as an aligned buffer (copied if it is not one; empty or partial blocks are
+    /// an error).
+    fn into_aligned(self) -> Result<AlignedBuf, BackendError> {
+        match self {
+            Buf::Aligned(b) => Ok(b),
+            Buf::Plain(v) => AlignedBuf::from_slice(&v)
+                .map_err(|e| BackendError::Medium(format!("not whole blocks: {e}"))),
+        }
+    }
+}
+
+impl Backend for CsvBackend {
+    type Buf = Buf;
+
+    fn buffer(&self, len: usize) -> Buf {
+        if len > 0 && len.is_multiple_of(csvd_csv_fs::engine::ALIGN) {
+            // Allocation failure is out of memory, which the process cannot survive anyway.
+            Buf::Aligned(
+                AlignedBuf::for_overwrite(len)
+                    .unwrap_or_else(|e| panic!("cannot allocate {len} bytes: {e}")),
+            )
+        } else {
+            Buf::Plain(vec![0; len])
+        }
+    }
+
+    fn targets(&self) -> Vec<String> {
+        self.meta
+            .local_view()
+            .state
+            .cluster_id
+            .map(target_name)
+            .into_iter()
+            .collect()
+    }
+
+    fn luns(&self, target: &str) -> Vec<LunInfo> {
+        let view = self.meta.local_view();
+        match view.state.cluster_id {
+            Some(c) if target_name(c) == target => luns_of(&view.state),
+            _ => Vec::new(),
+        }
+    }
+
+    fn allows(&self, _target: &str, lun: &LunInfo, initiator: &str) -> bool {
+        let view = self.meta.local_view();
+        view.state.disks.get(&lun.lun).is_some_and(|d| {
+            d.allowed_initiators.is_empty() || d.allowed_initiators.iter().any(|i| i == initiator)
+        })
+    }
+
+    fn port_groups(&self, lun: &LunInfo) -> Vec<PortGroup> {
+        let view = self.meta.local_view();
+        let state = &view.state;
+        let volume = state
+            .disks
+            .get(&lun.lun)
+            .and_then(|d| state.volumes.get(&d.volume));
+        state
+            .nodes
+            .keys()
+            .map(|&id| PortGroup {
+                id: port_group(id),
+                state: alua(volume.and_then(|v| v.nodes.get(&id)).map(|n| &n.mode)),
+                relative_ports: vec![port_group(id)],
+            })
+            .collect()
+    }
+
+    fn luns_generation(&self, _target: &str) -> Option<u64> {
+        // Any applied change may touch the LUN table; between changes the table is reused.
+        Some(self.meta.local_view().applied_index())
+    }
+
+    fn alua_state(&self, lun: &LunInfo, group: u16) -> Option<AluaState> {
+        let view = self.meta.local_view();
+        let state = &view.state;
+        let node = state
+            .nodes
+            .keys()
+            .copied()
+            .find(|&id| port_group(id) == group)?;
+        let volume = state
+            .disks
+            .get(&lun.lun)
+            .and_then(|d| state.volumes.get(&d.volume));
+        Some(alua(
+            volume.and_then(|v| v.nodes.get(&node)).map(|n| &n.mode),
+        ))
+    }
+
+    async fn read(&self, lun: &LunInfo, offset: u64, len: u64) -> Result<Buf, BackendError> {
+        let disk = Self::disk(lun);
+        if offset.is_multiple_of(PHYSICAL) && len.is_multiple_of(PHYSICAL) {
+            return self
+                .csv
+                .read(disk, offset, len)
+                .await
+                .map(Buf::Aligned)
+                .map_err(|e| io_error(e, false));
+        }
+        // Logical blocks smaller than the device's: read the covering blocks and cut.
+        let start = offset / PHYSICAL * PHYSICAL;
+        let end = (offset + len).div_ceil(PHYSICAL) * PHYSICAL;
+        let whole = self
+            .csv
+            .read(disk, start, end - start)
+            .await
+            .map_err(|e| io_error(e, false))?;
+        let at = (offset - start) as usize;
+        Ok(Buf::Plain(whole[at..at + len as usize].to_vec()))
+    }
+
+    async fn write(
+        &self,
+        lun: &LunInfo,
+        offset: u64,
+        data: Buf,
+        fua: bool,
+    ) -> Result<(), BackendError> {
+        let disk = Self::disk(lun);
+        let len = data.as_ref().len() as u64;
+        if !(offset.is_multiple_of(PHYSICAL) && len.is_multiple_of(PHYSICAL)) {
+            // Part of a 4 KiB block: read-modify-write, serialized at the coordinator.
+            return self
+                .csv
+                .write_partial(disk, offset, data.as_ref(), fua)
+                .await
+                .map_err(|e| io_error(e, true));
+        }
+        let data = data.into_aligned()?;
+        self.csv
+            .write(disk, offset, data.into(), fua)
+            .await
+            .map_err(|e| io_error(e, true))
+    }
+
+    async fn flush(&self, lun: &LunInfo) -> Result<(), BackendError> {
+        self.csv
+            .flush(Self::disk(lun))
+            .await
+            .map_err(|e| io_error(e, true))
+    }
+
+    async fn unmap(&self, lun: &LunInfo, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.csv
+            .discard(Self::disk(lun), offset, len)
+            .await
+            .map_err(|e| io_error(e, true))
+    }
+
+    async fn write_zeroes(&self, lun: &LunInfo, offset: u64, len: u64) -> Result<(), BackendError> {
+        self.csv
+            .write_zeroes(Self::disk(lun), offset, len)
+            .await
+            .map_err(|e| io_error(e, true))
+    }
+
+    async fn compare_and_write(
+        &self,
+        lun: &LunInfo,
+        offset: u64,
+        compare: Buf,
+        write: Buf,
+    ) -> Result<CompareOutcome, BackendError> {
+        // Executed by the volume's coordinator, one at a time per disk, whichever node
+        // received it: two initiators racing through different nodes never both win.
+        match self
+            .csv
+            .compare_and_write(Self::disk(lun), offset, compare.as_ref(), write.as_ref())
+            .await
+            .map_err(|e| io_error(e, true))?
+        {
+            CompareResult::Written => Ok(CompareOutcome::Written),
+            CompareResult::Miscompare { offset } => Ok(CompareOutcome::Miscompare { offset }),
+        }
+    }
+
+    fn reset_count(&self, lun: &LunInfo) -> u64 {
+        self.meta
+            .local_view()
+            .state
+            .disks
+            .get(&lun.lun)
+            .map_or(0, |d| d.resets)
+    }
+
+    async fn count_reset(&self, lun: &LunInfo) -> Result<u64, BackendError> {
+        match self.meta.write(Command::CountReset { disk: lun.lun }).await {
+            Ok((_, index)) => {
+                self.wait_everywhere(lun.lun, index).await;
+                Ok(self.reset_count(lun))
+            }
+            Err(NodeError::Rejected(ApplyError::UnknownDisk { .. })) => {
+                Err(BackendError::OutOfRange)
+            }
+            Err(e) => Err(BackendError::NotReady(e.to_string())),
+        }
+    }
+
+    async fn reservations(&self, lun: &LunInfo) -> Result<PrState, BackendError> {
+        let view = self.meta.local_view();
+        match view.state.reservations.get(&lun.lun) {
+            None => Ok(PrState::default()),
+            Some(r) => {
+                let mut s: PrState = serde_json::from_str(&r.data).map_err(|e| {
+                    BackendError::Medium(format!("the stored reservation state is unreadable: {e}"))
+                })?;
+                s.version = r.version;
+                Ok(s)
+            }
+        }
+    }
+
+    async fn update_reservations(
+        &self,
+        lun: &LunInfo,
+        expected: u64,
+        new: PrState,
+    ) -> Result<bool, BackendError> {
+        let data = serde_json::to_string(&new)
+            .map_err(|e| BackendError::Medium(format!("cannot encode reservations: {e}")))?;
+        let cmd = Command::SetReservations {
+            disk: lun.lun,
+            expected,
+            data,
+        };
+        match self.meta.write(cmd).await {
+            Ok((_, index)) => {
+                self.wait_everywhere(lun.lun, index).await;
+                Ok(true)
+            }
+            Err(NodeError::Rejected(ApplyError::PreconditionFailed { .. })) => Ok(false),
+            Err(NodeError::Rejected(ApplyError::UnknownDisk { .. })) => {
+                Err(BackendError::OutOfRange)
+            }
+            Err(e) => Err(BackendError::NotReady(e.to_string())),
+        }
+    }
+}
+
+/// How long a reservation change waits for every node to adopt it.
+const ADOPT_WAIT: Duration = Duration::from_secs(10);
+
+impl CsvBackend {
+    /// Waits until the change committed at `index` holds on every portal: this node has
+    /// applied it, and every node that runs I/O on the disk's volume has drained and
+    /// acknowledged the volume epoch the change started. A node that stopped heartbeating
+    /// is not waited for: it has lost its I/O lease (csv-fs stops issuing I/O when it does).
+    async fn wait_everywhere(&self, disk: DiskId, index: u64) {
+        let mut views = self.meta.subscribe();
+        let adopted = |v: &csvd_raft::store::StateView| {
+            if v.applied_index() < index {
+                return false;
+            }
+            let state = &v.state;
+            let Some(vol) = state
+                .disks
+                .get(&disk)
+                .and_then(|d| state.volumes.get(&d.volume))
+            else {
+                return true;
+            };
+            let now = csvd_raft::node::now_ms();
+            let down_after = csvd_raft::node::DOWN_AFTER.as_millis() as u64;
+            vol.nodes.iter().all(|(id, n)| {
+                let alive = state
+                    .nodes
+                    .get(id)
+                    .and_then(|r| r.last_heartbeat_ms)
+                    .is_some_and(|hb| now.saturating_sub(hb) < down_after);
+                !alive || n.acked_epoch >= vol.epoch
+            })
+        };
+        let waited = tokio::time::timeout(ADOPT_WAIT, async {
+            loop {
+                if adopted(&views.borrow_and_update()) {
+                    return;
+                }
+                // Heartbeat ages change without a state change: look again now and then.
+                let _ = tokio::time::timeout(Duration::from_millis(500), views.changed()).await;
+            }
+        })
+        .await;
+        if waited.is_err() {
+            tracing::warn!(
+                disk,
+                "a reservation change is not acknowledged by every node yet"
+            );
+        }
+    }
+}
+
+/// Portals, CHAP and access rules from the cluster metadata.
+#[derive(Clone)]
+pub struct CsvDirectory {
+    meta: MetaNode,
+    node: u64,
+    /// Whether this node's portal is reachable from other hosts (not loopback).
+    exposed: bool,
+    /// Allow logins without CHAP on an exposed portal.
+    allow_no_auth: bool,
+}
+
+impl std::fmt::Debug for CsvDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CsvDirectory")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CsvDirectory {
+    /// The directory for node `node` whose portal listens on `portal`.
+    pub fn new(meta: MetaNode, node: u64, portal: SocketAddr, allow_no_auth: bool) -> Self {
+        CsvDirectory {
+            meta,
+            node,
+            exposed: !portal.ip().is_loopback(),
+            allow_no_auth,
+        }
+    }
+}
+
+impl Directory for CsvDirectory {
+    fn portals(&self, _target: &str) -> Vec<(String, u16)> {
+        let view = self.meta.local_view();
+        let mut out: Vec<(u64, String)> = view
+            .state
+            .nodes
+            .iter()
+            .filter(|(_, n)| !n.spec.iscsi_addr.is_empty())
+            .map(|(id, n)| (*id, n.spec.iscsi_addr.clone()))
+            .collect();
+        out.sort_by_key(|(id, _)| (*id != self.node, *id));
+        out.into_iter().map(|(id, a)| (a, port_group(id))).collect()
+    }
+
+    fn chap(&self, _target: Option<&str>) -> Option<ChapSecrets> {
+        let view = self.meta.local_view();
+        view.state.iscsi_chap.as_ref().map(|c| ChapSecrets {
+            user: c.user.clone(),
+            secret: c.secret.as_bytes().to_vec(),
+            mutual: c
+                .mutual
+                .as_ref()
+                .map(|(n, s)| (n.clone(), s.as_bytes().to_vec())),
+        })
+    }
+
+    fn initiator_allowed(&self, _target: &str, initiator: &str) -> bool {
+        if self.exposed && !self.allow_no_auth && self.meta.local_view().state.iscsi_chap.is_none()
+        {
+            tracing::warn!(
+                %initiator,
+                "iscsi: login refused: the portal is reachable from the network and no CHAP \
+                 credentials are set (`migrator target chap`), or set iscsi_allow_no_auth"
+            );
+            return false;
+        }
+        true
+    }
+}

@@ -1,0 +1,341 @@
+//! libiscsi's compliance suite (`iscsi-test-cu`, every test) against a LUN of a three-node
+//! cluster, in multipath mode: the second URL is another node's portal, so the
+//! persistent-reservation, COMPARE AND WRITE and reset tests run across nodes. The test
+//! fails on any failing suite test. CUnit counts a test that printed `[SKIPPED]` as passed,
+//! so results are read per test from the verbose log.
+//!
+//! With `CSVD_CONFORMANCE_TABLE=<file>` it also runs the same suite against Debian's `tgtd`
+//! serving a file on this machine (when `tgtd` is installed) and writes the per-test table
+//! published in docs/conformance.md.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Cluster, create_lun, create_volume, shared_image, wait_until};
+
+/// One test's outcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Fail(String),
+    Skip(String),
+}
+
+/// Reads `iscsi-test-cu -v` output into `suite.test -> verdict`, in order.
+fn parse(log: &str) -> Vec<(String, Verdict)> {
+    let mut out = Vec::new();
+    let mut suite = String::new();
+    // (name, text seen since the "Test:" line)
+    let mut current: Option<(String, String)> = None;
+    let finish =
+        |cur: Option<(String, String)>, out: &mut Vec<(String, Verdict)>, verdict: &str| {
+            if let Some((name, text)) = cur {
+                let skip = text
+                    .lines()
+                    .find(|l| l.contains("[SKIPPED]"))
+                    .map(|l| l.split("[SKIPPED]").nth(1).unwrap_or("").trim().to_string());
+                let v = match (verdict, skip) {
+                    ("FAILED", _) => Verdict::Fail(
+                        text.lines()
+                            .filter(|l| l.contains("CU_ASSERT") || l.contains("[FAILED]"))
+                            .take(3)
+                            .map(str::trim)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                    (_, Some(reason)) => Verdict::Skip(reason),
+                    _ => Verdict::Pass,
+                };
+                out.push((name, v));
+            }
+        };
+    let mut lines = log.lines().peekable();
+    while let Some(line) = lines.next() {
+        if let Some(s) = line.trim_start().strip_prefix("Suite: ") {
+            suite = s.trim().to_string();
+            continue;
+        }
+        let mut rest = line;
+        if let Some(t) = line.trim_start().strip_prefix("Test: ") {
+            let (name, tail) = t.split_once(" ...").unwrap_or((t, ""));
+            current = Some((format!("{suite}.{}", name.trim()), String::new()));
+            rest = tail;
+        }
+        let Some((_, text)) = current.as_mut() else {
+            continue;
+        };
+        // The verdict is the word "passed" or "FAILED" (not "[FAILED]") on a test's lines.
+        let verdict = if rest.contains("FAILED") && !rest.contains("[FAILED]") {
+            Some("FAILED")
+        } else if rest.contains("passed") {
+            Some("passed")
+        } else {
+            None
+        };
+        let before = match verdict {
+            Some(v) => rest.split(v).next().unwrap_or(""),
+            None => rest,
+        };
+        text.push_str(before);
+        text.push('\n');
+        if let Some(v) = verdict {
+            // A failed test lists its failed assertions on the following lines.
+            if v == "FAILED" {
+                while let Some(next) = lines.peek() {
+                    if next.trim_start().starts_with(|c: char| c.is_ascii_digit()) {
+                        text.push_str(next);
+                        text.push('\n');
+                        lines.next();
+                    } else {
+                        break;
+                    }
+                }
+            }
+            finish(current.take(), &mut out, v);
+        }
+    }
+    out
+}
+
+fn counts(results: &[(String, Verdict)]) -> (usize, usize, usize) {
+    let pass = results.iter().filter(|r| r.1 == Verdict::Pass).count();
+    let fail = results
+        .iter()
+        .filter(|r| matches!(r.1, Verdict::Fail(_)))
+        .count();
+    (pass, fail, results.len() - pass - fail)
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn run_suite(urls: &[String]) -> String {
+    let mut args = vec![
+        "-d",
+        "-S",
+        "-v",
+        "-t",
+        "ALL",
+        "-i",
+        "iqn.2025-11.org.csvd.test:cu",
+    ];
+    args.extend(urls.iter().map(String::as_str));
+    let out = Command::new("timeout")
+        .arg("900")
+        .arg("iscsi-test-cu")
+        .args(&args)
+        .output()
+        .expect("run iscsi-test-cu");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The same suite against Debian's tgtd serving a file of `bytes`; None when tgt is missing.
+fn run_tgt(dir: &std::path::Path, bytes: u64) -> Option<String> {
+    if !have("tgtd") || !have("tgtadm") {
+        eprintln!("skip: tgt is not installed; the table has no tgt column");
+        return None;
+    }
+    let port = common::free_port();
+    let control = port % 1000 + 100;
+    let file = dir.join("tgt-backing.img");
+    std::fs::File::create(&file)
+        .unwrap()
+        .set_len(bytes)
+        .unwrap();
+    let mut tgtd = Command::new("tgtd")
+        .args([
+            "-f",
+            "-C",
+            &control.to_string(),
+            "--iscsi",
+            &format!("portal=127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let adm = |args: &[&str]| {
+        let ok = Command::new("tgtadm")
+            .args(["-C", &control.to_string(), "--lld", "iscsi"])
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "tgtadm {args:?}");
+    };
+    let iqn = "iqn.2025-11.org.csvd.test:tgt";
+    adm(&["--op", "new", "--mode", "target", "--tid", "1", "-T", iqn]);
+    adm(&[
+        "--op",
+        "new",
+        "--mode",
+        "logicalunit",
+        "--tid",
+        "1",
+        "--lun",
+        "1",
+        "-b",
+        file.to_str().unwrap(),
+    ]);
+    adm(&[
+        "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
+    ]);
+    let url = format!("iscsi://127.0.0.1:{port}/{iqn}/1");
+    let log = run_suite(&[url.clone(), url]);
+    let _ = Command::new("tgtadm")
+        .args([
+            "-C",
+            &control.to_string(),
+            "--op",
+            "delete",
+            "--mode",
+            "system",
+        ])
+        .status();
+    let _ = tgtd.kill();
+    let _ = tgtd.wait();
+    Some(log)
+}
+
+fn table(ours: &[(String, Verdict)], tgt: Option<&[(String, Verdict)]>) -> String {
+    let cell = |v: Option<&Verdict>| match v {
+        Some(Verdict::Pass) => "pass".to_string(),
+        Some(Verdict::Fail(why)) => format!("**FAIL** {}", why.replace('|', "/")),
+        Some(Verdict::Skip(why)) => format!("skip: {}", why.replace('|', "/")),
+        None => "—".to_string(),
+    };
+    let tgt_map: BTreeMap<&str, &Verdict> = tgt
+        .unwrap_or(&[])
+        .iter()
+        .map(|(n, v)| (n.as_str(), v))
+        .collect();
+    let (p, f, s) = counts(ours);
+    let mut out = "| test | csvd | tgt 1.0.85 |\n|---|---|---|\n".to_string();
+    for (name, v) in ours {
+        out.push_str(&format!(
+            "| {name} | {} | {} |\n",
+            cell(Some(v)),
+            cell(tgt_map.get(name.as_str()).copied())
+        ));
+    }
+    let mut summary = format!("csvd: {p} pass, {f} fail, {s} skip of {}", ours.len());
+    if let Some(t) = tgt {
+        let (tp, tf, ts) = counts(t);
+        summary.push_str(&format!(
+            "; tgt: {tp} pass, {tf} fail, {ts} skip of {}",
+            t.len()
+        ));
+    }
+    format!("{summary}\n\n{out}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_libiscsi_compliance_suite_multipath() {
+    if !have("iscsi-test-cu") {
+        eprintln!("skip: iscsi-test-cu is not installed (package libiscsi-bin)");
+        return;
+    }
+    let mut cluster = Cluster::new(3);
+    let root = cluster.tmp.path().to_path_buf();
+    shared_image(&root, 1 << 30, 1..=3);
+    let cluster_id = cluster
+        .start_initialized_each(|id| {
+            vec![
+                "--devices".into(),
+                root.join(format!("paths/n{id}/*.img"))
+                    .display()
+                    .to_string(),
+            ]
+        })
+        .await;
+    let endpoint = cluster.nodes[0].endpoint();
+    create_volume(&endpoint, &root.join("paths/n1/shared.img"), "vol");
+    let lun = create_lun(&endpoint, "vol", "256M", "cu");
+    let c = cluster.nodes[0].client();
+    wait_until(
+        "every node direct on the volume",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                let s = c.state().await.ok()?;
+                let v = s.volumes.values().next()?;
+                (v.nodes.len() == 3
+                    && v.nodes
+                        .values()
+                        .all(|n| n.mode == csvd_raft::volume::IoMode::Direct))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    let target = format!("iqn.2025-11.org.csvd:{cluster_id}");
+    let urls: Vec<String> = [0, 2]
+        .iter()
+        .map(|&i| format!("iscsi://{}/{target}/{lun}", cluster.nodes[i].iscsi))
+        .collect();
+    let log = tokio::task::spawn_blocking(move || run_suite(&urls))
+        .await
+        .unwrap();
+    let results = parse(&log);
+    let (pass, fail, skip) = counts(&results);
+    eprintln!(
+        "iscsi-test-cu against csvd: {pass} pass, {fail} fail, {skip} skip of {}",
+        results.len()
+    );
+    if let Ok(path) = std::env::var("CSVD_CONFORMANCE_TABLE") {
+        let tgt_log = run_tgt(&root, 256 << 20);
+        let tgt = tgt_log.as_deref().map(parse);
+        std::fs::write(&path, table(&results, tgt.as_deref())).unwrap();
+        std::fs::write(format!("{path}.csvd.log"), &log).unwrap();
+        if let Some(l) = tgt_log {
+            std::fs::write(format!("{path}.tgt.log"), l).unwrap();
+        }
+    }
+    assert!(
+        results.len() >= 200,
+        "the suite ran only {} tests:\n{log}",
+        results.len()
+    );
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(n, v)| match v {
+            Verdict::Fail(why) => Some(format!("{n}: {why}")),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} failing tests:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn test_parse_cunit_verbose_log() {
+    let log = "Suite: Read10\n  Test: Simple ...passed\n  Test: Beyond ...    [SKIPPED] not here\n[SKIPPED] again\npassed\n  Test: Bad ...FAILED\n    1. test_x.c:96  - CU_ASSERT_EQUAL(a,b)\nSuite: Other\n  Test: Last ...passed    [FAILED] PRIN in teardown\n";
+    let r = parse(log);
+    assert_eq!(r.len(), 4, "{r:?}");
+    assert_eq!(r[0], ("Read10.Simple".into(), Verdict::Pass));
+    assert_eq!(
+        r[1],
+        ("Read10.Beyond".into(), Verdict::Skip("not here".into()))
+    );
+    assert!(
+        matches!(&r[2], (n, Verdict::Fail(w)) if n == "Read10.Bad" && w.contains("CU_ASSERT_EQUAL"))
+    );
+    assert_eq!(r[3], ("Other.Last".into(), Verdict::Pass));
+    assert_eq!(counts(&r), (2, 1, 1));
+}

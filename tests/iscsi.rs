@@ -1,0 +1,573 @@
+//! Three real `csvd` processes share one sparse file as a volume and export its virtual disk
+//! as one LUN from every node's portal. Real initiators check it: libiscsi's `iscsi-ls` finds
+//! every portal through any one of them; `iscsi-inq` and `iscsi-readcapacity16` show the same
+//! identity and size on each path; data QEMU's iSCSI driver (`qemu-io`) writes through one
+//! node reads back through the others. A persistent reservation registered through node 1
+//! refuses another initiator's write arriving through node 3. Tools that are missing are
+//! reported as a skip line.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::initiator::{Initiator, cdb};
+use common::{
+    Cluster, create_lun, create_volume, migrator, shared_image, stderr, stdout, wait_until,
+};
+
+const DEVICE_BYTES: u64 = 512 << 20;
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skip: {tool} is not installed (scripts/install-deps installs it)");
+    }
+    ok
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd).args(args).output().expect("run a tool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+struct Setup {
+    cluster: Cluster,
+    target: String,
+    lun: u64,
+}
+
+impl Setup {
+    fn url(&self, node: usize) -> String {
+        format!(
+            "iscsi://{}/{}/{}",
+            self.cluster.nodes[node].iscsi, self.target, self.lun
+        )
+    }
+}
+
+/// A three-node cluster with a volume on a shared file (each node through its own path) and
+/// a 64 MiB LUN, waited until every node runs direct I/O on it.
+async fn setup() -> Setup {
+    let mut cluster = Cluster::new(3);
+    let root = cluster.tmp.path().to_path_buf();
+    shared_image(&root, DEVICE_BYTES, 1..=3);
+    let cluster_id = cluster
+        .start_initialized_each(|id| {
+            let glob = root.join(format!("paths/n{id}/*.img"));
+            vec!["--devices".into(), glob.display().to_string()]
+        })
+        .await;
+    let endpoint = cluster.nodes[0].endpoint();
+    create_volume(&endpoint, &root.join("paths/n1/shared.img"), "vol");
+    let lun = create_lun(&endpoint, "vol", "64M", "disk1");
+    let mut c = cluster.nodes[0].client();
+    wait_until(
+        "every node direct on the volume",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                let s = c.state().await.ok()?;
+                let v = s.volumes.values().next()?;
+                (v.nodes.len() == 3
+                    && v.nodes
+                        .values()
+                        .all(|n| n.mode == csvd_raft::volume::IoMode::Direct))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    let _ = &mut c;
+    Setup {
+        cluster,
+        target: format!("iqn.2025-11.org.csvd:{cluster_id}"),
+        lun,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_one_lun_identity_on_every_portal() {
+    if !have("iscsi-ls") || !have("iscsi-inq") || !have("iscsi-readcapacity16") {
+        return;
+    }
+    let s = setup().await;
+    let initiator = "iqn.2025-11.org.csvd.test:ls";
+
+    // Discovery through node 2 lists the target with all three portals.
+    let (ok, out) = run(
+        "iscsi-ls",
+        &[
+            "-i",
+            initiator,
+            "-s",
+            &format!("iscsi://{}", s.cluster.nodes[1].iscsi),
+        ],
+    );
+    assert!(ok, "iscsi-ls: {out}");
+    assert!(out.contains(&s.target), "{out}");
+    for n in &s.cluster.nodes {
+        assert!(out.contains(&n.iscsi), "portal {} missing: {out}", n.iscsi);
+    }
+    assert!(
+        out.contains("Lun:1") || out.contains(&format!("Lun:{}", s.lun)),
+        "{out}"
+    );
+
+    // The same serial number and designators on every path; the size is the LUN's.
+    let mut serials = Vec::new();
+    let mut ids = Vec::new();
+    for node in 0..3 {
+        let (ok, std) = run("iscsi-inq", &["-i", initiator, &s.url(node)]);
+        assert!(
+            ok && std.contains("CSVD"),
+            "standard inquiry via node {node}: {std}"
+        );
+        let (ok, serial) = run(
+            "iscsi-inq",
+            &["-i", initiator, "-e", "1", "-c", "128", &s.url(node)],
+        );
+        assert!(ok, "{serial}");
+        serials.push(serial);
+        let (ok, devid) = run(
+            "iscsi-inq",
+            &["-i", initiator, "-e", "1", "-c", "131", &s.url(node)],
+        );
+        assert!(ok, "{devid}");
+        // The logical unit's designators (NAA, T10 vendor id) are the same on every path;
+        // only the target port name differs per node.
+        assert!(
+            devid.contains("NAA") && devid.contains("RELATIVE_TARGET_PORT"),
+            "{devid}"
+        );
+        let shared: Vec<&str> = devid.lines().filter(|l| !l.contains(",t,0x")).collect();
+        ids.push(shared.join("\n"));
+        let (ok, cap) = run("iscsi-readcapacity16", &["-i", initiator, &s.url(node)]);
+        assert!(ok, "{cap}");
+        // 512-byte logical blocks (the default) on 4 KiB physical blocks.
+        assert!(cap.contains("LOGICAL BLOCK LENGTH IN BYTES:512"), "{cap}");
+        assert!(
+            cap.contains("LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:3"),
+            "{cap}"
+        );
+        assert!(
+            cap.contains(&format!("Total size:{}", 64u64 << 20)),
+            "{cap}"
+        );
+    }
+    assert_eq!(serials[0], serials[1]);
+    assert_eq!(serials[0], serials[2]);
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(ids[0], ids[2]);
+}
+
+fn qemu_io(url: &str, initiator: &str, op: &str) -> (bool, String) {
+    run(
+        "qemu-io",
+        &[
+            "--image-opts",
+            &format!(
+                "driver=iscsi,transport=tcp,portal={},target={},lun={},initiator-name={initiator}",
+                url_part(url, 0),
+                url_part(url, 1),
+                url_part(url, 2)
+            ),
+            "-c",
+            op,
+        ],
+    )
+}
+
+/// Parts of `iscsi://portal/target/lun`.
+fn url_part(url: &str, i: usize) -> String {
+    url.trim_start_matches("iscsi://")
+        .split('/')
+        .nth(i)
+        .unwrap()
+        .to_string()
+}
+
+fn qemu_has_iscsi() -> bool {
+    let ok = Command::new("qemu-io")
+        .args(["--image-opts", "driver=iscsi,help"])
+        .output()
+        .is_ok_and(|o| !String::from_utf8_lossy(&o.stderr).contains("Unknown driver"));
+    if !ok {
+        eprintln!("skip: QEMU's iSCSI driver is missing (package qemu-block-extra)");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_qemu_writes_through_one_node_read_through_others() {
+    if !have("qemu-io") || !qemu_has_iscsi() {
+        return;
+    }
+    let s = setup().await;
+    let (ok, out) = qemu_io(
+        &s.url(0),
+        "iqn.2025-11.org.csvd.test:qemu1",
+        "write -P 0xa5 1M 3M",
+    );
+    assert!(ok && out.contains("wrote"), "write via node 1: {out}");
+    let (ok, out) = qemu_io(
+        &s.url(1),
+        "iqn.2025-11.org.csvd.test:qemu2",
+        "write -P 0x3c 8M 4k",
+    );
+    assert!(ok && out.contains("wrote"), "write via node 2: {out}");
+    for node in 0..3 {
+        let name = format!("iqn.2025-11.org.csvd.test:reader{node}");
+        let (ok, out) = qemu_io(&s.url(node), &name, "read -P 0xa5 1M 3M");
+        assert!(
+            ok && !out.contains("Pattern verification failed"),
+            "read via node {node}: {out}"
+        );
+        let (ok, out) = qemu_io(&s.url(node), &name, "read -P 0x3c 8M 4k");
+        assert!(
+            ok && !out.contains("Pattern verification failed"),
+            "read via node {node}: {out}"
+        );
+        // Never written: zeroes (the file is sparse).
+        let (ok, out) = qemu_io(&s.url(node), &name, "read -P 0 32M 1M");
+        assert!(
+            ok && !out.contains("Pattern verification failed"),
+            "zeroes via node {node}: {out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_reservation_through_one_node_holds_on_another() {
+    let s = setup().await;
+    let portal = |i: usize| s.cluster.nodes[i].iscsi.clone();
+    let mut a = Initiator::login(
+        &portal(0),
+        "iqn.2025-11.org.csvd.test:a",
+        [0x80, 0, 0, 0, 1, 1],
+        Some(&s.target),
+        &[],
+    )
+    .await
+    .expect("login a via node 1");
+    let mut b = Initiator::login(
+        &portal(2),
+        "iqn.2025-11.org.csvd.test:b",
+        [0x80, 0, 0, 0, 2, 2],
+        Some(&s.target),
+        &[],
+    )
+    .await
+    .expect("login b via node 3");
+    // Clear any unit attention of a new session.
+    for i in [&mut a, &mut b] {
+        let _ = i.command(s.lun, &[0, 0, 0, 0, 0, 0], &[], 0).await;
+    }
+    let block = vec![0x11u8; 4096];
+    let r = b.command(s.lun, &cdb::write16(10, 8), &block, 0).await;
+    assert_eq!(r.status, 0, "b writes before any reservation: {r:?}");
+
+    // a registers (all target ports) and reserves Write Exclusive through node 1.
+    let r = a
+        .command(
+            s.lun,
+            &cdb::prout(0x00, 0),
+            &cdb::prout_params(0, 0xabc, true),
+            0,
+        )
+        .await;
+    assert_eq!(r.status, 0, "register: {r:?}");
+    let r = a
+        .command(
+            s.lun,
+            &cdb::prout(0x01, 0x01),
+            &cdb::prout_params(0xabc, 0, false),
+            0,
+        )
+        .await;
+    assert_eq!(r.status, 0, "reserve: {r:?}");
+
+    // Through node 3, b's write conflicts and a's key is visible.
+    let r = b
+        .command(s.lun, &cdb::write16(10, 8), &vec![0x22u8; 4096], 0)
+        .await;
+    assert_eq!(
+        r.status, 0x18,
+        "b's write through node 3 must conflict: {r:?}"
+    );
+    let r = b.command(s.lun, &cdb::prin_read_keys(), &[], 512).await;
+    assert_eq!(r.status, 0);
+    assert_eq!(
+        &r.data[8..16],
+        &0xabcu64.to_be_bytes(),
+        "a's key through node 3"
+    );
+    let r = b.command(s.lun, &cdb::read16(10, 8), &[], 4096).await;
+    assert_eq!(r.status, 0, "reads are allowed under Write Exclusive");
+    assert!(r.data == block, "the conflicting write changed the data");
+
+    // a releases through node 1; b may write through node 3 again.
+    let r = a
+        .command(
+            s.lun,
+            &cdb::prout(0x02, 0x01),
+            &cdb::prout_params(0xabc, 0, false),
+            0,
+        )
+        .await;
+    assert_eq!(r.status, 0, "release: {r:?}");
+    let r = b
+        .command(s.lun, &cdb::write16(10, 8), &vec![0x33u8; 4096], 0)
+        .await;
+    assert_eq!(r.status, 0, "b writes after the release: {r:?}");
+    assert_eq!(a.logout().await, 0);
+    assert_eq!(b.logout().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_cli_shows_paths_and_access() {
+    let s = setup().await;
+    let endpoint = s.cluster.nodes[0].endpoint();
+    let out = migrator(&["--endpoint", &endpoint, "lun", "show", "disk1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for n in &s.cluster.nodes {
+        assert!(
+            text.contains(&format!("iscsi://{}/{}/{}", n.iscsi, s.target, s.lun)),
+            "{text}"
+        );
+    }
+    assert!(text.contains("active/optimized"), "{text}");
+    // An access list that leaves our initiator out hides the LUN from it.
+    let out = migrator(&[
+        "--endpoint",
+        &endpoint,
+        "lun",
+        "allow",
+        "disk1",
+        "--initiator",
+        "iqn.2025-11.org.csvd.test:only",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = migrator(&[
+        "--endpoint",
+        &endpoint,
+        "lun",
+        "allow",
+        "disk1",
+        "--initiator",
+        "not a name",
+    ]);
+    assert!(!out.status.success());
+    let mut other = Initiator::login(
+        &s.cluster.nodes[1].iscsi,
+        "iqn.2025-11.org.csvd.test:other",
+        [0x80, 0, 0, 0, 3, 3],
+        Some(&s.target),
+        &[],
+    )
+    .await
+    .expect("login");
+    // Within a few seconds node 2 has the new list and refuses the LUN.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = other.command(s.lun, &cdb::read16(0, 1), &[], 4096).await;
+        if r.status == 2 && r.sense_code().map(|c| (c.1, c.2)) == Some((0x25, 0)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the LUN is still served: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_chap_mutual_and_header_digests_with_libiscsi() {
+    if !have("iscsi-inq") {
+        return;
+    }
+    let s = setup().await;
+    let endpoint = s.cluster.nodes[0].endpoint();
+    let out = Command::new(common::bin("migrator"))
+        .args([
+            "--endpoint",
+            &endpoint,
+            "target",
+            "chap",
+            "--user",
+            "alice",
+            "--mutual-user",
+            "csvd-target",
+        ])
+        .env("MIGRATOR_CHAP_SECRET", "alice-secret-123")
+        .env("MIGRATOR_CHAP_MUTUAL_SECRET", "target-secret-456")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = migrator(&[
+        "--endpoint",
+        &endpoint,
+        "target",
+        "chap",
+        "--user",
+        "bob",
+        "--secret",
+        "short",
+    ]);
+    assert!(!out.status.success(), "a short secret is refused");
+    let portal = &s.cluster.nodes[1].iscsi;
+    let url =
+        |creds: &str, args: &str| format!("iscsi://{creds}{portal}/{}/{}{args}", s.target, s.lun);
+    let inq = |u: String| run("iscsi-inq", &["-i", "iqn.2025-11.org.csvd.test:chap", &u]);
+    // Within a few seconds node 2 knows the credentials: logins without them fail.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while inq(url("", "")).0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a login without CHAP still works"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (ok, out) = inq(url("alice%wrong-secret-000@", ""));
+    assert!(!ok, "a wrong secret logs in: {out}");
+    let (ok, out) = inq(url("alice%alice-secret-123@", ""));
+    assert!(ok && out.contains("CSVD"), "one-way CHAP: {out}");
+    let (ok, out) = inq(url(
+        "alice%alice-secret-123@",
+        "?target_user=csvd-target&target_password=target-secret-456&header_digest=crc32c",
+    ));
+    assert!(
+        ok && out.contains("CSVD"),
+        "mutual CHAP with header digests: {out}"
+    );
+    let (ok, out) = inq(url(
+        "alice%alice-secret-123@",
+        "?target_user=csvd-target&target_password=not-the-target-secret",
+    ));
+    assert!(
+        !ok,
+        "the initiator accepted a target that does not know the mutual secret: {out}"
+    );
+    // Removing the credentials opens the (loopback) portal again.
+    let out = migrator(&["--endpoint", &endpoint, "target", "chap", "--clear"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_bad_pdus_hurt_only_their_connection() {
+    use csvd_iscsi_target::pdu::{Bhs, op};
+    let s = setup().await;
+    let portal = s.cluster.nodes[0].iscsi.clone();
+    let login = |n: u8| {
+        let portal = portal.clone();
+        let target = s.target.clone();
+        async move {
+            Initiator::login(
+                &portal,
+                &format!("iqn.2025-11.org.csvd.test:bad{n}"),
+                [0x80, 0, 0, 0, 9, n],
+                Some(&target),
+                &[
+                    ("HeaderDigest", "CRC32C,None"),
+                    ("DataDigest", "CRC32C,None"),
+                ],
+            )
+            .await
+            .expect("login")
+        }
+    };
+    let mut good = login(1).await;
+    assert!(
+        good.framing.header_digest && good.framing.data_digest,
+        "digests negotiated"
+    );
+    let _ = good.command(s.lun, &[0; 6], &[], 0).await;
+    let data = vec![0x5au8; 8192];
+    assert_eq!(
+        good.command(s.lun, &cdb::write16(64, 16), &data, 0)
+            .await
+            .status,
+        0
+    );
+
+    // 1. Garbage instead of a login: the connection is closed.
+    let mut raw = tokio::net::TcpStream::connect(&portal).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    raw.write_all(&[0xffu8; 300]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(20), raw.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(
+        matches!(n, Ok(0) | Err(_))
+            || n.as_ref()
+                .is_ok_and(|&n| n >= 48 && buf[0] & 0x3f == op::LOGIN_RESPONSE),
+        "{n:?}"
+    );
+
+    // 2. An opcode initiators never send, inside a session: Reject, and the session goes on.
+    let mut other = login(2).await;
+    let _ = other.command(s.lun, &[0; 6], &[], 0).await; // the new nexus's unit attention
+    let mut b = Bhs::new(0x1c);
+    b.put_u32(16, 0x77);
+    other.send(&b, &[]).await;
+    let r = other.recv().await.expect("a reject");
+    assert_eq!(r.bhs.opcode(), op::REJECT);
+    assert_eq!(r.bhs.0[2], csvd_iscsi_target::pdu::reject::NOT_SUPPORTED);
+    assert_eq!(other.command(s.lun, &[0; 6], &[], 0).await.status, 0);
+
+    // 3. A corrupted header digest: that connection ends.
+    let mut b = Bhs::new(op::NOP_OUT);
+    b.0[0] |= 0x40;
+    b.0[1] = 0x80;
+    b.put_u32(16, 0x99);
+    let mut wire = Vec::new();
+    other.framing.encode_into(&b, &[], &mut wire);
+    wire[49] ^= 0xff;
+    other.send_raw(&wire).await.unwrap();
+    assert!(
+        other.recv().await.is_none(),
+        "the connection must close on a header digest error"
+    );
+
+    // 4. A data segment longer than negotiated: that connection ends too.
+    let mut third = login(3).await;
+    let mut b = Bhs::new(op::NOP_OUT);
+    b.0[0] |= 0x40;
+    b.0[1] = 0x80;
+    b.put_u32(16, 0x98);
+    b.set_data_len(16 << 20);
+    let mut wire = Vec::new();
+    let fr = csvd_iscsi_target::pdu::Framing {
+        data_digest: false,
+        ..third.framing
+    };
+    fr.encode_into(&b, &[], &mut wire);
+    wire[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+    if third.framing.header_digest {
+        let d = csvd_iscsi_target::pdu::digest(&[&wire[..48]]);
+        wire[48..52].copy_from_slice(&d);
+    }
+    third.send_raw(&wire).await.unwrap();
+    assert!(
+        third.recv().await.is_none(),
+        "the connection must close on an oversized segment"
+    );
+
+    // The first session saw none of it: its data is intact and it still works.
+    let r = good.command(s.lun, &cdb::read16(64, 16), &[], 8192).await;
+    assert_eq!(r.status, 0);
+    assert!(r.data == data, "the first session's data changed");
+    assert_eq!(good.logout().await, 0);
+}
