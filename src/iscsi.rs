@@ -292,6 +292,30 @@ impl Backend for CsvBackend {
             .map_err(|e| io_error(e, true))
     }
 
+    async fn provisioning(
+        &self,
+        lun: &LunInfo,
+        offset: u64,
+        len: u64,
+    ) -> Result<(csvd_iscsi_target::backend::Provisioning, u64), BackendError> {
+        use csvd_iscsi_target::backend::Provisioning;
+        // csv-fs answers in 4 KiB device blocks: on a 512-byte LUN a block that is a hole
+        // covers 8 logical blocks, and a run ends on a block boundary or at `offset + len`.
+        let (allocated, run) = self
+            .csv
+            .allocation(Self::disk(lun), offset, len)
+            .await
+            .map_err(|e| io_error(e, false))?;
+        let bs = lun.block_bytes();
+        let run = (run / bs * bs).clamp(bs.min(len), len);
+        let status = if allocated {
+            Provisioning::Mapped
+        } else {
+            Provisioning::Deallocated
+        };
+        Ok((status, run))
+    }
+
     async fn compare_and_write(
         &self,
         lun: &LunInfo,

@@ -222,7 +222,9 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
         a.abort();
     }
     io_server.abort();
+    // Sessions ask their initiators to log out (and move to another node's portal).
     target.stop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     iscsi_server.abort();
     node.shutdown().await;
     agents.abort();

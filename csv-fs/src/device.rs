@@ -30,6 +30,18 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn discard(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send;
     /// Zeroes a range.
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send;
+    /// Whether the [`ALIGN`]-byte block at `offset` is allocated, and the length in bytes of
+    /// the run of blocks from `offset` sharing that status (a multiple of [`ALIGN`], at least
+    /// one block, at most `len`). Default, for devices that cannot tell: all of `len` is
+    /// allocated.
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<(bool, u64)>> + Send {
+        let _ = offset;
+        std::future::ready(Ok((true, len)))
+    }
 }
 
 impl BlockDevice for DirectEngine {
@@ -52,6 +64,51 @@ impl BlockDevice for DirectEngine {
     }
     fn write_zeroes(&self, offset: u64, len: u64) -> impl Future<Output = io::Result<()>> + Send {
         DirectEngine::write_zeroes(self, offset, len)
+    }
+    fn allocation(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = io::Result<(bool, u64)>> + Send {
+        DirectEngine::allocation(self, offset, len)
+    }
+}
+
+/// The allocation run from the block at `offset` (see [`BlockDevice::allocation`]), given
+/// `data_at(pos)`, the first data byte at or after `pos` (`None`: no data up to the end of
+/// the device), and `hole_at(pos)`, the first hole byte at or after `pos` (`None`: none up to
+/// the end). `offset` and `len` are non-zero multiples of [`ALIGN`]. Holes are counted in
+/// whole blocks: a block holding any data byte is allocated.
+pub(crate) fn allocation_run(
+    offset: u64,
+    len: u64,
+    mut data_at: impl FnMut(u64) -> io::Result<Option<u64>>,
+    mut hole_at: impl FnMut(u64) -> io::Result<Option<u64>>,
+) -> io::Result<(bool, u64)> {
+    let block = ALIGN as u64;
+    let end = offset + len;
+    // The block at `b` is a hole when the first data at or after `b` lies beyond it.
+    let is_hole = |b: u64, data: Option<u64>| data.is_none_or(|d| d >= b + block);
+    let mut data = data_at(offset)?;
+    if is_hole(offset, data) {
+        let stop = data.map_or(end, |d| d.min(end));
+        return Ok((false, (stop - offset) / block * block));
+    }
+    // `at` is the start of a block holding data, `data` the first data byte in it.
+    let mut at = offset;
+    loop {
+        let pos = data.map_or(at, |d| d.max(at));
+        let hole = hole_at(pos)?.map_or(end, |h| h.max(pos + 1));
+        // Every block up to the one holding the byte before `hole` has data.
+        let next = hole.min(end).next_multiple_of(block).min(end);
+        if next >= end {
+            return Ok((true, len));
+        }
+        data = data_at(next)?;
+        if is_hole(next, data) {
+            return Ok((true, next - offset));
+        }
+        at = next;
     }
 }
 
@@ -173,5 +230,69 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
             Some(e) => Err(e),
             None => self.inner.write_zeroes(offset, len).await,
         }
+    }
+
+    /// Asks the inner device; an allocation query moves no data, so it is neither counted
+    /// as an I/O nor failed by injected faults.
+    async fn allocation(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.inner.allocation(offset, len).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: u64 = ALIGN as u64;
+
+    /// [`allocation_run`] over a device of `size` bytes whose data lies in `extents`
+    /// (`(start, end)` byte ranges, sorted, disjoint, not touching).
+    fn run(extents: &[(u64, u64)], size: u64, offset: u64, len: u64) -> (bool, u64) {
+        let data_at = |pos: u64| {
+            Ok(extents
+                .iter()
+                .find(|&&(_, e)| e > pos)
+                .map(|&(s, _)| s.max(pos)))
+        };
+        let hole_at = |pos: u64| {
+            let h = match extents.iter().find(|&&(s, e)| s <= pos && pos < e) {
+                Some(&(_, e)) => e,
+                None => pos,
+            };
+            Ok((h < size).then_some(h))
+        };
+        allocation_run(offset, len, data_at, hole_at).unwrap()
+    }
+
+    #[test]
+    fn test_allocation_run_whole_blocks() {
+        let size = 64 * B;
+        let ext = [(4 * B, 8 * B), (10 * B, 12 * B)];
+        assert_eq!(run(&ext, size, 0, 64 * B), (false, 4 * B));
+        assert_eq!(run(&ext, size, 0, 2 * B), (false, 2 * B), "clamped to len");
+        assert_eq!(run(&ext, size, 4 * B, 60 * B), (true, 4 * B));
+        assert_eq!(run(&ext, size, 5 * B, B), (true, B));
+        assert_eq!(run(&ext, size, 8 * B, 56 * B), (false, 2 * B));
+        assert_eq!(
+            run(&ext, size, 12 * B, 52 * B),
+            (false, 52 * B),
+            "hole to the end"
+        );
+        assert_eq!(run(&[], size, 3 * B, 10 * B), (false, 10 * B));
+        assert_eq!(run(&[(0, size)], size, 3 * B, 10 * B), (true, 10 * B));
+    }
+
+    #[test]
+    fn test_allocation_run_partial_blocks_count_as_allocated() {
+        let size = 64 * B;
+        // Data in the last 1 KiB of block 2 and the first 512 bytes of block 3, a hole of
+        // less than a block after it, then data from inside block 4 to inside block 5.
+        let ext = [(3 * B - 1024, 3 * B + 512), (4 * B + 100, 5 * B + 1)];
+        assert_eq!(run(&ext, size, 0, 64 * B), (false, 2 * B));
+        // Blocks 2..=5 all hold some data; block 6 is a whole hole.
+        assert_eq!(run(&ext, size, 2 * B, 62 * B), (true, 4 * B));
+        assert_eq!(run(&ext, size, 6 * B, 58 * B), (false, 58 * B));
+        // A hole shorter than a block before data is no hole.
+        assert_eq!(run(&[(B - 512, 2 * B)], size, 0, 4 * B), (true, 2 * B));
     }
 }

@@ -248,6 +248,27 @@ fn unaligned(what: &str, value: u64) -> io::Error {
     )
 }
 
+/// `lseek(2)` from `pos` with `whence` (`SEEK_DATA` or `SEEK_HOLE`): the offset found, or
+/// `None` on `ENXIO` (no data at or after `pos` for `SEEK_DATA`, `pos` at or past the end).
+/// Only the returned offset is used: the engine's reads and writes carry their own offsets,
+/// so moving the descriptor's file position is harmless.
+fn seek(file: &File, pos: u64, whence: i32) -> io::Result<Option<u64>> {
+    let at = libc::off_t::try_from(pos)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset out of range"))?;
+    // SAFETY: lseek(2) takes a descriptor and integers, no pointers; the descriptor stays open
+    // while `file` is borrowed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), at, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
+}
+
 /// Which back end an engine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -298,6 +319,8 @@ pub struct DirectEngine {
     sink: Sink,
     backend: Backend,
     size: u64,
+    /// A descriptor of the device for allocation queries (`lseek`), which need no ring.
+    file: Arc<File>,
 }
 
 impl std::fmt::Debug for DirectEngine {
@@ -330,6 +353,7 @@ impl DirectEngine {
                 )
             })?;
         let size = file.metadata()?.len();
+        let seek_file = Arc::new(file.try_clone()?);
         let want_uring = force != Some(Backend::Pread);
         let ring = if want_uring {
             Ring::start(file.try_clone()?, queue_depth.max(2)).map_err(|e| e.to_string())
@@ -364,6 +388,7 @@ impl DirectEngine {
             sink,
             backend,
             size,
+            file: seek_file,
         })
     }
 
@@ -450,6 +475,30 @@ impl DirectEngine {
     /// Deallocates `len` bytes at `offset`; they read back as zeroes.
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.fallocate(offset, len, PUNCH_HOLE).await
+    }
+
+    /// Whether the [`ALIGN`]-byte block at `offset` is allocated on the device, and the
+    /// length in bytes (a multiple of [`ALIGN`], at least one block, at most `len`) of the run
+    /// of blocks from `offset` that share that status. A block is a hole only when all of it
+    /// is: one holding any data is allocated. Answered with `lseek(2)` `SEEK_DATA` /
+    /// `SEEK_HOLE` on the calling thread (a lookup in the filesystem's extent tree, no data
+    /// I/O). A device that does not support these (`EINVAL`, `EOPNOTSUPP`) reports the whole
+    /// range allocated; block devices report everything allocated as the kernel does.
+    pub async fn allocation(&self, offset: u64, len: u64) -> io::Result<(bool, u64)> {
+        self.check_range(offset, len)?;
+        let file = &*self.file;
+        let run = crate::device::allocation_run(
+            offset,
+            len,
+            |pos| seek(file, pos, libc::SEEK_DATA),
+            |pos| seek(file, pos, libc::SEEK_HOLE),
+        );
+        match run {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                Ok((true, len))
+            }
+            r => r,
+        }
     }
 
     /// Makes `len` bytes at `offset` read back as zeroes. Where the device cannot zero a range

@@ -1213,6 +1213,79 @@ impl<D: BlockDevice> CsvNode<D> {
             .await
             .map(drop)
     }
+
+    /// Which parts of `disk` hold data on the shared device, for thin-provisioning queries:
+    /// whether the byte at `offset` lies in allocated space, and the length in bytes of the
+    /// run from `offset` that shares that status (at least one [`SECTOR`], at most `len`).
+    /// Offset and length are multiples of [`SECTOR`].
+    ///
+    /// The device answers in whole 4 KiB blocks (a block holding any data is allocated), so
+    /// a sector's status is its block's, and a run ends at a block boundary or at
+    /// `offset + len`. The disk offsets are mapped through the extent map; a run continues
+    /// across extents while the status stays the same.
+    ///
+    /// Without a device of its own for the volume (redirected for lack of a path) the node
+    /// answers that the whole range is allocated, which is always a safe answer: allocated
+    /// space may read back as zeroes too. The query reads no data and takes no range locks,
+    /// so it is a snapshot that writes and discards in flight may change at once.
+    pub async fn allocation(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        len: u64,
+    ) -> Result<(bool, u64), IoError> {
+        if len == 0 {
+            return Err(IoError::BadRequest("an allocation query of 0 bytes".into()));
+        }
+        if !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+            return Err(IoError::Unaligned(format!(
+                "offset {offset} and length {len} must each be a multiple of {SECTOR} bytes"
+            )));
+        }
+        let vol = self.volume_of(disk)?;
+        let g = vol.gate.read().await;
+        let rec = g.disks.get(&disk).ok_or(IoError::NoSuchDisk(disk))?;
+        let end = offset.checked_add(len).filter(|e| *e <= rec.size_bytes);
+        let Some(end) = end else {
+            return Err(IoError::OutOfRange {
+                disk,
+                offset,
+                len,
+                size: rec.size_bytes,
+            });
+        };
+        let Some(dev) = g.device.as_ref().map(|a| a.dev.clone()) else {
+            return Ok((true, len));
+        };
+        // The covering 4 KiB blocks (disk sizes are whole allocation units, so they fit).
+        let block = ALIGN as u64;
+        let start = offset / block * block;
+        let stop = end.next_multiple_of(block).min(rec.size_bytes);
+        let runs = rec.map(start, stop - start).ok_or_else(|| {
+            IoError::Device(format!(
+                "{start}+{} is outside the extent map",
+                stop - start
+            ))
+        })?;
+        let mut status = None;
+        let mut total = 0u64;
+        for (at, n) in runs {
+            let (allocated, run) = dev
+                .allocation(at, n)
+                .await
+                .map_err(|e| IoError::Device(format!("allocation query failed: {e}")))?;
+            if status.is_some_and(|s| s != allocated) {
+                break;
+            }
+            status = Some(allocated);
+            total += run;
+            if run < n {
+                break;
+            }
+        }
+        let allocated = status.unwrap_or(true);
+        Ok((allocated, total.saturating_sub(offset - start).min(len)))
+    }
 }
 
 /// Runs parts on the device in order. Returns the last part's outcome, or the device error

@@ -86,6 +86,10 @@ impl Default for Config {
     }
 }
 
+/// ABORTED COMMAND, DATA PHASE ERROR: a write's Data-Out broke the sequence it belonged to.
+const DATA_PHASE_ERROR: scsi::sense::Sense =
+    scsi::sense::Sense::new(scsi::sense::key::ABORTED_COMMAND, 0x4b, 0x00);
+
 /// Identifies a session for reinstatement: initiator name, ISID and target.
 type SessionKey = (String, [u8; 6], String);
 
@@ -445,7 +449,17 @@ impl<B: Backend, D: Directory> Target<B, D> {
                 _ = async { drop(stop.wait_for(|s| *s).await) } => {
                     break Err(ConnError::Protocol("session reinstated or reset"))
                 }
-                _ = async { drop(stopping.wait_for(|s| *s).await) } => break Ok(()),
+                _ = async { drop(stopping.wait_for(|s| *s).await) } => {
+                    // The node is going away: ask the initiator to log out now (Async
+                    // Message event 1, within 0 s) so it moves to another portal at once
+                    // instead of waiting for the connection to time out.
+                    conn.send(Out::Pdu {
+                        bhs: pdu::async_message(0, 1, [0, 0, 0]),
+                        data: Vec::new(),
+                        status: false,
+                    });
+                    break Ok(());
+                }
                 ev = events.recv() => {
                     if let Ok(ev) = ev {
                         conn.on_event(ev).await;
@@ -877,7 +891,18 @@ impl<B: Backend, D: Directory> Conn<B, D> {
         };
         let range = match p.transfer.accept(&d) {
             Ok(r) if r.end <= p.edtl as usize => r,
-            _ => return Err(ConnError::Protocol("data-out outside the requested range")),
+            Ok(_) | Err(_) => {
+                // A Data-Out out of sequence (DataSN, offset, tag or burst): the task ends
+                // with CHECK CONDITION and the rest of its data is dropped; the session
+                // goes on.
+                self.skip_data(rd, bhs).await?;
+                self.ignored.push(d.itt);
+                if self.ignored.len() > 64 {
+                    self.ignored.remove(0);
+                }
+                self.finish_now(d.itt, p.lun, p.edtl, DATA_PHASE_ERROR);
+                return Ok(());
+            }
         };
         self.read_into(rd, bhs, &mut p.buf.as_mut()[range]).await?;
         let r2ts = {
