@@ -571,3 +571,89 @@ async fn test_iscsi_bad_pdus_hurt_only_their_connection() {
     assert!(r.data == data, "the first session's data changed");
     assert_eq!(good.logout().await, 0);
 }
+
+/// REPORT TARGET PORT GROUPS: (group id, asymmetric access state) for every group.
+fn port_groups(data: &[u8]) -> Vec<(u16, u8)> {
+    let mut out = Vec::new();
+    let mut at = 4;
+    while at + 8 <= data.len() {
+        let state = data[at] & 0x0f;
+        let id = u16::from_be_bytes([data[at + 2], data[at + 3]]);
+        let ports = data[at + 7] as usize;
+        out.push((id, state));
+        at += 8 + 4 * ports;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_alua_follows_node_mode_and_sessions_reinstate() {
+    let s = setup().await;
+    let endpoint = s.cluster.nodes[0].endpoint();
+    let isid = [0x80, 0, 0, 0, 4, 4];
+    let name = "iqn.2025-11.org.csvd.test:alua";
+    let mut via1 = Initiator::login(&s.cluster.nodes[0].iscsi, name, isid, Some(&s.target), &[])
+        .await
+        .unwrap();
+    let mut via3 = Initiator::login(&s.cluster.nodes[2].iscsi, name, isid, Some(&s.target), &[])
+        .await
+        .unwrap();
+    let rtpg = [0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0];
+    for i in [&mut via1, &mut via3] {
+        let _ = i.command(s.lun, &[0; 6], &[], 0).await;
+    }
+    let r = via1.command(s.lun, &rtpg, &[], 1024).await;
+    assert_eq!(r.status, 0);
+    assert_eq!(
+        port_groups(&r.data),
+        vec![(1, 0), (2, 0), (3, 0)],
+        "all active/optimized"
+    );
+
+    // Node 3 turns redirected: its group becomes active/non-optimized on every portal, and
+    // the initiator on node 3 hears ASYMMETRIC ACCESS STATE CHANGED.
+    let out = migrator(&[
+        "--endpoint",
+        &endpoint,
+        "volume",
+        "set-mode",
+        "vol",
+        "--node",
+        "3",
+        "--mode",
+        "redirected",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = via1.command(s.lun, &rtpg, &[], 1024).await;
+        if r.status == 0 && port_groups(&r.data) == vec![(1, 0), (2, 0), (3, 1)] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "group 3 never turned non-optimized"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = via3.command(s.lun, &cdb::read16(0, 8), &[], 4096).await;
+    assert_eq!(
+        r.sense_code(),
+        Some((6, 0x2a, 0x06)),
+        "unit attention on node 3: {:?}",
+        r.sense_code()
+    );
+    let r = via3.command(s.lun, &cdb::read16(0, 8), &[], 4096).await;
+    assert_eq!(r.status, 0, "redirected I/O still works through node 3");
+
+    // The same initiator name and ISID logging in again replaces the old session.
+    let mut again = Initiator::login(&s.cluster.nodes[0].iscsi, name, isid, Some(&s.target), &[])
+        .await
+        .unwrap();
+    assert!(
+        via1.recv().await.is_none(),
+        "the reinstated session's connection must close"
+    );
+    let _ = again.command(s.lun, &[0; 6], &[], 0).await;
+    assert_eq!(again.command(s.lun, &[0; 6], &[], 0).await.status, 0);
+}
