@@ -14,8 +14,6 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Cluster, create_lun, create_volume, shared_image, wait_until};
-
 /// Suite tests whose expectations contradict the standard or this target's advertised limits,
 /// with the reason. Each must fail for that reason only; everything else must pass or skip.
 const TEST_DEFECTS: &[(&str, &str)] = &[
@@ -276,41 +274,8 @@ async fn test_libiscsi_compliance_suite_multipath() {
         eprintln!("skip: iscsi-test-cu is not installed (package libiscsi-bin)");
         return;
     }
-    let mut cluster = Cluster::new(3);
+    let (cluster, target, lun) = common::lun_cluster(1 << 30, "256M", "cu").await;
     let root = cluster.tmp.path().to_path_buf();
-    shared_image(&root, 1 << 30, 1..=3);
-    let cluster_id = cluster
-        .start_initialized_each(|id| {
-            vec![
-                "--devices".into(),
-                root.join(format!("paths/n{id}/*.img"))
-                    .display()
-                    .to_string(),
-            ]
-        })
-        .await;
-    let endpoint = cluster.nodes[0].endpoint();
-    create_volume(&endpoint, &root.join("paths/n1/shared.img"), "vol");
-    let lun = create_lun(&endpoint, "vol", "256M", "cu");
-    let c = cluster.nodes[0].client();
-    wait_until(
-        "every node direct on the volume",
-        Duration::from_secs(30),
-        || {
-            let mut c = c.clone();
-            async move {
-                let s = c.state().await.ok()?;
-                let v = s.volumes.values().next()?;
-                (v.nodes.len() == 3
-                    && v.nodes
-                        .values()
-                        .all(|n| n.mode == csvd_raft::volume::IoMode::Direct))
-                .then_some(())
-            }
-        },
-    )
-    .await;
-    let target = format!("iqn.2025-11.org.csvd:{cluster_id}");
     let urls: Vec<String> = [0, 2]
         .iter()
         .map(|&i| format!("iscsi://{}/{target}/{lun}", cluster.nodes[i].iscsi))

@@ -12,9 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::initiator::{Initiator, cdb};
-use common::{
-    Cluster, create_lun, create_volume, migrator, shared_image, stderr, stdout, wait_until,
-};
+use common::{Cluster, migrator, stderr, stdout};
 
 const DEVICE_BYTES: u64 = 512 << 20;
 
@@ -57,40 +55,10 @@ impl Setup {
 /// A three-node cluster with a volume on a shared file (each node through its own path) and
 /// a 64 MiB LUN, waited until every node runs direct I/O on it.
 async fn setup() -> Setup {
-    let mut cluster = Cluster::new(3);
-    let root = cluster.tmp.path().to_path_buf();
-    shared_image(&root, DEVICE_BYTES, 1..=3);
-    let cluster_id = cluster
-        .start_initialized_each(|id| {
-            let glob = root.join(format!("paths/n{id}/*.img"));
-            vec!["--devices".into(), glob.display().to_string()]
-        })
-        .await;
-    let endpoint = cluster.nodes[0].endpoint();
-    create_volume(&endpoint, &root.join("paths/n1/shared.img"), "vol");
-    let lun = create_lun(&endpoint, "vol", "64M", "disk1");
-    let mut c = cluster.nodes[0].client();
-    wait_until(
-        "every node direct on the volume",
-        Duration::from_secs(30),
-        || {
-            let mut c = c.clone();
-            async move {
-                let s = c.state().await.ok()?;
-                let v = s.volumes.values().next()?;
-                (v.nodes.len() == 3
-                    && v.nodes
-                        .values()
-                        .all(|n| n.mode == csvd_raft::volume::IoMode::Direct))
-                .then_some(())
-            }
-        },
-    )
-    .await;
-    let _ = &mut c;
+    let (cluster, target, lun) = common::lun_cluster(DEVICE_BYTES, "64M", "disk1").await;
     Setup {
         cluster,
-        target: format!("iqn.2025-11.org.csvd:{cluster_id}"),
+        target,
         lun,
     }
 }

@@ -425,3 +425,44 @@ pub fn device_block(image: &Path, offset: u64) -> Vec<u8> {
     f.read_exact_at(&mut buf, offset).unwrap();
     buf.to_vec()
 }
+
+/// A three-node cluster sharing one volume (a sparse file of `device_bytes`, each node through
+/// its own path) with one LUN of `lun_size` named `lun_name`, waited until every node does
+/// direct I/O on it. Returns the cluster, the iSCSI target name and the LUN number.
+pub async fn lun_cluster(
+    device_bytes: u64,
+    lun_size: &str,
+    lun_name: &str,
+) -> (Cluster, String, u64) {
+    let mut cluster = Cluster::new(3);
+    let root = cluster.tmp.path().to_path_buf();
+    shared_image(&root, device_bytes, 1..=3);
+    let cluster_id = cluster
+        .start_initialized_each(|id| {
+            let glob = root.join(format!("paths/n{id}/*.img"));
+            vec!["--devices".into(), glob.display().to_string()]
+        })
+        .await;
+    let endpoint = cluster.nodes[0].endpoint();
+    create_volume(&endpoint, &root.join("paths/n1/shared.img"), "vol");
+    let lun = create_lun(&endpoint, "vol", lun_size, lun_name);
+    let c = cluster.nodes[0].client();
+    wait_until(
+        "every node direct on the volume",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                let s = c.state().await.ok()?;
+                let v = s.volumes.values().next()?;
+                (v.nodes.len() == 3
+                    && v.nodes
+                        .values()
+                        .all(|n| n.mode == csvd_raft::volume::IoMode::Direct))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    (cluster, format!("iqn.2025-11.org.csvd:{cluster_id}"), lun)
+}
