@@ -40,6 +40,9 @@ pub fn port_group(node: u64) -> u16 {
 pub struct CsvBackend {
     meta: MetaNode,
     csv: Shared,
+    /// Decoded reservation states by disk, with the version they were decoded at: every
+    /// command consults the state, and it changes rarely.
+    decoded: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<DiskId, PrState>>>,
 }
 
 impl std::fmt::Debug for CsvBackend {
@@ -51,7 +54,11 @@ impl std::fmt::Debug for CsvBackend {
 impl CsvBackend {
     /// A backend over this node's metadata replica and csv-fs.
     pub fn new(meta: MetaNode, csv: Shared) -> CsvBackend {
-        CsvBackend { meta, csv }
+        CsvBackend {
+            meta,
+            csv,
+            decoded: Default::default(),
+        }
     }
 
     fn disk(lun: &LunInfo) -> DiskId {
@@ -363,10 +370,15 @@ impl Backend for CsvBackend {
         match view.state.reservations.get(&lun.lun) {
             None => Ok(PrState::default()),
             Some(r) => {
+                let mut cache = self.decoded.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(s) = cache.get(&lun.lun).filter(|s| s.version == r.version) {
+                    return Ok(s.clone());
+                }
                 let mut s: PrState = serde_json::from_str(&r.data).map_err(|e| {
                     BackendError::Medium(format!("the stored reservation state is unreadable: {e}"))
                 })?;
                 s.version = r.version;
+                cache.insert(lun.lun, s.clone());
                 Ok(s)
             }
         }
