@@ -625,3 +625,48 @@ async fn test_iscsi_alua_follows_node_mode_and_sessions_reinstate() {
     let _ = again.command(s.lun, &[0; 6], &[], 0).await;
     assert_eq!(again.command(s.lun, &[0; 6], &[], 0).await.status, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_outstanding_write_data_is_bounded() {
+    use csvd_iscsi_target::pdu::{self, Bhs, op};
+    let s = setup().await;
+    let mut i = Initiator::login(
+        &s.cluster.nodes[0].iscsi,
+        "iqn.2025-11.org.csvd.test:flood",
+        [0x80, 0, 0, 0, 5, 5],
+        Some(&s.target),
+        &[],
+    )
+    .await
+    .unwrap();
+    let _ = i.command(s.lun, &[0; 6], &[], 0).await;
+    // Writes of 16 MiB each whose data never comes: the node holds 256 MiB of buffers for a
+    // connection at most, and refuses the next one with TASK SET FULL instead of allocating.
+    let edtl: u32 = 16 << 20;
+    let (exp_stat_sn, first_sn) = (0u32, 100u32);
+    let mut cmd_sn = None;
+    for n in 0..17u32 {
+        let mut b = Bhs::new(op::SCSI_COMMAND);
+        b.0[1] = 0x80 | 0x20 | 0x01;
+        b.0[8..16].copy_from_slice(&pdu::encode_lun(s.lun));
+        b.put_u32(16, first_sn + n);
+        b.put_u32(20, edtl);
+        let sn = *cmd_sn.get_or_insert(i.next_cmd_sn());
+        b.put_u32(24, sn + n);
+        b.put_u32(28, exp_stat_sn);
+        b.0[32..48].copy_from_slice(&cdb::write16(0, edtl / 512));
+        i.send(&b, &[]).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let r = i.recv().await.expect("a PDU");
+        if r.bhs.opcode() == op::SCSI_RESPONSE && r.bhs.itt() == first_sn + 16 {
+            break r.bhs.0[3];
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer to the 17th write"
+        );
+    };
+    assert_eq!(status, 0x28, "TASK SET FULL");
+}

@@ -69,6 +69,9 @@ pub struct Config {
     /// The largest Expected Data Transfer Length of a write accepted (the buffer is
     /// allocated up front).
     pub max_write: u32,
+    /// The most bytes of write buffers one connection may hold for commands still receiving
+    /// their Data-Out; a write beyond it gets TASK SET FULL (the initiator retries later).
+    pub max_pending_write_bytes: u64,
 }
 
 impl Default for Config {
@@ -81,7 +84,8 @@ impl Default for Config {
             nop_interval: Duration::from_secs(10),
             nop_timeout: Duration::from_secs(20),
             login_timeout: Duration::from_secs(15),
-            max_write: 32 << 20,
+            max_write: 16 << 20,
+            max_pending_write_bytes: 256 << 20,
         }
     }
 }
@@ -824,6 +828,28 @@ impl<B: Backend, D: Directory> Conn<B, D> {
                 c.edtl,
                 scsi::sense::codes::INVALID_FIELD_IN_CDB,
             );
+            return Ok(());
+        }
+        let held: u64 = self.pending.values().map(|p| u64::from(p.edtl)).sum();
+        if held + u64::from(c.edtl) > self.target.config.max_pending_write_bytes {
+            // Too much write data outstanding on this connection: refuse this one for now
+            // rather than allocate without bound.
+            self.skip_data(rd, bhs).await?;
+            self.ignored.push(c.itt);
+            if self.ignored.len() > 64 {
+                self.ignored.remove(0);
+            }
+            self.send(Out::Response {
+                itt: c.itt,
+                lun: c.lun,
+                edtl: c.edtl,
+                wanted: None,
+                response: scsi::Response {
+                    status: status::TASK_SET_FULL,
+                    sense: None,
+                    data: DataIn::None,
+                },
+            });
             return Ok(());
         }
         let mut transfer =

@@ -149,6 +149,13 @@ impl Initiator {
         Ok(me)
     }
 
+    /// Takes the next CmdSN (for hand-made commands).
+    pub fn next_cmd_sn(&mut self) -> u32 {
+        let sn = self.cmd_sn;
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        sn
+    }
+
     fn next_itt(&mut self) -> u32 {
         self.itt += 1;
         self.itt
