@@ -818,10 +818,7 @@ impl<B: Backend, D: Directory> Conn<B, D> {
         if c.edtl > self.target.config.max_write {
             // Refuse at once; the initiator stops sending data once it sees the status.
             self.skip_data(rd, bhs).await?;
-            self.ignored.push(c.itt);
-            if self.ignored.len() > 64 {
-                self.ignored.remove(0);
-            }
+            self.ignore(c.itt);
             self.finish_now(
                 c.itt,
                 c.lun,
@@ -835,21 +832,8 @@ impl<B: Backend, D: Directory> Conn<B, D> {
             // Too much write data outstanding on this connection: refuse this one for now
             // rather than allocate without bound.
             self.skip_data(rd, bhs).await?;
-            self.ignored.push(c.itt);
-            if self.ignored.len() > 64 {
-                self.ignored.remove(0);
-            }
-            self.send(Out::Response {
-                itt: c.itt,
-                lun: c.lun,
-                edtl: c.edtl,
-                wanted: None,
-                response: scsi::Response {
-                    status: status::TASK_SET_FULL,
-                    sense: None,
-                    data: DataIn::None,
-                },
-            });
+            self.ignore(c.itt);
+            self.finish_with(c.itt, c.lun, c.edtl, status::TASK_SET_FULL, None);
             return Ok(());
         }
         let mut transfer =
@@ -922,10 +906,7 @@ impl<B: Backend, D: Directory> Conn<B, D> {
                 // with CHECK CONDITION and the rest of its data is dropped; the session
                 // goes on.
                 self.skip_data(rd, bhs).await?;
-                self.ignored.push(d.itt);
-                if self.ignored.len() > 64 {
-                    self.ignored.remove(0);
-                }
+                self.ignore(d.itt);
                 self.finish_now(d.itt, p.lun, p.edtl, DATA_PHASE_ERROR);
                 return Ok(());
             }
@@ -954,17 +935,38 @@ impl<B: Backend, D: Directory> Conn<B, D> {
 
     /// Answers a command at once with CHECK CONDITION.
     fn finish_now(&self, itt: u32, lun: u64, edtl: u32, sense: scsi::sense::Sense) {
+        self.finish_with(itt, lun, edtl, status::CHECK_CONDITION, Some(sense));
+    }
+
+    /// Answers a command at once with `status` (and `sense`).
+    fn finish_with(
+        &self,
+        itt: u32,
+        lun: u64,
+        edtl: u32,
+        status: u8,
+        sense: Option<scsi::sense::Sense>,
+    ) {
         self.send(Out::Response {
             itt,
             lun,
             edtl,
             wanted: None,
             response: scsi::Response {
-                status: status::CHECK_CONDITION,
-                sense: Some(sense),
+                status,
+                sense,
                 data: DataIn::None,
             },
         });
+    }
+
+    /// Remembers a task whose remaining Data-Out is to be dropped quietly (the most recent
+    /// 64 of them).
+    fn ignore(&mut self, itt: u32) {
+        self.ignored.push(itt);
+        if self.ignored.len() > 64 {
+            self.ignored.remove(0);
+        }
     }
 
     /// Starts executing a command whose data is complete.
@@ -1054,7 +1056,7 @@ impl<B: Backend, D: Directory> Conn<B, D> {
             .collect();
         for itt in dropped {
             self.pending.remove(&itt);
-            self.ignored.push(itt);
+            self.ignore(itt);
             self.lock_window().complete();
         }
         let marked: Vec<u32> = match self.shared.running.lock() {
@@ -1110,7 +1112,7 @@ impl<B: Backend, D: Directory> Conn<B, D> {
                     let pending_lun = self.pending.get(&rtt).map(|p| p.lun);
                     if pending_lun.is_some() {
                         self.pending.remove(&rtt);
-                        self.ignored.push(rtt);
+                        self.ignore(rtt);
                         self.lock_window().complete();
                     }
                     let marked = self
