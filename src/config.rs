@@ -64,6 +64,10 @@ pub struct Flags {
     /// Build a Raft snapshot after this many log entries.
     #[arg(long)]
     pub snapshot_every_entries: Option<u64>,
+    /// Threads serving iSCSI connections, each connection wholly on one of them (1 to 256;
+    /// by default one per CPU).
+    #[arg(long)]
+    pub iscsi_threads: Option<usize>,
 }
 
 /// The configuration file's keys. Unknown keys are an error, not ignored.
@@ -96,6 +100,8 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub snapshot_every_entries: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iscsi_threads: Option<usize>,
 }
 
 /// Log output format.
@@ -123,6 +129,7 @@ pub struct Config {
     pub cluster_id: Option<uuid::Uuid>,
     pub log_format: LogFormat,
     pub snapshot_every_entries: u64,
+    pub iscsi_threads: usize,
 }
 
 /// A configuration problem: which file, which key, and why, on one line.
@@ -187,7 +194,8 @@ impl Flags {
             join,
             cluster_id,
             log_format,
-            snapshot_every_entries
+            snapshot_every_entries,
+            iscsi_threads
         );
         if !self.devices.is_empty() {
             f.devices = self.devices.clone();
@@ -238,7 +246,8 @@ fn fill_missing(mut new: FileConfig, old: FileConfig) -> FileConfig {
         join,
         cluster_id,
         log_format,
-        snapshot_every_entries
+        snapshot_every_entries,
+        iscsi_threads
     );
     if new.devices.is_empty() {
         new.devices = old.devices;
@@ -325,6 +334,16 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
             "key `snapshot_every_entries`: must be at least 1",
         ));
     }
+    let iscsi_threads = match f.iscsi_threads {
+        None => std::thread::available_parallelism().map_or(1, |n| n.get().min(256)),
+        Some(n @ 1..=256) => n,
+        Some(n) => {
+            return Err(ConfigError::new(
+                source,
+                format!("key `iscsi_threads`: {n} is not between 1 and 256"),
+            ));
+        }
+    };
     for (key, list) in [("devices", &f.devices), ("switches", &f.switches)] {
         if let Some(bad) = list.iter().find(|s| s.trim().is_empty()) {
             return Err(ConfigError::new(
@@ -359,6 +378,7 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
         cluster_id,
         log_format,
         snapshot_every_entries,
+        iscsi_threads,
     })
 }
 
@@ -497,7 +517,16 @@ mod tests {
                 },
                 "`switches`",
             ),
+            (
+                FileConfig {
+                    iscsi_threads: Some(0),
+                    ..base.clone()
+                },
+                "key `iscsi_threads`: 0 is not between 1 and 256",
+            ),
         ];
+        let threads = validate("f", &base).unwrap().iscsi_threads;
+        assert!(threads >= 1, "one iSCSI thread per CPU by default, got {threads}");
         for (cfg, want) in cases {
             let err = validate("f", &cfg).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} should contain {want:?}");

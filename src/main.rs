@@ -193,7 +193,8 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
             ..Default::default()
         },
     );
-    let iscsi_server = tokio::spawn(target.clone().serve(iscsi_listener));
+    let iscsi_runtimes = iscsi_threads(config.iscsi_threads)?;
+    let iscsi_server = tokio::spawn(target.clone().serve_on(iscsi_listener, iscsi_runtimes));
     tracing::info!(node = config.node_id, grpc = %config.grpc_addr, io = %io_addr,
         iscsi = %iscsi_addr, "csvd is serving");
 
@@ -277,4 +278,36 @@ fn tokio_stream_from(
         conn.set_nodelay(true)?;
         Ok(conn)
     })
+}
+
+/// Starts `n` threads, each running a current-thread runtime that serves whole iSCSI
+/// connections and does their device I/O on rings of its own (see
+/// [`csvd_csv_fs::engine::use_thread_rings`]). They live as long as the process.
+fn iscsi_threads(n: usize) -> Result<Vec<tokio::runtime::Handle>, String> {
+    (0..n)
+        .map(|i| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::Builder::new()
+                .name(format!("csvd-iscsi-{i}"))
+                .spawn(move || {
+                    csvd_csv_fs::engine::use_thread_rings();
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Ok(rt.handle().clone()));
+                    rt.block_on(std::future::pending::<()>());
+                })
+                .map_err(|e| format!("cannot start an iSCSI thread: {e}"))?;
+            rx.recv()
+                .map_err(|_| "an iSCSI thread ended at start".to_string())?
+                .map_err(|e| format!("cannot start an iSCSI thread's runtime: {e}"))
+        })
+        .collect()
 }

@@ -313,9 +313,46 @@ enum Sink {
     Threads(mpsc::Sender<Op>),
 }
 
+thread_local! {
+    /// Rings of the threads that serve their own I/O (see [`use_thread_rings`]): `None` on
+    /// every other thread.
+    static THREAD_RINGS: std::cell::RefCell<Option<Vec<ThreadRing>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A thread's own ring on one engine's device.
+struct ThreadRing {
+    /// The engine's handle: the entry is dropped once the engine is gone.
+    engine: std::sync::Weak<OpenHandle>,
+    ring: Arc<Ring>,
+    _open: Arc<OpenHandle>,
+}
+
+/// Makes the calling thread, which must run a current-thread tokio runtime, submit its I/O to
+/// rings of its own (one per device, set up at its first I/O), whose completions are reaped
+/// on this thread too: a thread that serves a connection from its socket to the device then
+/// never waits for another thread to be scheduled.
+pub fn use_thread_rings() {
+    THREAD_RINGS.with(|t| {
+        t.borrow_mut().get_or_insert_with(Vec::new);
+    });
+}
+
+/// How many rings of its own the calling thread has (on engines still open), for tests and
+/// diagnostics.
+pub fn thread_rings() -> usize {
+    THREAD_RINGS.with(|t| {
+        t.borrow_mut().as_mut().map_or(0, |rings| {
+            rings.retain(|r| r.engine.strong_count() > 0);
+            rings.len()
+        })
+    })
+}
+
 /// Direct I/O against one device or file. Cheap to clone.
 #[derive(Clone)]
 pub struct DirectEngine {
+    depth: u32,
     sink: Sink,
     backend: Backend,
     size: u64,
@@ -385,6 +422,7 @@ impl DirectEngine {
             }
         };
         Ok(Self {
+            depth: queue_depth.max(2),
             sink,
             backend,
             size,
@@ -427,14 +465,47 @@ impl DirectEngine {
 
     fn send(&self, op: Op) -> io::Result<()> {
         match &self.sink {
-            Sink::Ring { ring, .. } => {
-                ring.submit(op);
+            Sink::Ring { ring, _open } => {
+                match self.thread_ring(_open) {
+                    Some(own) => own.submit(op),
+                    None => ring.submit(op),
+                }
                 Ok(())
             }
             Sink::Threads(queue) => queue
                 .send(op)
                 .map_err(|_| io::Error::other("the I/O engine stopped")),
         }
+    }
+
+    /// This thread's own ring on the device, when the thread uses its own rings.
+    fn thread_ring(&self, open: &Arc<OpenHandle>) -> Option<Arc<Ring>> {
+        THREAD_RINGS.with(|t| {
+            let mut t = t.borrow_mut();
+            let rings = t.as_mut()?;
+            rings.retain(|r| r.engine.strong_count() > 0);
+            if let Some(r) = rings
+                .iter()
+                .find(|r| std::ptr::eq(r.engine.as_ptr(), Arc::as_ptr(open)))
+            {
+                return Some(r.ring.clone());
+            }
+            let file = self.file.try_clone().ok()?;
+            match Ring::start(file, self.depth) {
+                Ok((ring, own)) => {
+                    rings.push(ThreadRing {
+                        engine: Arc::downgrade(open),
+                        ring: ring.clone(),
+                        _open: own,
+                    });
+                    Some(ring)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot set up this thread's ring: using the shared one");
+                    None
+                }
+            }
+        })
     }
 
     /// Queues the operation `make` builds around its completion channel and awaits it.

@@ -224,3 +224,82 @@ async fn test_engine_rejects_bad_requests() {
     let on_disk = std::fs::read(dir.path().join("device")).unwrap();
     assert!(on_disk.iter().all(|b| *b == 0));
 }
+
+/// A thread that uses rings of its own does its I/O on them, sees the same bytes as the
+/// engine's shared ring, and lets go of them when the engine is gone.
+#[test]
+fn test_engine_thread_rings() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some(eng) = rt.block_on(async { engine(dir.path(), Backend::IoUring) }) else {
+        return;
+    };
+    let own = eng.clone();
+    let written = std::thread::spawn(move || {
+        csvd_csv_fs::engine::use_thread_rings();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert_eq!(csvd_csv_fs::engine::thread_rings(), 0);
+            for b in 0..64u64 {
+                let buf = AlignedBuf::from_slice(&pattern(b as u8, ALIGN)).unwrap();
+                own.write(b * ALIGN as u64, buf.into(), b % 2 == 0)
+                    .await
+                    .unwrap();
+            }
+            own.flush().await.unwrap();
+            let back = own.read(0, 64 * ALIGN).await.unwrap();
+            for b in 0..64usize {
+                assert_eq!(
+                    &back[b * ALIGN..(b + 1) * ALIGN],
+                    &pattern(b as u8, ALIGN)[..]
+                );
+            }
+            let rings = csvd_csv_fs::engine::thread_rings();
+            drop(own);
+            rings
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        written, 1,
+        "the thread's I/O went through a ring of its own"
+    );
+    // This thread does not use rings of its own: it reads through the shared one.
+    assert_eq!(csvd_csv_fs::engine::thread_rings(), 0);
+    rt.block_on(async {
+        for b in [0u64, 31, 63] {
+            let got = eng.read(b * ALIGN as u64, ALIGN).await.unwrap();
+            assert_eq!(&got[..], &pattern(b as u8, ALIGN)[..], "block {b}");
+        }
+    });
+    // Once the engine is gone, a thread's ring on it is dropped at the next look.
+    let (tx, rx) = std::sync::mpsc::channel::<DirectEngine>();
+    let (back_tx, back_rx) = std::sync::mpsc::channel::<usize>();
+    let t = std::thread::spawn(move || {
+        csvd_csv_fs::engine::use_thread_rings();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let eng = rx.recv().unwrap();
+        rt.block_on(async { eng.read(0, ALIGN).await.unwrap() });
+        back_tx.send(csvd_csv_fs::engine::thread_rings()).unwrap();
+        drop(eng);
+        // The test drops its handle, then tells this thread to look again.
+        rx.recv().ok();
+        back_tx.send(csvd_csv_fs::engine::thread_rings()).unwrap();
+    });
+    tx.send(eng.clone()).unwrap();
+    assert_eq!(back_rx.recv().unwrap(), 1);
+    drop(eng);
+    drop(tx);
+    assert_eq!(back_rx.recv().unwrap(), 0, "the ring outlived its engine");
+    t.join().unwrap();
+}

@@ -14,6 +14,7 @@
 //! the initiator logs in again (reinstating the session by its ISID).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
 };
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 
 use crate::backend::{Backend, Nexus};
@@ -158,15 +160,45 @@ impl<B: Backend, D: Directory> Target<B, D> {
         self.stopping.send_replace(true);
     }
 
-    /// Accepts connections on `listener` until [`Target::stop`].
+    /// Accepts connections on `listener` until [`Target::stop`], serving each on the
+    /// runtime this runs on.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.serve_on(listener, Vec::new()).await;
+    }
+
+    /// Accepts connections on `listener` until [`Target::stop`], handing them to `runtimes`
+    /// in turn (the runtime this runs on when there are none). Given current-thread runtimes,
+    /// every task of a connection (its reader, its writer, its commands and whatever they
+    /// await) runs on one thread, so a command never waits for another thread to be
+    /// scheduled on its way from the socket to the device and back.
+    pub async fn serve_on(self: Arc<Self>, listener: TcpListener, runtimes: Vec<Handle>) {
         let mut stopping = self.stopping.subscribe();
+        let mut next = 0usize;
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         let target = self.clone();
-                        tokio::spawn(async move { target.connection(stream, peer).await });
+                        let Some(rt) = runtimes.get(next % runtimes.len().max(1)) else {
+                            tokio::spawn(async move { target.connection(stream, peer).await });
+                            continue;
+                        };
+                        next = next.wrapping_add(1);
+                        // The socket moves to the other runtime's reactor, so its readiness
+                        // wakes that runtime's thread directly.
+                        match stream.into_std() {
+                            Ok(std) => {
+                                rt.spawn(async move {
+                                    match TcpStream::from_std(std) {
+                                        Ok(stream) => target.connection(stream, peer).await,
+                                        Err(e) => tracing::warn!(%peer, error = %e,
+                                            "iscsi: cannot hand the connection over"),
+                                    }
+                                });
+                            }
+                            Err(e) => tracing::warn!(%peer, error = %e,
+                                "iscsi: cannot hand the connection over"),
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "iscsi: accept failed");
@@ -990,7 +1022,7 @@ impl<B: Backend, D: Directory> Conn<B, D> {
         } else {
             scsi.data_out_length(&nexus.target, lun, &cdb)
         };
-        tokio::spawn(async move {
+        let mut task = Box::pin(async move {
             let response = scsi
                 .execute(scsi::Command {
                     nexus: &nexus,
@@ -1021,6 +1053,15 @@ impl<B: Backend, D: Directory> Conn<B, D> {
             }
             shared.idle.notify_waiters();
         });
+        // The first steps run here, before the reader parses the next PDU: a read or write is
+        // on the device's queue at once rather than after the tasks ahead of it in the run
+        // queue, and a command that needs no I/O is answered without a task at all. What is
+        // left runs as a task; its first poll registers the task's own waker wherever this
+        // poll left the no-op one (every future re-registers on each poll).
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if task.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(task);
+        }
     }
 
     /// Waits until no command of this connection is executing.
