@@ -526,7 +526,10 @@ mod tests {
             ),
         ];
         let threads = validate("f", &base).unwrap().iscsi_threads;
-        assert!(threads >= 1, "one iSCSI thread per CPU by default, got {threads}");
+        assert!(
+            threads >= 1,
+            "one iSCSI thread per CPU by default, got {threads}"
+        );
         for (cfg, want) in cases {
             let err = validate("f", &cfg).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} should contain {want:?}");

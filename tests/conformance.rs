@@ -1,8 +1,9 @@
-//! libiscsi's compliance suite (`iscsi-test-cu`, every test) against a LUN of a three-node
-//! cluster, in multipath mode: the second URL is another node's portal, so the
-//! persistent-reservation, COMPARE AND WRITE and reset tests run across nodes. The test
-//! fails on any failing suite test. CUnit counts a test that printed `[SKIPPED]` as passed,
-//! so results are read per test from the verbose log.
+//! libiscsi's compliance suite (`iscsi-test-cu`, every test) against two LUNs of a three-node
+//! cluster, one with 4096-byte and one with 512-byte logical blocks, in multipath mode: the
+//! second URL is another node's portal, so the persistent-reservation, COMPARE AND WRITE and
+//! reset tests run across nodes. The test fails on any failing suite test on the 4096-byte
+//! LUN, and on any on the 512-byte LUN but the one named test defect. CUnit counts a test that
+//! printed `[SKIPPED]` as passed, so results are read per test from the verbose log.
 //!
 //! With `CSVD_CONFORMANCE_TABLE=<file>` it also runs the same suite against Debian's `tgtd`
 //! serving a file on this machine (when `tgtd` is installed) and writes the per-test table
@@ -14,30 +15,40 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-/// Suite tests whose expectations contradict the standard or this target's advertised limits,
-/// with the reason. Each must fail for that reason only; everything else must pass or skip.
-const TEST_DEFECTS: &[(&str, &str)] = &[
+/// Why `Sanitize.Readonly` fails on every LUN.
+const SWP_FIRST: &str = "turns SOFTWARE WRITE PROTECT on before it looks whether SANITIZE is \
+     offered, and fails instead of skipping when SWP is not changeable (ModeSense6.Control-SWP \
+     skips in that case); the target offers neither SANITIZE nor a changeable SWP";
+
+/// Suite tests whose expectations contradict the standard on LUNs with several logical blocks
+/// per physical block (512-byte LUNs here, which report 4 KiB physical blocks), or that fail
+/// for a feature they do not test, with the reason. Each must fail for that reason only;
+/// everything else must pass or skip.
+const TEST_DEFECTS_512: &[(&str, &str)] = &[
     (
         "GetLBAStatus.UnmapSingle",
         "with several logical blocks per physical block (512-byte LUNs report 8) it asks about \
          LBA i+1 and expects the first descriptor to start at i+8; SBC-3 requires it to start \
-         at the LBA asked about",
+         at the LBA asked about. It passes on 4096-byte LUNs",
     ),
-    (
-        "WriteAtomic16.Simple",
-        "writes up to 256 blocks atomically, beyond the MAXIMUM ATOMIC TRANSFER LENGTH the \
-         target reports (one physical block: the only write the device does atomically)",
-    ),
-    (
-        "Sanitize.Reset",
-        "expects a SANITIZE OVERWRITE to still be running three seconds after it started; on a \
-         256 MiB LUN it has finished",
-    ),
-    (
-        "Sanitize.Readonly",
-        "needs SOFTWARE WRITE PROTECT to be changeable with MODE SELECT and fails instead of \
-         skipping when it is not; the target does not offer SWP",
-    ),
+    ("Sanitize.Readonly", SWP_FIRST),
+];
+
+/// Why the persistent-reservation access tests fail on 4096-byte LUNs.
+const HARD_CODED_512: &str = "checks that a write is allowed by writing 512 bytes as one block \
+     whatever the LUN's block size; on a 4096-byte LUN that is part of a block, which the \
+     target refuses (INVALID FIELD IN COMMAND INFORMATION UNIT), as Linux LIO does. It passes \
+     on 512-byte LUNs";
+
+/// Suite tests that assume 512-byte logical blocks, failing on 4096-byte LUNs.
+const TEST_DEFECTS_4096: &[(&str, &str)] = &[
+    ("ProutReserve.AccessEA", HARD_CODED_512),
+    ("ProutReserve.AccessWE", HARD_CODED_512),
+    ("ProutReserve.AccessEARO", HARD_CODED_512),
+    ("ProutReserve.AccessWERO", HARD_CODED_512),
+    ("ProutReserve.AccessEAAR", HARD_CODED_512),
+    ("ProutReserve.AccessWEAR", HARD_CODED_512),
+    ("Sanitize.Readonly", SWP_FIRST),
 ];
 
 /// One test's outcome.
@@ -232,40 +243,81 @@ fn run_tgt(dir: &std::path::Path, bytes: u64) -> Option<String> {
     Some(log)
 }
 
-fn table(ours: &[(String, Verdict)], tgt: Option<&[(String, Verdict)]>) -> String {
-    let cell = |v: Option<&Verdict>| match v {
+/// The per-test table: one column per run (its title, results and the test defects named in
+/// its failing cells), the first run's test order.
+type Column<'a> = (&'a str, &'a [(String, Verdict)], &'a [(&'a str, &'a str)]);
+
+fn table(columns: &[Column<'_>]) -> String {
+    let cell = |name: &str, v: Option<&Verdict>, defects: &[(&str, &str)]| match v {
         Some(Verdict::Pass) => "pass".to_string(),
-        Some(Verdict::Fail(why)) => format!("**FAIL** {}", why.replace('|', "/")),
+        Some(Verdict::Fail(why)) => match defects.iter().find(|(d, _)| *d == name) {
+            Some((_, reason)) => format!("**FAIL** (test defect: {reason})"),
+            None => format!("**FAIL** {}", why.replace('|', "/")),
+        },
         Some(Verdict::Skip(why)) => format!("skip: {}", why.replace('|', "/")),
         None => "—".to_string(),
     };
-    let tgt_map: BTreeMap<&str, &Verdict> = tgt
-        .unwrap_or(&[])
+    let maps: Vec<BTreeMap<&str, &Verdict>> = columns
         .iter()
-        .map(|(n, v)| (n.as_str(), v))
+        .map(|(_, r, _)| r.iter().map(|(n, v)| (n.as_str(), v)).collect())
         .collect();
-    let (p, f, s) = counts(ours);
-    let mut out = "| test | csvd | tgt 1.0.85 |\n|---|---|---|\n".to_string();
-    for (name, v) in ours {
-        let defect = TEST_DEFECTS.iter().find(|(d, _)| d == name);
-        let ours_cell = match (v, defect) {
-            (Verdict::Fail(_), Some((_, why))) => format!("**FAIL** (test defect: {why})"),
-            _ => cell(Some(v)),
-        };
-        out.push_str(&format!(
-            "| {name} | {ours_cell} | {} |\n",
-            cell(tgt_map.get(name.as_str()).copied())
+    let mut summary = Vec::new();
+    let mut out = String::from("| test |");
+    for (title, results, _) in columns {
+        let (p, f, s) = counts(results);
+        summary.push(format!(
+            "{title}: {p} pass, {f} fail, {s} skip of {}",
+            results.len()
         ));
+        out.push_str(&format!(" {title} |"));
     }
-    let mut summary = format!("csvd: {p} pass, {f} fail, {s} skip of {}", ours.len());
-    if let Some(t) = tgt {
-        let (tp, tf, ts) = counts(t);
-        summary.push_str(&format!(
-            "; tgt: {tp} pass, {tf} fail, {ts} skip of {}",
-            t.len()
-        ));
+    out.push_str(&format!("\n|---|{}\n", "---|".repeat(columns.len())));
+    for (name, _) in columns.first().map_or(&[][..], |c| c.1) {
+        out.push_str(&format!("| {name} |"));
+        for (m, (_, _, defects)) in maps.iter().zip(columns) {
+            let v = m.get(name.as_str()).copied();
+            out.push_str(&format!(" {} |", cell(name, v, defects)));
+        }
+        out.push('\n');
     }
-    format!("{summary}\n\n{out}")
+    format!("{}\n\n{out}", summary.join("; "))
+}
+
+/// Checks one run's log: at least 200 tests ran, at least `min_pass` really passed, and
+/// nothing failed but `allowed` defects.
+fn check_run(
+    what: &str,
+    log: &str,
+    allowed: &[(&str, &str)],
+    min_pass: usize,
+) -> Vec<(String, Verdict)> {
+    let results = parse(log);
+    let (pass, fail, skip) = counts(&results);
+    eprintln!(
+        "iscsi-test-cu against csvd ({what}): {pass} pass, {fail} fail, {skip} skip of {}",
+        results.len()
+    );
+    assert!(
+        results.len() >= 200,
+        "{what}: the suite ran only {} tests:\n{log}",
+        results.len()
+    );
+    let failed: Vec<String> = results
+        .iter()
+        .filter(|(n, _)| !allowed.iter().any(|(d, _)| d == n))
+        .filter_map(|(n, v)| match v {
+            Verdict::Fail(why) => Some(format!("{n}: {why}")),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{what}: {} failing tests:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+    assert!(pass >= min_pass, "{what}: only {pass} tests really passed");
+    results
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,52 +326,62 @@ async fn test_libiscsi_compliance_suite_multipath() {
         eprintln!("skip: iscsi-test-cu is not installed (package libiscsi-bin)");
         return;
     }
-    let (cluster, target, lun) = common::lun_cluster(1 << 30, "256M", "cu").await;
+    let (cluster, target, lun512) = common::lun_cluster(1 << 30, "256M", "cu512").await;
     let root = cluster.tmp.path().to_path_buf();
-    let urls: Vec<String> = [0, 2]
-        .iter()
-        .map(|&i| format!("iscsi://{}/{target}/{lun}", cluster.nodes[i].iscsi))
-        .collect();
-    let log = tokio::task::spawn_blocking(move || run_suite(&urls))
-        .await
+    let endpoint = cluster.nodes[0].endpoint();
+    let out = common::migrator(&[
+        "--endpoint",
+        &endpoint,
+        "--json",
+        "lun",
+        "create",
+        "--volume",
+        "vol",
+        "--size",
+        "256M",
+        "--name",
+        "cu4k",
+        "--block-size",
+        "4096",
+    ]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let lun4k = serde_json::from_str::<serde_json::Value>(&common::stdout(&out)).unwrap()["id"]
+        .as_u64()
         .unwrap();
-    let results = parse(&log);
-    let (pass, fail, skip) = counts(&results);
-    eprintln!(
-        "iscsi-test-cu against csvd: {pass} pass, {fail} fail, {skip} skip of {}",
-        results.len()
-    );
-    if let Ok(path) = std::env::var("CSVD_CONFORMANCE_TABLE") {
+    let urls = |lun: u64| -> Vec<String> {
+        [0, 2]
+            .iter()
+            .map(|&i| format!("iscsi://{}/{target}/{lun}", cluster.nodes[i].iscsi))
+            .collect()
+    };
+    let (urls4k, urls512) = (urls(lun4k), urls(lun512));
+    let (log4k, log512) =
+        tokio::task::spawn_blocking(move || (run_suite(&urls4k), run_suite(&urls512)))
+            .await
+            .unwrap();
+    let table_path = std::env::var("CSVD_CONFORMANCE_TABLE").ok();
+    if let Some(path) = &table_path {
+        std::fs::write(format!("{path}.csvd-4096.log"), &log4k).unwrap();
+        std::fs::write(format!("{path}.csvd-512.log"), &log512).unwrap();
+    }
+    // Five tests need several logical blocks per physical block and skip on 4096-byte LUNs.
+    let r4k = check_run("4096-byte LUN", &log4k, TEST_DEFECTS_4096, 185);
+    let r512 = check_run("512-byte LUN", &log512, TEST_DEFECTS_512, 200);
+    if let Some(path) = table_path {
         let tgt_log = run_tgt(&root, 256 << 20);
         let tgt = tgt_log.as_deref().map(parse);
-        std::fs::write(&path, table(&results, tgt.as_deref())).unwrap();
-        std::fs::write(format!("{path}.csvd.log"), &log).unwrap();
+        let mut columns: Vec<Column<'_>> = vec![
+            ("csvd 4096-byte LUN", &r4k, TEST_DEFECTS_4096),
+            ("csvd 512-byte LUN", &r512, TEST_DEFECTS_512),
+        ];
+        if let Some(t) = &tgt {
+            columns.push(("tgt 1.0.85 (512-byte blocks)", t, &[]));
+        }
+        std::fs::write(&path, table(&columns)).unwrap();
         if let Some(l) = tgt_log {
             std::fs::write(format!("{path}.tgt.log"), l).unwrap();
         }
     }
-    assert!(
-        results.len() >= 200,
-        "the suite ran only {} tests:\n{log}",
-        results.len()
-    );
-    // Every failure must be a known test defect; everything else passes or skips.
-    let failed: Vec<String> = results
-        .iter()
-        .filter(|(n, _)| !TEST_DEFECTS.iter().any(|(d, _)| d == n))
-        .filter_map(|(n, v)| match v {
-            Verdict::Fail(why) => Some(format!("{n}: {why}")),
-            _ => None,
-        })
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} failing tests:\n{}",
-        failed.len(),
-        failed.join("\n")
-    );
-    let real_passes = results.iter().filter(|r| r.1 == Verdict::Pass).count();
-    assert!(real_passes >= 200, "only {real_passes} tests really passed");
 }
 
 #[test]

@@ -175,10 +175,8 @@ pub enum Provisioning {
 ///
 /// # Atomicity
 ///
-/// WRITE ATOMIC (16) is served by one [`Backend::write`] of exactly one physical block
-/// ([`BLOCK_SIZE`] bytes at an offset that is a multiple of it). Such a write must reach the
-/// device as one aligned write, so that a reader or a crash sees all of it or none of it. The
-/// SCSI layer makes no other atomicity assumption; COMPARE AND WRITE has its own method.
+/// The SCSI layer makes no atomicity assumption about [`Backend::write`] (WRITE ATOMIC is not
+/// offered); COMPARE AND WRITE has its own method.
 pub trait Backend: Send + Sync + 'static {
     /// A data buffer: filled by reads, and received into for writes so data goes from the
     /// socket to the device without a copy.
@@ -257,8 +255,7 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Self::Buf, BackendError>> + Send;
 
     /// Writes `data` at byte `offset` (both multiples of the logical block size); with `fua`
-    /// it is durable when this returns. One aligned physical block is written atomically (see
-    /// the trait documentation).
+    /// it is durable when this returns.
     fn write(
         &self,
         lun: &LunInfo,

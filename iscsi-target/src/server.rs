@@ -1167,15 +1167,12 @@ impl<B: Backend, D: Directory> Conn<B, D> {
                         self.wait_task(rtt).await;
                     }
                     tmf::COMPLETE
+                } else if self.lock_window().abort_absent(t.ref_cmd_sn, t.cmd_sn) {
+                    // Sent but not arrived (RFC 7143 11.6.1 b).
+                    tmf::COMPLETE
                 } else {
-                    // A task already completed (or never received) is "complete" when its
-                    // CmdSN is behind the window, otherwise unknown.
-                    let exp = self.lock_window().exp_cmd_sn();
-                    if pdu::sn_lt(t.ref_cmd_sn, exp) {
-                        tmf::COMPLETE
-                    } else {
-                        tmf::NO_TASK
-                    }
+                    // Received and already answered (or never sent).
+                    tmf::NO_TASK
                 }
             }
             tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET => {

@@ -121,6 +121,17 @@ impl CmdWindow {
     pub fn active(&self) -> u32 {
         self.active
     }
+
+    /// Whether ABORT TASK for a task this session does not hold has done its job (RFC 7143
+    /// 11.6.1): a task whose RefCmdSN is in the window (ExpCmdSN to MaxCmdSN) and before the
+    /// request's own CmdSN has not arrived, and counts as received (so aborted): true,
+    /// "Function complete". Anything else was received and has completed, or never existed:
+    /// false, "Task does not exist".
+    pub fn abort_absent(&self, ref_cmd_sn: u32, tmf_cmd_sn: u32) -> bool {
+        sn_le(self.exp_cmd_sn, ref_cmd_sn)
+            && sn_le(ref_cmd_sn, self.max_cmd_sn)
+            && sn_lt(ref_cmd_sn, tmf_cmd_sn)
+    }
 }
 
 /// Why a Data-Out (or immediate data) is refused. At ErrorRecoveryLevel 0 each of these is a
@@ -393,6 +404,26 @@ mod tests {
             data_sn,
             ..data_out(ttt, offset, len, final_bit)
         }
+    }
+
+    #[test]
+    fn test_abort_absent_task() {
+        let mut w = CmdWindow::new(10, 4);
+        assert_eq!(w.admit(10, false), Admit::Run);
+        w.complete();
+        // CmdSN 10 arrived and completed: the task does not exist any more.
+        assert!(!w.abort_absent(10, 11));
+        // CmdSN 11 and 12 have not arrived; the request (CmdSN 13) comes after them.
+        assert!(w.abort_absent(11, 13));
+        assert!(w.abort_absent(12, 13));
+        // Not before the request itself, or beyond MaxCmdSN (14): never sent.
+        assert!(!w.abort_absent(13, 13));
+        assert!(!w.abort_absent(15, 16));
+        // Serial arithmetic across the wrap.
+        let w = CmdWindow::new(u32::MAX, 4);
+        assert!(w.abort_absent(u32::MAX, 1));
+        assert!(w.abort_absent(0, 1));
+        assert!(!w.abort_absent(u32::MAX - 1, 1));
     }
 
     #[test]

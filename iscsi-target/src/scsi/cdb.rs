@@ -58,11 +58,9 @@ pub(crate) enum Op {
     WriteVerify12,
     Verify12,
     ReadDefect12,
-    Sanitize,
     ExtendedCopy,
     ReceiveCopyResults,
     OrWrite,
-    WriteAtomic16,
 }
 
 /// Not subject to unit attention conditions (SAM-5: INQUIRY, REPORT LUNS and REQUEST SENSE,
@@ -74,11 +72,8 @@ pub(crate) const UNAVAILABLE_OK: u8 = 1 << 1;
 pub(crate) const TRANSITIONING_OK: u8 = 1 << 2;
 /// Not checked against reservations.
 pub(crate) const NO_PR: u8 = 1 << 3;
-/// Only on thin-provisioned LUNs (UNMAP, SANITIZE BLOCK ERASE and CRYPTOGRAPHIC ERASE).
+/// Only on thin-provisioned LUNs (UNMAP).
 pub(crate) const THIN_ONLY: u8 = 1 << 4;
-/// Accesses the medium: refused with SANITIZE COMMAND FAILED while a failed sanitize
-/// operation has not been exited (SBC-4, sanitize failure).
-pub(crate) const MEDIUM: u8 = 1 << 5;
 
 /// One supported command.
 #[derive(Debug)]
@@ -91,8 +86,7 @@ pub(crate) struct OpInfo {
     /// service action; every other set bit is a field the device server uses. Its length is
     /// the CDB length.
     pub usage: &'static [u8],
-    /// [`NO_UA`], [`UNAVAILABLE_OK`], [`TRANSITIONING_OK`], [`NO_PR`], [`THIN_ONLY`],
-    /// [`MEDIUM`].
+    /// [`NO_UA`], [`UNAVAILABLE_OK`], [`TRANSITIONING_OK`], [`NO_PR`], [`THIN_ONLY`].
     pub flags: u8,
     /// The recommended command timeout reported with RCTD, in seconds.
     pub timeout: u32,
@@ -127,8 +121,6 @@ const fn op(op: Op, sa: Option<u8>, usage: &'static [u8], flags: u8, timeout: u3
 
 const SPC: u8 = UNAVAILABLE_OK | TRANSITIONING_OK;
 const FF: u8 = 0xff;
-const M: u8 = MEDIUM;
-const THIN_M: u8 = THIN_ONLY | MEDIUM;
 
 /// Every supported command, ordered by operation code and service action (the order REPORT
 /// SUPPORTED OPERATION CODES lists them in).
@@ -136,8 +128,8 @@ const THIN_M: u8 = THIN_ONLY | MEDIUM;
 pub(crate) static OPS: &[OpInfo] = &[
     op(Op::TestUnitReady, None, &[0x00, 0, 0, 0, 0, 0], 0, 10),
     op(Op::RequestSense, None, &[0x03, 0x01, 0, 0, FF, 0], NO_UA | NO_PR | SPC, 10),
-    op(Op::Read6, None, &[0x08, 0x1f, FF, FF, FF, 0], M, 30),
-    op(Op::Write6, None, &[0x0a, 0x1f, FF, FF, FF, 0], M, 30),
+    op(Op::Read6, None, &[0x08, 0x1f, FF, FF, FF, 0], 0, 30),
+    op(Op::Write6, None, &[0x0a, 0x1f, FF, FF, FF, 0], 0, 30),
     op(Op::Inquiry, None, &[0x12, 0x01, FF, FF, FF, 0], NO_UA | NO_PR | SPC, 10),
     op(Op::ModeSelect6, None, &[0x15, 0x11, 0, 0, FF, 0], UNAVAILABLE_OK, 10),
     op(Op::Reserve6, None, &[0x16, 0, 0, 0, 0, 0], 0, 30),
@@ -146,20 +138,15 @@ pub(crate) static OPS: &[OpInfo] = &[
     op(Op::StartStopUnit, None, &[0x1b, 0x01, 0, 0x0f, 0xf7, 0], 0, 30),
     op(Op::PreventAllow, None, &[0x1e, 0, 0, 0, 0x03, 0], 0, 10),
     op(Op::ReadCapacity10, None, &[0x25, 0, FF, FF, FF, FF, 0, 0, 0x01, 0], 0, 10),
-    op(Op::Read10, None, &[0x28, 0x1e, FF, FF, FF, FF, 0x3f, FF, FF, 0], M, 30),
-    op(Op::Write10, None, &[0x2a, 0x1a, FF, FF, FF, FF, 0x3f, FF, FF, 0], M, 30),
-    op(Op::WriteVerify10, None, &[0x2e, 0x12, FF, FF, FF, FF, 0x3f, FF, FF, 0], M, 30),
-    op(Op::Verify10, None, &[0x2f, 0x16, FF, FF, FF, FF, 0x3f, FF, FF, 0], M, 30),
-    op(Op::PreFetch10, None, &[0x34, 0x02, FF, FF, FF, FF, 0x3f, FF, FF, 0], M, 30),
-    op(Op::SyncCache10, None, &[0x35, 0x06, FF, FF, FF, FF, 0x3f, FF, FF, 0], M, 60),
+    op(Op::Read10, None, &[0x28, 0x1e, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
+    op(Op::Write10, None, &[0x2a, 0x1a, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
+    op(Op::WriteVerify10, None, &[0x2e, 0x12, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
+    op(Op::Verify10, None, &[0x2f, 0x16, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
+    op(Op::PreFetch10, None, &[0x34, 0x02, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
+    op(Op::SyncCache10, None, &[0x35, 0x06, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 60),
     op(Op::ReadDefect10, None, &[0x37, 0, 0x1f, 0, 0, 0, 0, FF, FF, 0], 0, 10),
-    op(Op::WriteSame10, None, &[0x41, 0x08, FF, FF, FF, FF, 0x3f, FF, FF, 0], M, 60),
-    op(Op::Unmap, None, &[0x42, 0, 0, 0, 0, 0, 0x3f, FF, FF, 0], THIN_M, 60),
-    // SANITIZE is how a failed sanitize operation is left: not MEDIUM.
-    op(Op::Sanitize, Some(0x01), &[0x48, 0xa1, 0, 0, 0, 0, 0, FF, FF, 0], 0, 3600),
-    op(Op::Sanitize, Some(0x02), &[0x48, 0xa2, 0, 0, 0, 0, 0, FF, FF, 0], THIN_ONLY, 3600),
-    op(Op::Sanitize, Some(0x03), &[0x48, 0xa3, 0, 0, 0, 0, 0, FF, FF, 0], THIN_ONLY, 3600),
-    op(Op::Sanitize, Some(0x1f), &[0x48, 0x9f, 0, 0, 0, 0, 0, FF, FF, 0], 0, 60),
+    op(Op::WriteSame10, None, &[0x41, 0x08, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 60),
+    op(Op::Unmap, None, &[0x42, 0, 0, 0, 0, 0, 0x3f, FF, FF, 0], THIN_ONLY, 60),
     op(Op::ModeSelect10, None, &[0x55, 0x11, 0, 0, 0, 0, 0, FF, FF, 0], UNAVAILABLE_OK, 10),
     op(Op::Reserve10, None, &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, 30),
     op(Op::Release10, None, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, 30),
@@ -176,35 +163,34 @@ pub(crate) static OPS: &[OpInfo] = &[
     op(Op::PrOut, Some(0x05), &[0x5f, 0x05, FF, 0, 0, FF, FF, FF, FF, 0], UNAVAILABLE_OK, 30),
     op(Op::PrOut, Some(0x06), &[0x5f, 0x06, FF, 0, 0, FF, FF, FF, FF, 0], UNAVAILABLE_OK, 30),
     op(Op::PrOut, Some(0x07), &[0x5f, 0x07, FF, 0, 0, FF, FF, FF, FF, 0], UNAVAILABLE_OK, 30),
-    op(Op::ExtendedCopy, Some(0x00), &[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0], M, 600),
+    op(Op::ExtendedCopy, Some(0x00), &[0x83, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0], 0, 600),
     op(Op::ReceiveCopyResults, Some(0x00), &[0x84, 0x00, FF, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0], 0, 10),
     op(Op::ReceiveCopyResults, Some(0x03), &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0], 0, 10),
-    op(Op::Read16, None, &[0x88, 0x1e, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::CompareAndWrite, None, &[0x89, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0x3f, 0], M, 30),
-    op(Op::Write16, None, &[0x8a, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::OrWrite, None, &[0x8b, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::WriteVerify16, None, &[0x8e, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::Verify16, None, &[0x8f, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::PreFetch16, None, &[0x90, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::SyncCache16, None, &[0x91, 0x06, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 60),
-    op(Op::WriteSame16, None, &[0x93, 0x09, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 60),
-    op(Op::WriteAtomic16, None, &[0x9c, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, FF, FF, 0x3f, 0], M, 30),
+    op(Op::Read16, None, &[0x88, 0x1e, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::CompareAndWrite, None, &[0x89, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0x3f, 0], 0, 30),
+    op(Op::Write16, None, &[0x8a, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::OrWrite, None, &[0x8b, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::WriteVerify16, None, &[0x8e, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::Verify16, None, &[0x8f, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::PreFetch16, None, &[0x90, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::SyncCache16, None, &[0x91, 0x06, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 60),
+    op(Op::WriteSame16, None, &[0x93, 0x09, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 60),
     op(Op::ReadCapacity16, Some(0x10), &[0x9e, 0x10, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x01, 0], 0, 10),
-    op(Op::GetLbaStatus, Some(0x12), &[0x9e, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0], M, 30),
+    op(Op::GetLbaStatus, Some(0x12), &[0x9e, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0], 0, 30),
     op(Op::ReportLuns, None, &[0xa0, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, 0], NO_UA | NO_PR | SPC, 10),
     op(Op::ReportTargetPortGroups, Some(0x0a), &[0xa3, 0xea, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0], SPC, 10),
     op(Op::ReportOpcodes, Some(0x0c), &[0xa3, 0x0c, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, 0], SPC, 10),
     op(Op::ReportTmf, Some(0x0d), &[0xa3, 0x0d, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, 0], SPC, 10),
-    op(Op::Read12, None, &[0xa8, 0x1e, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::Write12, None, &[0xaa, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::WriteVerify12, None, &[0xae, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
-    op(Op::Verify12, None, &[0xaf, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], M, 30),
+    op(Op::Read12, None, &[0xa8, 0x1e, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::Write12, None, &[0xaa, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::WriteVerify12, None, &[0xae, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::Verify12, None, &[0xaf, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
     op(Op::ReadDefect12, None, &[0xb7, 0x1f, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0], 0, 10),
 ];
 
 /// Operation codes whose byte 1 holds a service action.
 pub(crate) fn has_service_actions(opcode: u8) -> bool {
-    matches!(opcode, 0x48 | 0x5e | 0x5f | 0x83 | 0x84 | 0x9e | 0xa3)
+    matches!(opcode, 0x5e | 0x5f | 0x83 | 0x84 | 0x9e | 0xa3)
 }
 
 /// The supported command `cdb` starts with.
@@ -358,7 +344,6 @@ pub(crate) fn block_range(op: Op, cdb: &[u8]) -> BlockRange {
             u64::from(cdb.get(13).copied().unwrap_or(0)),
             13,
         ),
-        Op::WriteAtomic16 => (be64(cdb, 2), u64::from(be16(cdb, 12)), 12),
         _ => (be64(cdb, 2), u64::from(be32(cdb, 10)), 10),
     };
     let six = matches!(op, Op::Read6 | Op::Write6);
@@ -401,7 +386,7 @@ pub fn data_out_length_for(cdb: &[u8], block_size: u32) -> Option<u64> {
     let bs = u64::from(block_size);
     let b1 = cdb[1];
     let n = match info.op {
-        Op::Write6 | Op::Write10 | Op::Write12 | Op::Write16 | Op::OrWrite | Op::WriteAtomic16 => {
+        Op::Write6 | Op::Write10 | Op::Write12 | Op::Write16 | Op::OrWrite => {
             block_range(info.op, cdb).blocks * bs
         }
         Op::WriteVerify10 | Op::WriteVerify12 | Op::WriteVerify16 => {
@@ -417,7 +402,7 @@ pub fn data_out_length_for(cdb: &[u8], block_size: u32) -> Option<u64> {
         Op::WriteSame16 => bs,
         Op::CompareAndWrite => 2 * block_range(info.op, cdb).blocks * bs,
         Op::ModeSelect6 => u64::from(cdb[4]),
-        Op::ModeSelect10 | Op::Unmap | Op::Sanitize => u64::from(be16(cdb, 7)),
+        Op::ModeSelect10 | Op::Unmap => u64::from(be16(cdb, 7)),
         Op::PrOut => u64::from(be32(cdb, 5)),
         Op::ExtendedCopy => u64::from(be32(cdb, 10)),
         _ => 0,
@@ -466,12 +451,6 @@ mod tests {
         assert_eq!(
             lookup(&[0x7e, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err(),
             codes::INVALID_OPCODE
-        );
-        // SANITIZE: four service actions, any other is a bad field.
-        assert_eq!(lookup(&[0x48, 0x1f]).unwrap().sa, Some(0x1f));
-        assert_eq!(
-            lookup(&[0x48, 0x04]).unwrap_err(),
-            codes::INVALID_FIELD_IN_CDB.in_cdb(1, Some(4))
         );
         assert_eq!(lookup(&[0x83, 0x00]).unwrap().op, Op::ExtendedCopy);
         assert!(lookup(&[0x83, 0x01]).is_err());
@@ -544,15 +523,10 @@ mod tests {
         assert_eq!(len(&caw), Some(8192));
         assert_eq!(data_out_length_for(&caw, 512), Some(1024));
         assert_eq!(len(&[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0]), Some(24));
-        assert_eq!(len(&[0x48, 0x01, 0, 0, 0, 0, 0, 0x10, 0x04, 0]), Some(4100));
         let mut xcopy = [0u8; 16];
         xcopy[0] = 0x83;
         xcopy[13] = 76;
         assert_eq!(len(&xcopy), Some(76));
-        let mut atomic = [0u8; 16];
-        atomic[0] = 0x9c;
-        atomic[13] = 8;
-        assert_eq!(data_out_length_for(&atomic, 512), Some(4096));
         let mut orwrite = [0u8; 16];
         orwrite[0] = 0x8b;
         orwrite[13] = 3;

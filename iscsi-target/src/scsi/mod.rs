@@ -11,21 +11,27 @@
 //!    INQUIRY and REQUEST SENSE for a missing LUN, answer without one);
 //! 3. unit attention: a pending condition of this I_T nexus is reported instead of running
 //!    the command (except for INQUIRY, REPORT LUNS and REQUEST SENSE, which returns it);
-//! 4. sanitize: while a SANITIZE runs on the LUN (started through this node) every other
-//!    command gets NOT READY, SANITIZE IN PROGRESS, and after a failed one medium access
-//!    commands get SANITIZE COMMAND FAILED until it is exited ([`sanitize`]);
-//! 5. ALUA: in the unavailable or transitioning state only the commands SPC-4 allows run;
-//! 6. reservations: [`pr::access`] on the LUN's cluster-wide reservation state;
-//! 7. the command itself, which checks its fields, ranges and Data-Out length.
+//! 4. ALUA: in the unavailable or transitioning state only the commands SPC-4 allows run;
+//! 5. reservations: [`pr::access`] on the LUN's cluster-wide reservation state;
+//! 6. the command itself, which checks its fields, ranges and Data-Out length.
 //!
 //! Every LBA, transfer length and limit is in logical blocks of the LUN's own block size
 //! ([`LunInfo::block_size`], 512 or 4096 bytes); the physical block is always
 //! [`BLOCK_SIZE`](crate::backend::BLOCK_SIZE).
+//!
+//! Two commands are not offered, and are refused like any unsupported operation code:
+//!
+//! - SANITIZE: a virtual disk on a shared volume cannot give its guarantees. The state of a
+//!   sanitize in progress (every path refusing I/O while it runs, the failure mode
+//!   persisting) would be one node's, and the medium underneath is shared. An operator
+//!   deletes the LUN instead, which releases its extent.
+//! - WRITE ATOMIC (16): the only write the device performs atomically is one aligned
+//!   physical block, and atomicity of more than that across power loss and across nodes
+//!   cannot be promised. The atomic fields of the Block Limits VPD page are zero.
 
 mod cdb;
 mod mode;
 pub mod pr;
-mod sanitize;
 mod sbc;
 pub mod sense;
 mod spc;
@@ -119,30 +125,6 @@ pub mod limits {
     /// GRANULARITY and OPTIMAL UNMAP GRANULARITY (8 for 512-byte LUNs, 1 for 4096-byte ones).
     pub fn physical_granularity(block_size: u32) -> u32 {
         (BLOCK_SIZE / block_size.clamp(1, BLOCK_SIZE)).max(1)
-    }
-
-    /// WRITE ATOMIC (16): MAXIMUM ATOMIC TRANSFER LENGTH, ATOMIC ALIGNMENT and ATOMIC
-    /// TRANSFER LENGTH GRANULARITY, in logical blocks, as `(max, alignment, granularity)`.
-    ///
-    /// What is truly atomic here is one aligned write of one physical block: the daemon does
-    /// direct I/O in 4 KiB units, and a single 4 KiB write at a 4 KiB-aligned offset reaches
-    /// the device as one write, which the device completes whole or not at all (the
-    /// [`Backend`](crate::backend::Backend) contract). Anything larger may be split (by
-    /// csv-fs extents, by the device) and is not promised. Anything smaller is not atomic
-    /// either: the daemon writes part of a physical block by reading the 4 KiB, changing it
-    /// and writing it back, and a concurrent write to the same physical block through another
-    /// path can interleave with that read-modify-write. So an atomic write is exactly one
-    /// physical block at a physical-block boundary:
-    ///
-    /// - 4096-byte LUNs: at most 1 block, any LBA, any length (that is, 1 block);
-    /// - 512-byte LUNs: at most 8 blocks, LBA a multiple of 8, length a multiple of 8 (that
-    ///   is, exactly 8 blocks).
-    ///
-    /// Requests outside these values get INVALID FIELD IN CDB. Atomic boundaries are not
-    /// supported (both boundary fields are 0).
-    pub fn atomic(block_size: u32) -> (u32, u32, u32) {
-        let per = physical_granularity(block_size);
-        (per, per, per)
     }
 
     /// EXTENDED COPY (LID1), as RECEIVE COPY RESULTS OPERATING PARAMETERS and the
@@ -305,8 +287,6 @@ pub struct Scsi<B> {
     ua: Mutex<ua::UnitAttentions>,
     /// PREEMPT AND ABORT notifications.
     aborts: broadcast::Sender<Abort>,
-    /// Sanitize operations running or failed on this node, by LUN uuid.
-    sanitizing: Arc<Mutex<sanitize::SanitizeTable>>,
     /// Per LUN (by uuid), the lock ORWRITE holds across its read and its write.
     orwrite_locks: Mutex<HashMap<[u8; 16], Arc<tokio::sync::Mutex<()>>>>,
     /// Per LUN (by uuid), the cluster's reset count this node has reported to its nexuses.
@@ -326,7 +306,6 @@ impl<B: Backend> Scsi<B> {
             view_gen: AtomicU64::new(0),
             ua: Mutex::new(ua::UnitAttentions::default()),
             aborts,
-            sanitizing: Arc::default(),
             orwrite_locks: Mutex::default(),
             resets_seen: Arc::default(),
             copies: Arc::default(),
@@ -363,8 +342,7 @@ impl<B: Backend> Scsi<B> {
     /// PreventAllow.LUNReset waits for it with TEST UNIT READY). The returned future releases
     /// the LUN's SPC-2 reservation in the cluster-wide state and completes once the release
     /// is stored (or the backend failed, which is logged): await it before answering the task
-    /// management request, so the next command of any initiator sees the release. A running
-    /// SANITIZE is not stopped (SBC-4: a sanitize operation survives resets).
+    /// management request, so the next command of any initiator sees the release.
     pub fn lun_reset(&self, nexus: &Nexus, lun: u64) -> impl Future<Output = ()> + Send + 'static {
         self.lock_ua().reset(&nexus.target, Some(lun));
         let luns: Vec<LunInfo> = self
@@ -419,10 +397,6 @@ impl<B: Backend> Scsi<B> {
 
     fn lock_copies(&self) -> MutexGuard<'_, xcopy::Copies> {
         self.copies.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn lock_sanitizing(&self) -> MutexGuard<'_, sanitize::SanitizeTable> {
-        self.sanitizing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The lock ORWRITE holds on `lu` across its read and its write.
@@ -537,12 +511,8 @@ impl<B: Backend> Scsi<B> {
             };
         };
         if info.has(cdb::THIN_ONLY) && !lu.thin {
-            // Not supported on a fully provisioned LUN: the command, or its service action.
-            return Err(match info.sa {
-                Some(_) => codes::INVALID_FIELD_IN_CDB.in_cdb(1, Some(4)),
-                None => codes::INVALID_OPCODE,
-            }
-            .into());
+            // Not supported on a fully provisioned LUN.
+            return Err(codes::INVALID_OPCODE.into());
         }
 
         // A reset that arrived through another node: this node's nexuses hear of it too.
@@ -583,21 +553,6 @@ impl<B: Backend> Scsi<B> {
                 .sum::<usize>()
                 > 1;
             return Ok(DataIn::Owned(spc::inquiry(cdb, lu, nexus, multiport)?));
-        }
-
-        // A sanitize operation in progress, or failed and not exited (SBC-4 4.11).
-        match self.lock_sanitizing().state(lu) {
-            Some(sanitize::LunState::Running(done)) => {
-                let s = codes::SANITIZE_IN_PROGRESS.with_progress(done);
-                return match info.op {
-                    Op::RequestSense => Ok(DataIn::Owned(spc::request_sense(cdb, &s))),
-                    _ => Err(s.into()),
-                };
-            }
-            Some(sanitize::LunState::Failed { .. }) if info.has(cdb::MEDIUM) => {
-                return Err(codes::SANITIZE_FAILED.into());
-            }
-            _ => {}
         }
 
         // The reservation state, read once; its unit attention conditions come next.
@@ -694,9 +649,7 @@ impl<B: Backend> Scsi<B> {
             Op::Unmap => self.unmap(lu, cdb, data_out).await,
             Op::CompareAndWrite => self.compare_and_write(lu, cdb, data_out).await,
             Op::OrWrite => self.orwrite(lu, cdb, data_out).await,
-            Op::WriteAtomic16 => self.write_atomic(lu, cdb, data_out).await,
             Op::GetLbaStatus => self.get_lba_status(lu, cdb).await,
-            Op::Sanitize => self.sanitize(lu, cdb, data_out).await,
             Op::ExtendedCopy => self.extended_copy(nexus, lu, cdb, data_out).await,
             Op::ReceiveCopyResults => owned(self.receive_copy_results(nexus, lu, cdb)?),
             Op::Reserve6 | Op::Reserve10 => {

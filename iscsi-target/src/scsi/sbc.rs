@@ -1,5 +1,5 @@
 //! SBC-3 block commands: reads, writes, verification, WRITE SAME, UNMAP, COMPARE AND WRITE,
-//! ORWRITE, WRITE ATOMIC, SYNCHRONIZE CACHE and GET LBA STATUS.
+//! ORWRITE, SYNCHRONIZE CACHE and GET LBA STATUS.
 //!
 //! Every LBA and length is in logical blocks of the LUN ([`LunInfo::block_size`], 512 or
 //! 4096 bytes) and turned into byte offsets for the backend here.
@@ -427,44 +427,6 @@ impl<B: Backend> Scsi<B> {
         }
         self.backend
             .write(lu, offset, out, r.fua)
-            .await
-            .map_err(|e| backend_sense(&e, true))?;
-        Ok(DataIn::None)
-    }
-
-    /// WRITE ATOMIC (16): one aligned physical block, written with one backend write (see
-    /// [`limits::atomic`] for why exactly that and nothing else).
-    ///
-    /// The range is checked first (LOGICAL BLOCK ADDRESS OUT OF RANGE), then the atomic
-    /// limits (INVALID FIELD IN CDB on the LBA for a misaligned start, on the length for a
-    /// length above the maximum or not a multiple of the granularity). The Data-Out must hold
-    /// every block: a partial atomic write is not one.
-    pub(super) async fn write_atomic(
-        &self,
-        lu: &LunInfo,
-        cdb: &[u8],
-        data: Option<B::Buf>,
-    ) -> Result<DataIn<B::Buf>, Failure> {
-        let r = cdb::block_range(Op::WriteAtomic16, cdb);
-        let bs = lu.block_bytes();
-        cdb::check_range(r.lba, r.blocks, lu.blocks())?;
-        if r.blocks == 0 {
-            return Ok(DataIn::None);
-        }
-        let (max, align, granularity) = limits::atomic(lu.block_size);
-        if r.blocks > u64::from(max) || !r.blocks.is_multiple_of(u64::from(granularity)) {
-            return Err(cdb::invalid_byte(usize::from(r.len_byte)).into());
-        }
-        if !r.lba.is_multiple_of(u64::from(align)) {
-            return Err(cdb::invalid_byte(2).into());
-        }
-        let len = r.blocks * bs;
-        let Some(data) = data.filter(|d| d.as_ref().len() as u64 >= len) else {
-            return Err(codes::INVALID_FIELD_IN_IU.into());
-        };
-        let buf = self.exact(data, len);
-        self.backend
-            .write(lu, r.lba * bs, buf, r.fua)
             .await
             .map_err(|e| backend_sense(&e, true))?;
         Ok(DataIn::None)

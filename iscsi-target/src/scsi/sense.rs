@@ -42,9 +42,6 @@ pub struct Sense {
     /// `None` when the whole byte is meant. For COPY ABORTED it is the segment pointer into
     /// the parameter list (`in_cdb` false).
     pub field: Option<(bool, u16, Option<u8>)>,
-    /// SENSE KEY SPECIFIC progress indication for NOT READY (a sanitize in progress): the
-    /// fraction done, in 65536ths. Used when `field` is `None`.
-    pub progress: Option<u16>,
 }
 
 impl Sense {
@@ -56,7 +53,6 @@ impl Sense {
             ascq,
             information: None,
             field: None,
-            progress: None,
         }
     }
 
@@ -78,24 +74,14 @@ impl Sense {
         self
     }
 
-    /// The same sense with a progress indication (`done` in 65536ths).
-    pub const fn with_progress(mut self, done: u16) -> Sense {
-        self.progress = Some(done);
-        self
-    }
-
     /// Whether this is a UNIT ATTENTION.
     pub const fn is_unit_attention(&self) -> bool {
         self.key == key::UNIT_ATTENTION
     }
 
-    /// The three SENSE KEY SPECIFIC bytes (SKSV set), when a field pointer or a progress
-    /// indication is present.
+    /// The three SENSE KEY SPECIFIC bytes (SKSV set), when a field pointer is present.
     fn key_specific(&self) -> Option<[u8; 3]> {
-        let Some((in_cdb, byte, bit)) = self.field else {
-            let [hi, lo] = self.progress?.to_be_bytes();
-            return Some([0x80, hi, lo]);
-        };
+        let (in_cdb, byte, bit) = self.field?;
         let mut b = [0x80 | if in_cdb { 0x40 } else { 0 }, 0, 0];
         if let Some(bit) = bit {
             b[0] |= 0x08 | (bit & 0x07);
@@ -212,10 +198,6 @@ pub mod codes {
         Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x04);
     /// INSUFFICIENT RESOURCES: too many EXTENDED COPY commands run at once.
     pub const INSUFFICIENT_RESOURCES: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x55, 0x03);
-    /// LOGICAL UNIT NOT READY, SANITIZE IN PROGRESS.
-    pub const SANITIZE_IN_PROGRESS: Sense = Sense::new(key::NOT_READY, 0x04, 0x1b);
-    /// SANITIZE COMMAND FAILED: the last sanitize operation failed and was not exited.
-    pub const SANITIZE_FAILED: Sense = Sense::new(key::MEDIUM_ERROR, 0x31, 0x03);
     /// OPERATION IN PROGRESS: an EXTENDED COPY with this list identifier is still running.
     pub const OPERATION_IN_PROGRESS: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x00, 0x16);
     /// TOO MANY TARGET DESCRIPTORS (EXTENDED COPY).

@@ -126,14 +126,10 @@ pub(crate) fn inquiry(
         0x8f => xcopy::third_party_copy_vpd(&mut d, lu.block_size),
         0xb0 => block_limits(&mut d, lu),
         0xb1 => {
-            // Block device characteristics: non-rotating medium.
+            // Block device characteristics: non-rotating medium. WABEREQ and WACEREQ (reads
+            // after a sanitize erase) are 0: SANITIZE is not offered.
             d.resize(64, 0);
             d[4..6].copy_from_slice(&1u16.to_be_bytes());
-            if lu.thin {
-                // WABEREQ = WACEREQ = 01b: a read after SANITIZE BLOCK ERASE or
-                // CRYPTOGRAPHIC ERASE (thin LUNs only) completes with GOOD (zeroes).
-                d[7] = 0x40 | 0x10;
-            }
         }
         0xb2 => {
             // Logical block provisioning.
@@ -217,11 +213,8 @@ fn block_limits(d: &mut Vec<u8>, lu: &LunInfo) {
         d[32] = 0x80;
     }
     d[36..44].copy_from_slice(&limits::MAX_WRITE_SAME_BLOCKS.to_be_bytes());
-    // WRITE ATOMIC (16); no atomic boundaries (56..64 stay zero).
-    let (max, align, granularity) = limits::atomic(bs);
-    d[44..48].copy_from_slice(&max.to_be_bytes());
-    d[48..52].copy_from_slice(&align.to_be_bytes());
-    d[52..56].copy_from_slice(&granularity.to_be_bytes());
+    // MAXIMUM ATOMIC TRANSFER LENGTH, ATOMIC ALIGNMENT, ATOMIC TRANSFER LENGTH GRANULARITY
+    // and the atomic boundary fields (44..64) stay zero: WRITE ATOMIC is not offered.
 }
 
 /// Whether the LUN reports LBPRZ (deallocated blocks read as zeroes): 512-byte thin LUNs
@@ -554,9 +547,9 @@ mod tests {
         let bl = inquiry(&[0x12, 1, 0xb0, 0, 255, 0], &lun(false), &n, false).unwrap();
         assert_eq!(be32(&bl, 20), 0);
         assert_eq!(be32(&bl, 24), 0);
-        // WABEREQ and WACEREQ 01b where the erase service actions exist (thin LUNs).
+        // Non-rotating; WABEREQ and WACEREQ 0 (no SANITIZE).
         let bdc = inquiry(&[0x12, 1, 0xb1, 0, 255, 0], &lun(true), &n, false).unwrap();
-        assert_eq!((be16(&bdc, 4), bdc[7]), (1, 0x50));
+        assert_eq!((be16(&bdc, 4), bdc[7]), (1, 0));
         let bdc = inquiry(&[0x12, 1, 0xb1, 0, 255, 0], &lun(false), &n, false).unwrap();
         assert_eq!(bdc[7], 0);
     }
@@ -566,24 +559,25 @@ mod tests {
         let n = nexus();
         let mut lu = lun(true);
         let bl = inquiry(&[0x12, 1, 0xb0, 0, 255, 0], &lu, &n, false).unwrap();
-        // 4 KiB: 8 MiB, 1 MiB, granularity 1, unmap granularity 1, atomic 1/1/1.
+        // 4 KiB: 8 MiB, 1 MiB, granularity 1, unmap granularity 1, no atomic writes.
         assert_eq!(
             (be16(&bl, 6), be32(&bl, 8), be32(&bl, 12), be32(&bl, 28)),
             (1, 2048, 256, 1)
         );
-        assert_eq!((be32(&bl, 44), be32(&bl, 48), be32(&bl, 52)), (1, 1, 1));
+        assert_eq!((be32(&bl, 44), be32(&bl, 48), be32(&bl, 52)), (0, 0, 0));
         assert_eq!(crate::scsi::cdb::be64(&bl, 36), 0xffff);
         lu.block_size = 512;
         let bl = inquiry(&[0x12, 1, 0xb0, 0, 255, 0], &lu, &n, false).unwrap();
-        // 512: the same bytes in 512-byte blocks, physical granularity 8, atomic 8/8/8.
+        // 512: the same bytes in 512-byte blocks, physical granularity 8, no atomic writes.
         assert_eq!(
             (be16(&bl, 6), be32(&bl, 8), be32(&bl, 12), be32(&bl, 28)),
             (8, 16384, 2048, 8)
         );
         assert_eq!((be32(&bl, 20), bl[32]), (1 << 20, 0x80));
-        assert_eq!((be32(&bl, 44), be32(&bl, 48), be32(&bl, 52)), (8, 8, 8));
+        assert_eq!((be32(&bl, 44), be32(&bl, 48), be32(&bl, 52)), (0, 0, 0));
         assert_eq!(crate::scsi::cdb::be64(&bl, 36), 0xffff);
         assert_eq!((be32(&bl, 56), be32(&bl, 60)), (0, 0));
+        assert_eq!((bl.len(), be16(&bl, 2)), (64, 0x3c));
     }
 
     #[test]
@@ -629,7 +623,7 @@ mod tests {
         assert_eq!(n, OPS.len());
         let thick = report_opcodes(&c, false).unwrap();
         let thin_only = OPS.iter().filter(|i| i.has(THIN_ONLY)).count();
-        assert_eq!(thin_only, 3);
+        assert_eq!(thin_only, 1);
         assert_eq!((be32(&thick, 0) as usize) / 8, OPS.len() - thin_only);
         c[2] = 0x80;
         let all = report_opcodes(&c, true).unwrap();
@@ -661,22 +655,15 @@ mod tests {
         assert_eq!(report_opcodes(&c, true).unwrap()[1], 0x01);
         c[2] = 0x05;
         assert!(report_opcodes(&c, true).is_err());
-        // SANITIZE BLOCK ERASE: on thin LUNs only; OVERWRITE everywhere.
-        c[2] = 0x02;
-        c[3] = 0x48;
-        c[5] = 0x02;
-        let one = report_opcodes(&c, true).unwrap();
-        assert_eq!((one[1], &one[4..6]), (0x03, &[0x48, 0xa2][..]));
-        assert_eq!(report_opcodes(&c, false).unwrap()[1], 0x01);
-        c[5] = 0x01;
-        assert_eq!(report_opcodes(&c, false).unwrap()[1], 0x03);
-        // ORWRITE and WRITE ATOMIC (16) take DPO and FUA.
+        // UNMAP: on thin LUNs only.
         c[2] = 0x01;
-        for op in [0x8b, 0x9c] {
-            c[3] = op;
-            let one = report_opcodes(&c, true).unwrap();
-            assert_eq!((one[1], one[5] & 0x18), (0x03, 0x18));
-        }
+        c[3] = 0x42;
+        assert_eq!(report_opcodes(&c, true).unwrap()[1], 0x03);
+        assert_eq!(report_opcodes(&c, false).unwrap()[1], 0x01);
+        // ORWRITE takes DPO and FUA.
+        c[3] = 0x8b;
+        let one = report_opcodes(&c, true).unwrap();
+        assert_eq!((one[1], one[5] & 0x18), (0x03, 0x18));
     }
 
     #[test]

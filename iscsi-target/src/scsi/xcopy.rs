@@ -608,23 +608,19 @@ impl<B: Backend> Scsi<B> {
     }
 
     /// Checks that `nexus` could read (or, `writing`, write) `target` itself: the port's
-    /// access state, a sanitize operation, the reservations.
+    /// access state, the reservations.
     async fn check_copy_target(
         &self,
         nexus: &Nexus,
         target: &LunInfo,
         writing: bool,
     ) -> Result<(), Failure> {
-        let unreachable = Failure::Check(codes::UNREACHABLE_COPY_TARGET);
         let alua = self.backend.alua_state(target, nexus.tpgt);
         if matches!(
             alua,
             Some(AluaState::Unavailable | AluaState::Transitioning)
         ) {
-            return Err(unreachable);
-        }
-        if self.lock_sanitizing().state(target).is_some() {
-            return Err(unreachable);
+            return Err(Failure::Check(codes::UNREACHABLE_COPY_TARGET));
         }
         let state = self
             .backend
