@@ -7,8 +7,9 @@
 //! - Each node's portal is one ALUA target port group (its id is the node id). Its state for
 //!   a LUN follows the node's csv-fs mode for the LUN's volume, as the cluster records it:
 //!   direct is active/optimized, redirected active/non-optimized, paused unavailable.
-//! - Data goes through csv-fs (direct or redirected); reservations and LUN access lists are
-//!   cluster metadata, so a registration made through one node holds on every other.
+//! - Data goes through csv-fs (direct or redirected); reservations, LUN access lists and
+//!   software write protect are cluster metadata, so a registration made (or SWP set) through
+//!   one node holds on every other.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -97,6 +98,7 @@ fn luns_of(state: &ClusterState) -> Vec<LunInfo> {
             size_bytes: d.size_bytes,
             block_size: d.block_size,
             thin: true,
+            write_protected: d.write_protected,
         })
         .collect()
 }
@@ -409,9 +411,29 @@ impl Backend for CsvBackend {
             Err(e) => Err(BackendError::NotReady(e.to_string())),
         }
     }
+
+    async fn set_write_protect(&self, lun: &LunInfo, on: bool) -> Result<(), BackendError> {
+        let cmd = Command::SetDiskWriteProtect { id: lun.lun, on };
+        match self.meta.write(cmd).await {
+            Ok((_, index)) => {
+                // Waited for like a reservation change (the command starts a volume epoch):
+                // a follower applies the commit later than the leader, and until it does its
+                // portal still accepts writes. Without the wait, an initiator that protects
+                // the LUN through one path (say, to copy a stable image) could still write
+                // through another after MODE SELECT reported GOOD. Every node drains the
+                // writes it admitted before adopting the epoch.
+                self.wait_everywhere(lun.lun, index).await;
+                Ok(())
+            }
+            Err(NodeError::Rejected(ApplyError::UnknownDisk { .. })) => {
+                Err(BackendError::OutOfRange)
+            }
+            Err(e) => Err(BackendError::NotReady(e.to_string())),
+        }
+    }
 }
 
-/// How long a reservation change waits for every node to adopt it.
+/// How long a reservation or write-protect change waits for every node to adopt it.
 const ADOPT_WAIT: Duration = Duration::from_secs(10);
 
 impl CsvBackend {
@@ -457,7 +479,7 @@ impl CsvBackend {
         if waited.is_err() {
             tracing::warn!(
                 disk,
-                "a reservation change is not acknowledged by every node yet"
+                "a LUN state change is not acknowledged by every node yet"
             );
         }
     }

@@ -15,24 +15,16 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
 
-/// Why `Sanitize.Readonly` fails on every LUN.
-const SWP_FIRST: &str = "turns SOFTWARE WRITE PROTECT on before it looks whether SANITIZE is \
-     offered, and fails instead of skipping when SWP is not changeable (ModeSense6.Control-SWP \
-     skips in that case); the target offers neither SANITIZE nor a changeable SWP";
-
 /// Suite tests whose expectations contradict the standard on LUNs with several logical blocks
 /// per physical block (512-byte LUNs here, which report 4 KiB physical blocks), or that fail
 /// for a feature they do not test, with the reason. Each must fail for that reason only;
 /// everything else must pass or skip.
-const TEST_DEFECTS_512: &[(&str, &str)] = &[
-    (
-        "GetLBAStatus.UnmapSingle",
-        "with several logical blocks per physical block (512-byte LUNs report 8) it asks about \
+const TEST_DEFECTS_512: &[(&str, &str)] = &[(
+    "GetLBAStatus.UnmapSingle",
+    "with several logical blocks per physical block (512-byte LUNs report 8) it asks about \
          LBA i+1 and expects the first descriptor to start at i+8; SBC-3 requires it to start \
          at the LBA asked about. It passes on 4096-byte LUNs",
-    ),
-    ("Sanitize.Readonly", SWP_FIRST),
-];
+)];
 
 /// Why the persistent-reservation access tests fail on 4096-byte LUNs.
 const HARD_CODED_512: &str = "checks that a write is allowed by writing 512 bytes as one block \
@@ -48,7 +40,6 @@ const TEST_DEFECTS_4096: &[(&str, &str)] = &[
     ("ProutReserve.AccessWERO", HARD_CODED_512),
     ("ProutReserve.AccessEAAR", HARD_CODED_512),
     ("ProutReserve.AccessWEAR", HARD_CODED_512),
-    ("Sanitize.Readonly", SWP_FIRST),
 ];
 
 /// One test's outcome.

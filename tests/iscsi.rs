@@ -3,8 +3,8 @@
 //! every portal through any one of them; `iscsi-inq` and `iscsi-readcapacity16` show the same
 //! identity and size on each path; data QEMU's iSCSI driver (`qemu-io`) writes through one
 //! node reads back through the others. A persistent reservation registered through node 1
-//! refuses another initiator's write arriving through node 3. Tools that are missing are
-//! reported as a skip line.
+//! refuses another initiator's write arriving through node 3, and so does write protection set
+//! with the CLI through node 1. Tools that are missing are reported as a skip line.
 
 mod common;
 
@@ -315,6 +315,53 @@ async fn test_iscsi_cli_shows_paths_and_access() {
         );
     }
     assert!(text.contains("active/optimized"), "{text}");
+    assert!(text.contains("writes  allowed"), "{text}");
+
+    // Write protection set through node 1 holds on node 3's portal as soon as the command
+    // returns: writes fail with LOGICAL UNIT SOFTWARE WRITE PROTECTED, reads work, and
+    // unprotecting lets writes through again.
+    let mut via3 = Initiator::login(
+        &s.cluster.nodes[2].iscsi,
+        "iqn.2025-11.org.csvd.test:wp",
+        [0x80, 0, 0, 0, 6, 6],
+        Some(&s.target),
+        &[],
+    )
+    .await
+    .expect("login via node 3");
+    let _ = via3.command(s.lun, &[0; 6], &[], 0).await; // the new nexus's unit attention
+    let block = vec![0x44u8; 4096];
+    let r = via3.command(s.lun, &cdb::write16(16, 8), &block, 0).await;
+    assert_eq!(r.status, 0, "write before protecting: {r:?}");
+    let out = migrator(&["--endpoint", &endpoint, "lun", "protect", "disk1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("write-protected on every node"),
+        "{}",
+        stdout(&out)
+    );
+    let out = migrator(&["--endpoint", &endpoint, "--json", "lun", "show", "disk1"]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(v["write_protected"], true, "{v}");
+    let r = via3
+        .command(s.lun, &cdb::write16(16, 8), &vec![0x55u8; 4096], 0)
+        .await;
+    assert_eq!(
+        r.sense_code(),
+        Some((7, 0x27, 0x02)),
+        "write via node 3: {r:?}"
+    );
+    let r = via3.command(s.lun, &cdb::read16(16, 8), &[], 4096).await;
+    assert_eq!(r.status, 0, "read via node 3: {r:?}");
+    assert!(r.data == block, "the refused write changed the data");
+    let out = migrator(&["--endpoint", &endpoint, "lun", "unprotect", "disk1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = via3
+        .command(s.lun, &cdb::write16(16, 8), &vec![0x55u8; 4096], 0)
+        .await;
+    assert_eq!(r.status, 0, "write after unprotecting: {r:?}");
+    assert_eq!(via3.logout().await, 0);
+
     // An access list that leaves our initiator out hides the LUN from it.
     let out = migrator(&[
         "--endpoint",

@@ -120,6 +120,7 @@ async fn test_lun_lifecycle_through_cli() {
             "lun", "create", "--volume", "vol1", "--size", "1X", "--name", "x",
         ],
         vec!["lun", "show", "missing"],
+        vec!["lun", "protect", "missing"],
     ] {
         let e0 = ep(0);
         let mut args = vec!["--endpoint", e0.as_str()];

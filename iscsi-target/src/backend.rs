@@ -1,8 +1,8 @@
 //! What the target serves: LUNs, their data and their cluster-wide state.
 //!
 //! The target calls a [`Backend`] for everything that is not protocol: the LUN table of each
-//! target, block I/O, this node's ALUA state, and the persistent-reservation state, which the
-//! cluster keeps in one place so every node's portal sees the same registrations.
+//! target, block I/O, this node's ALUA state, and the persistent-reservation and write-protect
+//! state, which the cluster keeps in one place so every node's portal sees the same.
 
 use std::future::Future;
 
@@ -40,6 +40,11 @@ pub struct LunInfo {
     pub block_size: u32,
     /// Whether UNMAP and WRITE SAME with UNMAP deallocate (thin provisioning).
     pub thin: bool,
+    /// Software write protect (SWP in the control mode page), cluster-wide: while set, every
+    /// command that would change the medium fails with DATA PROTECT, LOGICAL UNIT SOFTWARE
+    /// WRITE PROTECTED, whichever node's portal it arrives through. Changed with
+    /// [`Backend::set_write_protect`].
+    pub write_protected: bool,
 }
 
 impl LunInfo {
@@ -54,6 +59,7 @@ impl LunInfo {
     ///     size_bytes: 1 << 20,
     ///     block_size: 512,
     ///     thin: true,
+    ///     write_protected: false,
     /// };
     /// assert_eq!(lun.blocks(), 2048);
     /// assert_eq!(lun.blocks_per_physical(), 8);
@@ -301,6 +307,19 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         lun: &LunInfo,
     ) -> impl Future<Output = Result<crate::scsi::pr::PrState, BackendError>> + Send;
+
+    /// Sets (`on`) or clears the LUN's software write protect ([`LunInfo::write_protected`])
+    /// for every node's portal, as MODE SELECT of the control page's SWP asks.
+    ///
+    /// Cluster-wide and durable before it returns: the setting is stored, and every live
+    /// node has adopted it, so [`Backend::luns`] reports it on every portal for the next
+    /// command. After an error the setting may or may not have changed (a store that timed
+    /// out can still commit); MODE SENSE shows which.
+    fn set_write_protect(
+        &self,
+        lun: &LunInfo,
+        on: bool,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Replaces the LUN's reservation state if its generation is still `expected`; returns
     /// `false` (and changes nothing) when another change came first. The change is visible

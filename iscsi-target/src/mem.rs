@@ -5,8 +5,9 @@
 //! zeroes and is reported deallocated on thin LUNs. Offsets need not be block-aligned (a
 //! partial block is read, changed and stored whole). COMPARE AND WRITE holds the lock across
 //! its compare and its write, and the reservation state is replaced only when its version
-//! matches, as the cluster backend does. Faults can be injected: failing reads or writes, a
-//! LUN that is not ready, lost compare-and-set races.
+//! matches, as the cluster backend does. Software write protect is a field of the stored LUN,
+//! so every target that lists the LUN shows it. Faults can be injected: failing reads or
+//! writes, a LUN that is not ready, lost compare-and-set races.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -22,7 +23,8 @@ use crate::scsi::pr::PrState;
 pub struct Faults {
     /// Every read fails with this error.
     pub read: Option<BackendError>,
-    /// Every write, unmap, write-zeroes, flush and compare-and-write fails with this error.
+    /// Every write, unmap, write-zeroes, flush, compare-and-write, reservation update and
+    /// write-protect change fails with this error.
     pub write: Option<BackendError>,
     /// This many next reservation updates lose their compare-and-set race.
     pub lost_races: u32,
@@ -156,6 +158,7 @@ impl MemBackend {
             size_bytes: blocks * u64::from(block_size),
             block_size,
             thin,
+            write_protected: false,
         };
         self.add_lun(target, info.clone());
         info
@@ -468,6 +471,23 @@ impl Backend for MemBackend {
         Ok(true)
     }
 
+    async fn set_write_protect(&self, lun: &LunInfo, on: bool) -> Result<(), BackendError> {
+        let mut g = self.lock();
+        Self::write_fault(&g)?;
+        let mut found = false;
+        for l in g.targets.values_mut().flatten() {
+            if l.uuid == lun.uuid {
+                l.write_protected = on;
+                found = true;
+            }
+        }
+        if !found {
+            return Err(BackendError::OutOfRange);
+        }
+        g.generation += 1;
+        Ok(())
+    }
+
     async fn provisioning(
         &self,
         lun: &LunInfo,
@@ -516,6 +536,7 @@ mod tests {
             name: "d".into(),
             size_bytes: 64 * BS,
             thin,
+            write_protected: false,
         }
     }
 
@@ -711,5 +732,27 @@ mod tests {
             )
         });
         assert!(bad.is_err());
+    }
+
+    #[tokio::test]
+    async fn test_mem_set_write_protect_shows_in_every_target() {
+        let b = MemBackend::new();
+        let l = b.create_lun("t", 0, 8, 4096, false);
+        assert!(!l.write_protected, "a new LUN is writable");
+        b.add_lun("u", l.clone());
+        let generation = b.luns_generation("t");
+        b.set_write_protect(&l, true).await.unwrap();
+        assert!(b.luns("t")[0].write_protected && b.luns("u")[0].write_protected);
+        assert_ne!(b.luns_generation("t"), generation, "the LUN table changed");
+        b.set_write_protect(&l, false).await.unwrap();
+        assert!(!b.luns("t")[0].write_protected);
+        let gone = LunInfo {
+            uuid: [9; 16],
+            ..l.clone()
+        };
+        assert_eq!(
+            b.set_write_protect(&gone, true).await,
+            Err(BackendError::OutOfRange)
+        );
     }
 }

@@ -151,6 +151,17 @@ pub enum LunCmd {
         #[arg(long, conflicts_with = "initiators")]
         any: bool,
     },
+    /// Write-protect a LUN: through every node's portal initiators can still read it, and
+    /// every write fails (SCSI software write protect, which MODE SELECT can also set).
+    Protect {
+        /// Disk name or id.
+        lun: String,
+    },
+    /// Make a write-protected LUN writable again.
+    Unprotect {
+        /// Disk name or id.
+        lun: String,
+    },
     /// List the virtual disks.
     List,
     /// Show one virtual disk (by name or id) with its extents.

@@ -260,6 +260,7 @@ fn disk_table(disks: &[&DiskRecord]) -> String {
         "NAME".into(),
         "SIZE".into(),
         "EXTENTS".into(),
+        "WRITES".into(),
     ]];
     for d in disks {
         t.push(vec![
@@ -267,6 +268,12 @@ fn disk_table(disks: &[&DiskRecord]) -> String {
             d.name.clone(),
             human(d.size_bytes),
             d.extents.len().to_string(),
+            if d.write_protected {
+                "protected"
+            } else {
+                "allowed"
+            }
+            .into(),
         ]);
     }
     table(t)
@@ -340,7 +347,7 @@ pub async fn run_lun(
                 return Ok(json(d));
             }
             let mut out = format!(
-                "LUN     {}\nname    {}\nvolume  {}\nsize    {} ({}-byte blocks)\naccess  {}\n",
+                "LUN     {}\nname    {}\nvolume  {}\nsize    {} ({}-byte blocks)\naccess  {}\nwrites  {}\n",
                 d.id,
                 d.name,
                 d.volume,
@@ -350,6 +357,11 @@ pub async fn run_lun(
                     "every initiator".to_string()
                 } else {
                     d.allowed_initiators.join(", ")
+                },
+                if d.write_protected {
+                    "refused (write-protected)"
+                } else {
+                    "allowed"
                 }
             );
             if let Some(cluster) = state.cluster_id {
@@ -414,6 +426,38 @@ pub async fn run_lun(
                 format!("LUN {} ({}) is open to every initiator", d.id, d.name)
             } else {
                 format!("LUN {} ({}) is open to {}", d.id, d.name, list.join(", "))
+            })
+        }
+        LunCmd::Protect { lun } | LunCmd::Unprotect { lun } => {
+            let on = matches!(cmd, LunCmd::Protect { .. });
+            let d = find_disk(&state, lun)?;
+            client
+                .write(Command::SetDiskWriteProtect { id: d.id, on })
+                .await
+                .map_err(|e| e.to_string())?;
+            // Every node adopts the change behind a barrier of the volume; wait for that,
+            // briefly, so the protection holds on every portal when the command returns.
+            let waiting = wait_adopted(client, d.volume).await;
+            let what = if on { "write-protected" } else { "writable" };
+            Ok(if as_json {
+                json(&serde_json::json!({
+                    "id": d.id,
+                    "write_protected": on,
+                    "adopted_everywhere": waiting.is_empty(),
+                }))
+            } else if waiting.is_empty() {
+                format!("LUN {} ({}) is {what} on every node", d.id, d.name)
+            } else {
+                format!(
+                    "LUN {} ({}) is {what}; node(s) {} have not adopted the change yet",
+                    d.id,
+                    d.name,
+                    waiting
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             })
         }
         LunCmd::Resize { lun, size } => {
@@ -486,6 +530,32 @@ async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Vec<u64> {
                 .filter(|n| v.nodes.get(n).is_none_or(|s| s.acked_epoch < epoch))
                 .copied()
                 .collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits up to 15 s for every node to acknowledge the volume's current epoch (the barrier
+/// behind which it adopts a change); returns the nodes that have not (empty once all have).
+async fn wait_adopted(client: &mut ClusterClient, volume: uuid::Uuid) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut epoch = None;
+    loop {
+        let Ok(state) = client.state().await else {
+            return Vec::new();
+        };
+        let Some(v) = state.volumes.get(&volume) else {
+            return Vec::new();
+        };
+        let want = *epoch.get_or_insert(v.epoch);
+        let waiting: Vec<u64> = state
+            .nodes
+            .keys()
+            .filter(|n| v.nodes.get(n).is_none_or(|s| s.acked_epoch < want))
+            .copied()
+            .collect();
+        if waiting.is_empty() || std::time::Instant::now() > deadline {
+            return waiting;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

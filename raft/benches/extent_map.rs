@@ -26,6 +26,7 @@ fn disk(extents: u64) -> DiskRecord {
         allowed_initiators: Vec::new(),
         block_size: 512,
         resets: 0,
+        write_protected: false,
     }
 }
 

@@ -180,6 +180,14 @@ pub enum Command {
         /// iSCSI initiator names allowed.
         initiators: Vec<String>,
     },
+    /// Sets or clears a disk's software write protect: while set, its LUN refuses writes
+    /// through every node's portal.
+    SetDiskWriteProtect {
+        /// The disk.
+        id: DiskId,
+        /// True: refuse writes; false: allow them again.
+        on: bool,
+    },
     /// Sets (or clears, with `None`) the CHAP credentials of the cluster's iSCSI target.
     SetIscsiAuth {
         /// The credentials.
@@ -206,6 +214,7 @@ impl Command {
             Command::SetCoordinator { .. } => "set_coordinator",
             Command::SetReservations { .. } => "set_reservations",
             Command::SetDiskAccess { .. } => "set_disk_access",
+            Command::SetDiskWriteProtect { .. } => "set_disk_write_protect",
             Command::CountReset { .. } => "count_reset",
             Command::SetIscsiAuth { .. } => "set_iscsi_auth",
         }

@@ -484,6 +484,25 @@ impl ClusterState {
                 disk.allowed_initiators = list;
                 Ok(Outcome::Applied)
             }
+            Command::SetDiskWriteProtect { id, on } => {
+                self.require_initialized()?;
+                let disk = self
+                    .disks
+                    .get_mut(id)
+                    .ok_or(ApplyError::UnknownDisk { id: *id })?;
+                if disk.write_protected == *on {
+                    return Ok(Outcome::Unchanged);
+                }
+                disk.write_protected = *on;
+                // Like a reservation change: every node drains the writes it admitted before
+                // and acknowledges, so the protection can be known to hold on every portal
+                // before the command that set it completes.
+                let volume = disk.volume;
+                if let Some(v) = self.volumes.get_mut(&volume) {
+                    v.epoch += 1;
+                }
+                Ok(Outcome::Applied)
+            }
             Command::SetIscsiAuth { chap } => {
                 self.require_initialized()?;
                 if let Some(c) = chap
@@ -609,6 +628,7 @@ impl ClusterState {
                 allowed_initiators: Vec::new(),
                 block_size,
                 resets: 0,
+                write_protected: false,
             },
         );
         if let Some(v) = self.volumes.get_mut(&volume) {
@@ -1378,6 +1398,33 @@ mod tests {
     }
 
     #[test]
+    fn test_apply_disk_write_protect() {
+        let mut s = with_volume(8);
+        apply(&mut s, disk("a", 1)).unwrap();
+        assert!(!s.disks[&1].write_protected, "a new disk is writable");
+        let vol = Uuid::from_u128(50);
+        let epoch = s.volumes[&vol].epoch;
+        let protect = |on| Command::SetDiskWriteProtect { id: 1, on };
+        assert_eq!(apply(&mut s, protect(true)).unwrap(), Outcome::Applied);
+        assert!(s.disks[&1].write_protected);
+        // Every node adopts the change behind the volume's barrier.
+        assert_eq!(s.volumes[&vol].epoch, epoch + 1);
+        assert_eq!(apply(&mut s, protect(true)).unwrap(), Outcome::Unchanged);
+        assert_eq!(s.volumes[&vol].epoch, epoch + 1);
+        apply(&mut s, protect(false)).unwrap();
+        assert!(!s.disks[&1].write_protected);
+        assert_eq!(
+            rejected(&mut s, Command::SetDiskWriteProtect { id: 9, on: true }),
+            ApplyError::UnknownDisk { id: 9 }
+        );
+        // A disk record stored before the field existed loads writable.
+        let mut json = serde_json::to_value(&s.disks[&1]).unwrap();
+        json.as_object_mut().unwrap().remove("write_protected");
+        let old: crate::volume::DiskRecord = serde_json::from_value(json).unwrap();
+        assert!(!old.write_protected);
+    }
+
+    #[test]
     fn test_apply_volume_registration_rules() {
         let mut s = with_volume(8);
         let vol = |id: u128, name: &str, coordinator| Command::RegisterVolume {
@@ -1665,6 +1712,8 @@ mod tests {
                     size_bytes: mib * ALLOCATION_UNIT
                 }),
                 (0u64..6).prop_map(|id| Command::DeleteDisk { id }),
+                (0u64..6, any::<bool>())
+                    .prop_map(|(id, on)| Command::SetDiskWriteProtect { id, on }),
                 (0u128..3, 0u64..5, 0u64..8, 0u64..100).prop_map(
                     |(v, node, acked_epoch, at_ms)| {
                         Command::ReportVolume {

@@ -162,6 +162,11 @@ pub struct DiskRecord {
     /// SCSI LUN resets received so far, through any node.
     #[serde(default)]
     pub resets: u64,
+    /// Software write protect (the SWP bit of the SCSI control mode page): while set, every
+    /// node's portal refuses commands that would change the LUN's data. Set by MODE SELECT
+    /// through any node, or by an operator (`migrator lun protect`).
+    #[serde(default)]
+    pub write_protected: bool,
 }
 
 fn default_block_size() -> u32 {
@@ -313,6 +318,7 @@ mod tests {
             allowed_initiators: Vec::new(),
             block_size: 512,
             resets: 0,
+            write_protected: false,
         };
         assert_eq!(
             d.map(4096, 8192),

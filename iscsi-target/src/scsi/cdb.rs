@@ -74,6 +74,9 @@ pub(crate) const TRANSITIONING_OK: u8 = 1 << 2;
 pub(crate) const NO_PR: u8 = 1 << 3;
 /// Only on thin-provisioned LUNs (UNMAP).
 pub(crate) const THIN_ONLY: u8 = 1 << 4;
+/// Changes the medium: refused while the LUN is software write protected (EXTENDED COPY,
+/// which writes only to its destination LUNs, checks them itself).
+pub(crate) const WRITES: u8 = 1 << 5;
 
 /// One supported command.
 #[derive(Debug)]
@@ -86,7 +89,8 @@ pub(crate) struct OpInfo {
     /// service action; every other set bit is a field the device server uses. Its length is
     /// the CDB length.
     pub usage: &'static [u8],
-    /// [`NO_UA`], [`UNAVAILABLE_OK`], [`TRANSITIONING_OK`], [`NO_PR`], [`THIN_ONLY`].
+    /// [`NO_UA`], [`UNAVAILABLE_OK`], [`TRANSITIONING_OK`], [`NO_PR`], [`THIN_ONLY`],
+    /// [`WRITES`].
     pub flags: u8,
     /// The recommended command timeout reported with RCTD, in seconds.
     pub timeout: u32,
@@ -129,7 +133,7 @@ pub(crate) static OPS: &[OpInfo] = &[
     op(Op::TestUnitReady, None, &[0x00, 0, 0, 0, 0, 0], 0, 10),
     op(Op::RequestSense, None, &[0x03, 0x01, 0, 0, FF, 0], NO_UA | NO_PR | SPC, 10),
     op(Op::Read6, None, &[0x08, 0x1f, FF, FF, FF, 0], 0, 30),
-    op(Op::Write6, None, &[0x0a, 0x1f, FF, FF, FF, 0], 0, 30),
+    op(Op::Write6, None, &[0x0a, 0x1f, FF, FF, FF, 0], WRITES, 30),
     op(Op::Inquiry, None, &[0x12, 0x01, FF, FF, FF, 0], NO_UA | NO_PR | SPC, 10),
     op(Op::ModeSelect6, None, &[0x15, 0x11, 0, 0, FF, 0], UNAVAILABLE_OK, 10),
     op(Op::Reserve6, None, &[0x16, 0, 0, 0, 0, 0], 0, 30),
@@ -139,14 +143,14 @@ pub(crate) static OPS: &[OpInfo] = &[
     op(Op::PreventAllow, None, &[0x1e, 0, 0, 0, 0x03, 0], 0, 10),
     op(Op::ReadCapacity10, None, &[0x25, 0, FF, FF, FF, FF, 0, 0, 0x01, 0], 0, 10),
     op(Op::Read10, None, &[0x28, 0x1e, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
-    op(Op::Write10, None, &[0x2a, 0x1a, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
-    op(Op::WriteVerify10, None, &[0x2e, 0x12, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
+    op(Op::Write10, None, &[0x2a, 0x1a, FF, FF, FF, FF, 0x3f, FF, FF, 0], WRITES, 30),
+    op(Op::WriteVerify10, None, &[0x2e, 0x12, FF, FF, FF, FF, 0x3f, FF, FF, 0], WRITES, 30),
     op(Op::Verify10, None, &[0x2f, 0x16, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
     op(Op::PreFetch10, None, &[0x34, 0x02, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 30),
     op(Op::SyncCache10, None, &[0x35, 0x06, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 60),
     op(Op::ReadDefect10, None, &[0x37, 0, 0x1f, 0, 0, 0, 0, FF, FF, 0], 0, 10),
-    op(Op::WriteSame10, None, &[0x41, 0x08, FF, FF, FF, FF, 0x3f, FF, FF, 0], 0, 60),
-    op(Op::Unmap, None, &[0x42, 0, 0, 0, 0, 0, 0x3f, FF, FF, 0], THIN_ONLY, 60),
+    op(Op::WriteSame10, None, &[0x41, 0x08, FF, FF, FF, FF, 0x3f, FF, FF, 0], WRITES, 60),
+    op(Op::Unmap, None, &[0x42, 0, 0, 0, 0, 0, 0x3f, FF, FF, 0], THIN_ONLY | WRITES, 60),
     op(Op::ModeSelect10, None, &[0x55, 0x11, 0, 0, 0, 0, 0, FF, FF, 0], UNAVAILABLE_OK, 10),
     op(Op::Reserve10, None, &[0x56, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, 30),
     op(Op::Release10, None, &[0x57, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0, 30),
@@ -167,14 +171,14 @@ pub(crate) static OPS: &[OpInfo] = &[
     op(Op::ReceiveCopyResults, Some(0x00), &[0x84, 0x00, FF, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0], 0, 10),
     op(Op::ReceiveCopyResults, Some(0x03), &[0x84, 0x03, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0], 0, 10),
     op(Op::Read16, None, &[0x88, 0x1e, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
-    op(Op::CompareAndWrite, None, &[0x89, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0x3f, 0], 0, 30),
-    op(Op::Write16, None, &[0x8a, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
-    op(Op::OrWrite, None, &[0x8b, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
-    op(Op::WriteVerify16, None, &[0x8e, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::CompareAndWrite, None, &[0x89, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0x3f, 0], WRITES, 30),
+    op(Op::Write16, None, &[0x8a, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], WRITES, 30),
+    op(Op::OrWrite, None, &[0x8b, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], WRITES, 30),
+    op(Op::WriteVerify16, None, &[0x8e, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], WRITES, 30),
     op(Op::Verify16, None, &[0x8f, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
     op(Op::PreFetch16, None, &[0x90, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
     op(Op::SyncCache16, None, &[0x91, 0x06, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 60),
-    op(Op::WriteSame16, None, &[0x93, 0x09, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 60),
+    op(Op::WriteSame16, None, &[0x93, 0x09, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], WRITES, 60),
     op(Op::ReadCapacity16, Some(0x10), &[0x9e, 0x10, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x01, 0], 0, 10),
     op(Op::GetLbaStatus, Some(0x12), &[0x9e, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0], 0, 30),
     op(Op::ReportLuns, None, &[0xa0, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, 0], NO_UA | NO_PR | SPC, 10),
@@ -182,8 +186,8 @@ pub(crate) static OPS: &[OpInfo] = &[
     op(Op::ReportOpcodes, Some(0x0c), &[0xa3, 0x0c, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, 0], SPC, 10),
     op(Op::ReportTmf, Some(0x0d), &[0xa3, 0x0d, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, 0], SPC, 10),
     op(Op::Read12, None, &[0xa8, 0x1e, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
-    op(Op::Write12, None, &[0xaa, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
-    op(Op::WriteVerify12, None, &[0xae, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
+    op(Op::Write12, None, &[0xaa, 0x1a, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], WRITES, 30),
+    op(Op::WriteVerify12, None, &[0xae, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], WRITES, 30),
     op(Op::Verify12, None, &[0xaf, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, 0x3f, 0], 0, 30),
     op(Op::ReadDefect12, None, &[0xb7, 0x1f, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0], 0, 10),
 ];
@@ -444,6 +448,28 @@ mod tests {
                 assert!(has_service_actions(info.opcode()));
             }
         }
+    }
+
+    #[test]
+    fn test_ops_writes_flag_marks_medium_changes() {
+        let writes: Vec<Op> = OPS.iter().filter(|i| i.has(WRITES)).map(|i| i.op).collect();
+        assert_eq!(
+            writes,
+            vec![
+                Op::Write6,
+                Op::Write10,
+                Op::WriteVerify10,
+                Op::WriteSame10,
+                Op::Unmap,
+                Op::CompareAndWrite,
+                Op::Write16,
+                Op::OrWrite,
+                Op::WriteVerify16,
+                Op::WriteSame16,
+                Op::Write12,
+                Op::WriteVerify12,
+            ]
+        );
     }
 
     #[test]

@@ -13,7 +13,11 @@
 //!    the command (except for INQUIRY, REPORT LUNS and REQUEST SENSE, which returns it);
 //! 4. ALUA: in the unavailable or transitioning state only the commands SPC-4 allows run;
 //! 5. reservations: [`pr::access`] on the LUN's cluster-wide reservation state;
-//! 6. the command itself, which checks its fields, ranges and Data-Out length.
+//! 6. software write protect: while the LUN's SWP is set ([`LunInfo::write_protected`], the
+//!    same on every node), a command that would change the medium (flagged
+//!    [`cdb::WRITES`]) fails with DATA PROTECT, LOGICAL UNIT SOFTWARE WRITE PROTECTED;
+//!    EXTENDED COPY checks its destination LUNs when it has resolved them;
+//! 7. the command itself, which checks its fields, ranges and Data-Out length.
 //!
 //! Every LBA, transfer length and limit is in logical blocks of the LUN's own block size
 //! ([`LunInfo::block_size`], 512 or 4096 bytes); the physical block is always
@@ -598,19 +602,22 @@ impl<B: Backend> Scsi<B> {
             return Err(Failure::Conflict);
         }
 
+        if info.has(cdb::WRITES) && lu.write_protected {
+            return Err(codes::SOFTWARE_WRITE_PROTECTED.into());
+        }
+
         let blocks = lu.blocks();
-        let bs = lu.block_size;
         let owned = |d: Vec<u8>| Ok(DataIn::Owned(d));
         match info.op {
             Op::TestUnitReady | Op::StartStopUnit | Op::PreventAllow => Ok(DataIn::None),
             Op::ReadCapacity10 => owned(spc::read_capacity10(lu)),
             Op::ReadCapacity16 => owned(spc::read_capacity16(cdb, lu)),
-            Op::ModeSense6 => owned(mode::mode_sense(cdb, false, blocks, bs)?),
-            Op::ModeSense10 => owned(mode::mode_sense(cdb, true, blocks, bs)?),
+            Op::ModeSense6 => owned(mode::mode_sense(cdb, false, lu)?),
+            Op::ModeSense10 => owned(mode::mode_sense(cdb, true, lu)?),
             Op::ModeSelect6 | Op::ModeSelect10 => {
                 let params = data_out.as_ref().map(|b| b.as_ref()).unwrap_or(&[]);
-                mode::mode_select(cdb, info.op == Op::ModeSelect10, params, blocks, bs)?;
-                Ok(DataIn::None)
+                let selected = mode::mode_select(cdb, info.op == Op::ModeSelect10, params, lu)?;
+                self.select_mode(nexus, lu, selected).await
             }
             Op::ReportOpcodes => owned(spc::report_opcodes(cdb, lu.thin)?),
             Op::ReportTmf => owned(spc::report_tmf(cdb)),
@@ -671,6 +678,29 @@ impl<B: Backend> Scsi<B> {
             // Answered above.
             Op::Inquiry | Op::RequestSense | Op::ReportLuns => Ok(DataIn::None),
         }
+    }
+
+    /// Stores what a valid MODE SELECT sets: a new SWP goes to the backend, which makes it
+    /// cluster-wide, and every other nexus of this node that uses the LUN hears MODE
+    /// PARAMETERS CHANGED.
+    async fn select_mode(
+        &self,
+        nexus: &Nexus,
+        lu: &LunInfo,
+        selected: mode::Selected,
+    ) -> Result<DataIn<B::Buf>, Failure> {
+        if let Some(on) = selected.swp
+            && on != lu.write_protected
+        {
+            self.backend
+                .set_write_protect(lu, on)
+                .await
+                .map_err(|e| backend_sense(&e, true))?;
+            // Unit attentions are this node's only: nexuses connected through other nodes'
+            // portals are not told, though the protection itself holds there too.
+            self.lock_ua().mode_changed(nexus, lu.lun);
+        }
+        Ok(DataIn::None)
     }
 
     /// Takes the reservation unit attention pending for `nexus`, clearing it in the

@@ -1,21 +1,24 @@
 //! Mode parameters (SPC-4 7.5, SBC-3 6.4): MODE SENSE and MODE SELECT over the caching,
 //! control and informational exceptions pages.
 //!
-//! No mode parameter is changeable. The caching page reports WCE = 1: writes complete once
-//! the backend has them and SYNCHRONIZE CACHE (or FUA) makes them durable, and the target
-//! does not offer a write-through mode. MODE SELECT accepts a parameter list that repeats
-//! the current values and rejects any change with INVALID FIELD IN PARAMETER LIST, so a
-//! MODE SENSE / MODE SELECT round trip works and nothing is silently ignored.
+//! One mode parameter is changeable: the control page's SOFTWARE WRITE PROTECT (SWP), which is
+//! the LUN's cluster-wide write protection ([`LunInfo::write_protected`]); while it is set the
+//! mode parameter header's WP bit is set too. [`mode_select`] only decodes the SWP value a
+//! parameter list asks for; the SCSI layer stores it through the backend. Saving is not
+//! supported (the setting is always kept, in the cluster metadata).
 //!
-//! The device-specific parameter's WP bit is 0 and the control page's SWP is neither set nor
-//! changeable: the LU is never write protected through SCSI, so the tests and commands that
-//! need a write-protected LU (libiscsi's *ReadOnly tests, which set SWP) do not apply.
+//! Everything else is fixed. The caching page reports WCE = 1: writes complete once the
+//! backend has them and SYNCHRONIZE CACHE (or FUA) makes them durable, and the target does not
+//! offer a write-through mode. MODE SELECT accepts a parameter list that repeats the current
+//! values of the other fields and rejects any change to them with INVALID FIELD IN PARAMETER
+//! LIST, so a MODE SENSE / MODE SELECT round trip works and nothing is silently ignored.
 //!
 //! The block descriptor reports the LUN's logical block size (512 or 4096 bytes) and capacity
 //! in those blocks; MODE SELECT accepts only that block length.
 
 use super::cdb::{self, be16, be24, be32, be64};
 use super::sense::{Sense, codes};
+use crate::backend::LunInfo;
 
 /// Page control: which values MODE SENSE returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,43 +31,67 @@ enum Pc {
 /// The supported pages, in the order MODE SENSE returns them.
 const PAGES: [u8; 3] = [0x08, 0x0a, 0x1c];
 
-/// One page's current (and default) values.
-fn page(code: u8) -> Option<&'static [u8]> {
+/// The control page's code.
+const CONTROL: u8 = 0x0a;
+/// SOFTWARE WRITE PROTECT: byte 4, bit 3 of the control page.
+const SWP_BYTE: usize = 4;
+const SWP: u8 = 0x08;
+/// The mode parameter header's WP bit, in its device-specific parameter.
+const WP: u8 = 0x80;
+/// DPOFUA, in the device-specific parameter: DPO and FUA are supported.
+const DPOFUA: u8 = 0x10;
+
+/// One page's default values (SWP clear).
+fn default_page(code: u8) -> Option<&'static [u8]> {
     Some(match code {
         // Caching: WCE.
         0x08 => &[
             0x08, 0x12, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         ],
         // Control: GLTSD; queue algorithm modifier 1 (unrestricted reordering); D_SENSE 0.
-        0x0a => &[0x0a, 0x0a, 0x02, 0x10, 0, 0, 0, 0, 0, 0, 0, 0],
+        CONTROL => &[0x0a, 0x0a, 0x02, 0x10, 0, 0, 0, 0, 0, 0, 0, 0],
         // Informational exceptions control: DEXCPT (no informational exceptions).
         0x1c => &[0x1c, 0x0a, 0x08, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         _ => return None,
     })
 }
 
+/// One page's current values for `lu`: the defaults, with SWP from the LUN.
+fn current_page(code: u8, lu: &LunInfo) -> Option<Vec<u8>> {
+    let mut p = default_page(code)?.to_vec();
+    if code == CONTROL && lu.write_protected {
+        p[SWP_BYTE] |= SWP;
+    }
+    Some(p)
+}
+
+/// One page's changeable values: its page code and length, then a mask of the bits MODE
+/// SELECT may change (SWP of the control page, nothing else).
+fn changeable_page(code: u8) -> Option<Vec<u8>> {
+    let p = default_page(code)?;
+    let mut m = vec![0u8; p.len()];
+    m[..2].copy_from_slice(&p[..2]);
+    if code == CONTROL {
+        m[SWP_BYTE] = SWP;
+    }
+    Some(m)
+}
+
 /// Appends one page as `pc` asks for it.
-fn put_page(d: &mut Vec<u8>, code: u8, pc: Pc) {
-    if let Some(p) = page(code) {
-        match pc {
-            Pc::Current | Pc::Default => d.extend_from_slice(p),
-            // Nothing is changeable: page code and length, then zeroes.
-            Pc::Changeable => {
-                d.extend_from_slice(&p[..2]);
-                d.resize(d.len() + p.len() - 2, 0);
-            }
-        }
+fn put_page(d: &mut Vec<u8>, code: u8, pc: Pc, lu: &LunInfo) {
+    let p = match pc {
+        Pc::Current => current_page(code, lu),
+        Pc::Changeable => changeable_page(code),
+        Pc::Default => default_page(code).map(<[u8]>::to_vec),
+    };
+    if let Some(p) = p {
+        d.extend_from_slice(&p);
     }
 }
 
-/// MODE SENSE (6) or (10) parameter data for a LUN of `blocks` logical blocks of
-/// `block_size` bytes.
-pub(crate) fn mode_sense(
-    cdb: &[u8],
-    ten: bool,
-    blocks: u64,
-    block_size: u32,
-) -> Result<Vec<u8>, Sense> {
+/// MODE SENSE (6) or (10) parameter data for `lu`.
+pub(crate) fn mode_sense(cdb: &[u8], ten: bool, lu: &LunInfo) -> Result<Vec<u8>, Sense> {
+    let (blocks, block_size) = (lu.blocks(), lu.block_size);
     let dbd = cdb[1] & 0x08 != 0;
     let llbaa = ten && cdb[1] & 0x10 != 0;
     let pc = match cdb[2] >> 6 {
@@ -96,13 +123,14 @@ pub(crate) fn mode_sense(
     };
     let hdr = if ten { 8 } else { 4 };
     let mut d = vec![0u8; hdr];
-    // Device-specific parameter: DPOFUA (WP clear).
+    // Device-specific parameter: WP while software write protected, and DPOFUA.
+    let device_specific = DPOFUA | if lu.write_protected { WP } else { 0 };
     if ten {
-        d[3] = 0x10;
+        d[3] = device_specific;
         d[4] = u8::from(llbaa && !dbd); // LONGLBA
         d[6..8].copy_from_slice(&(bd_len as u16).to_be_bytes());
     } else {
-        d[2] = 0x10;
+        d[2] = device_specific;
         d[3] = bd_len as u8;
     }
     match bd_len {
@@ -119,7 +147,7 @@ pub(crate) fn mode_sense(
         _ => {}
     }
     for &p in pages {
-        put_page(&mut d, p, pc);
+        put_page(&mut d, p, pc, lu);
     }
     let alloc = if ten {
         let len = (d.len() - 2) as u16;
@@ -138,15 +166,24 @@ fn bad_param(at: usize) -> Sense {
     codes::INVALID_FIELD_IN_PARAMETERS.in_parameters(at as u16, None)
 }
 
-/// MODE SELECT (6) or (10) with its parameter list, for a LUN of `blocks` logical blocks of
-/// `block_size` bytes.
+/// What a valid MODE SELECT parameter list sets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Selected {
+    /// SOFTWARE WRITE PROTECT as the list's (last) control page gives it; `None` without a
+    /// control page.
+    pub swp: Option<bool>,
+}
+
+/// Decodes MODE SELECT (6) or (10) with its parameter list for `lu`: checks every field and
+/// returns what the list sets. Nothing is stored here; a list with any error sets nothing.
 pub(crate) fn mode_select(
     cdb: &[u8],
     ten: bool,
     params: &[u8],
-    blocks: u64,
-    block_size: u32,
-) -> Result<(), Sense> {
+    lu: &LunInfo,
+) -> Result<Selected, Sense> {
+    let (blocks, block_size) = (lu.blocks(), lu.block_size);
+    let mut selected = Selected::default();
     let pf = cdb[1] & 0x10 != 0;
     if cdb[1] & 0x01 != 0 {
         // SP: the pages cannot be saved.
@@ -158,7 +195,7 @@ pub(crate) fn mode_select(
         usize::from(cdb[4])
     };
     if len == 0 {
-        return Ok(());
+        return Ok(selected);
     }
     let Some(p) = params.get(..len) else {
         return Err(codes::PARAMETER_LIST_LENGTH);
@@ -211,7 +248,8 @@ pub(crate) fn mode_select(
             // Subpage format: no supported page has subpages.
             return Err(bad_param(at));
         }
-        let Some(cur) = page(p[at] & 0x3f) else {
+        let code = p[at] & 0x3f;
+        let (Some(cur), Some(changeable)) = (current_page(code, lu), changeable_page(code)) else {
             return Err(bad_param(at));
         };
         let Some(&plen) = p.get(at + 1) else {
@@ -224,22 +262,38 @@ pub(crate) fn mode_select(
         let Some(given) = p.get(at..at + 2 + plen) else {
             return Err(codes::PARAMETER_LIST_LENGTH);
         };
-        // No bit is changeable: every byte after the header must repeat the current value.
-        if let Some(i) = (2..cur.len()).find(|&i| given[i] != cur[i]) {
+        // Every bit that is not changeable must repeat the current value.
+        if let Some(i) = (2..cur.len()).find(|&i| (given[i] ^ cur[i]) & !changeable[i] != 0) {
             return Err(bad_param(at + i));
+        }
+        if code == CONTROL {
+            selected.swp = Some(given[SWP_BYTE] & SWP != 0);
         }
         at += 2 + plen;
     }
-    Ok(())
+    Ok(selected)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A writable LUN of `blocks` logical blocks of `block_size` bytes.
+    fn lun(blocks: u64, block_size: u32) -> LunInfo {
+        LunInfo {
+            lun: 0,
+            uuid: [1; 16],
+            name: "d".into(),
+            size_bytes: blocks * u64::from(block_size),
+            block_size,
+            thin: false,
+            write_protected: false,
+        }
+    }
+
     #[test]
     fn test_mode_sense6_all_pages_layout() {
-        let d = mode_sense(&[0x1a, 0, 0x3f, 0, 255, 0], false, 1000, 4096).unwrap();
+        let d = mode_sense(&[0x1a, 0, 0x3f, 0, 255, 0], false, &lun(1000, 4096)).unwrap();
         assert_eq!(usize::from(d[0]) + 1, d.len());
         assert_eq!(d[2], 0x10);
         assert_eq!(d[3], 8);
@@ -254,14 +308,13 @@ mod tests {
 
     #[test]
     fn test_mode_sense_dbd_llbaa_and_truncation() {
-        let d = mode_sense(&[0x1a, 0x08, 0x08, 0, 255, 0], false, 1000, 4096).unwrap();
+        let d = mode_sense(&[0x1a, 0x08, 0x08, 0, 255, 0], false, &lun(1000, 4096)).unwrap();
         assert_eq!(d[3], 0);
         assert_eq!(d[4], 0x08);
         let d = mode_sense(
             &[0x5a, 0x10, 0x0a, 0, 0, 0, 0, 1, 0, 0],
             true,
-            1 << 40,
-            4096,
+            &lun(1 << 40, 4096),
         )
         .unwrap();
         assert_eq!(be16(&d, 0) as usize + 2, d.len());
@@ -270,39 +323,39 @@ mod tests {
         assert_eq!(be64(&d, 8), 1 << 40);
         assert_eq!(be32(&d, 20), 4096);
         assert_eq!(d[24], 0x0a);
-        let d = mode_sense(&[0x1a, 0, 0x3f, 0, 4, 0], false, 1000, 4096).unwrap();
+        let d = mode_sense(&[0x1a, 0, 0x3f, 0, 4, 0], false, &lun(1000, 4096)).unwrap();
         assert_eq!(d.len(), 4);
         // Short descriptor on a LUN too big for 32 bits.
-        let d = mode_sense(&[0x1a, 0, 0x08, 0, 255, 0], false, 1 << 40, 4096).unwrap();
+        let d = mode_sense(&[0x1a, 0, 0x08, 0, 255, 0], false, &lun(1 << 40, 4096)).unwrap();
         assert_eq!(be32(&d, 4), u32::MAX);
     }
 
     #[test]
     fn test_mode_sense_page_control_and_errors() {
-        let d = mode_sense(&[0x1a, 0x08, 0x48, 0, 255, 0], false, 10, 4096).unwrap();
+        let d = mode_sense(&[0x1a, 0x08, 0x48, 0, 255, 0], false, &lun(10, 4096)).unwrap();
         assert_eq!(&d[4..6], &[0x08, 0x12]);
         assert!(d[6..].iter().all(|&b| b == 0));
-        let d = mode_sense(&[0x1a, 0x08, 0x88, 0, 255, 0], false, 10, 4096).unwrap();
+        let d = mode_sense(&[0x1a, 0x08, 0x88, 0, 255, 0], false, &lun(10, 4096)).unwrap();
         assert_eq!(d[6], 0x04);
-        let e = mode_sense(&[0x1a, 0x08, 0xc8, 0, 255, 0], false, 10, 4096).unwrap_err();
+        let e = mode_sense(&[0x1a, 0x08, 0xc8, 0, 255, 0], false, &lun(10, 4096)).unwrap_err();
         assert_eq!((e.asc, e.ascq), (0x39, 0));
-        let e = mode_sense(&[0x1a, 0x08, 0x19, 0, 255, 0], false, 10, 4096).unwrap_err();
+        let e = mode_sense(&[0x1a, 0x08, 0x19, 0, 255, 0], false, &lun(10, 4096)).unwrap_err();
         assert_eq!(e, codes::INVALID_FIELD_IN_CDB.in_cdb(2, Some(5)));
-        assert!(mode_sense(&[0x1a, 0x08, 0x08, 1, 255, 0], false, 10, 4096).is_err());
-        assert!(mode_sense(&[0x1a, 0x08, 0x3f, 0xff, 255, 0], false, 10, 4096).is_ok());
+        assert!(mode_sense(&[0x1a, 0x08, 0x08, 1, 255, 0], false, &lun(10, 4096)).is_err());
+        assert!(mode_sense(&[0x1a, 0x08, 0x3f, 0xff, 255, 0], false, &lun(10, 4096)).is_ok());
     }
 
     #[test]
     fn test_mode_select_round_trip_accepted_change_rejected() {
-        let sense = mode_sense(&[0x1a, 0, 0x08, 0, 255, 0], false, 1000, 4096).unwrap();
+        let sense = mode_sense(&[0x1a, 0, 0x08, 0, 255, 0], false, &lun(1000, 4096)).unwrap();
         let mut params = sense.clone();
         params[0] = 0;
         params[2] = 0;
         let cdb = [0x15, 0x10, 0, 0, params.len() as u8, 0];
-        assert!(mode_select(&cdb, false, &params, 1000, 4096).is_ok());
+        assert!(mode_select(&cdb, false, &params, &lun(1000, 4096)).is_ok());
         // Clearing WCE is a change.
         params[14] = 0;
-        let e = mode_select(&cdb, false, &params, 1000, 4096).unwrap_err();
+        let e = mode_select(&cdb, false, &params, &lun(1000, 4096)).unwrap_err();
         assert_eq!(
             e,
             codes::INVALID_FIELD_IN_PARAMETERS.in_parameters(14, None)
@@ -311,53 +364,71 @@ mod tests {
         // Wrong block length.
         params[10] = 0x02;
         assert_eq!(
-            mode_select(&cdb, false, &params, 1000, 4096)
+            mode_select(&cdb, false, &params, &lun(1000, 4096))
                 .unwrap_err()
                 .field,
             Some((false, 9, None))
         );
         params[10] = 0x10;
-        assert!(mode_select(&cdb, false, &params, 1000, 4096).is_ok());
+        assert!(mode_select(&cdb, false, &params, &lun(1000, 4096)).is_ok());
         // Number of blocks: zero or the capacity.
         params[7] = 0;
-        assert!(mode_select(&cdb, false, &params, 1000, 4096).is_err());
+        assert!(mode_select(&cdb, false, &params, &lun(1000, 4096)).is_err());
         params[4..8].copy_from_slice(&[0; 4]);
-        assert!(mode_select(&cdb, false, &params, 1000, 4096).is_ok());
+        assert!(mode_select(&cdb, false, &params, &lun(1000, 4096)).is_ok());
         // Saving is not supported; a list shorter than its header is a length error.
         assert!(
             mode_select(
                 &[0x15, 0x11, 0, 0, params.len() as u8, 0],
                 false,
                 &params,
-                1000,
-                4096
+                &lun(1000, 4096)
             )
             .is_err()
         );
-        let e = mode_select(&[0x15, 0x10, 0, 0, 2, 0], false, &params, 1000, 4096).unwrap_err();
+        let e =
+            mode_select(&[0x15, 0x10, 0, 0, 2, 0], false, &params, &lun(1000, 4096)).unwrap_err();
         assert_eq!(e, codes::PARAMETER_LIST_LENGTH);
-        assert!(mode_select(&[0x15, 0x10, 0, 0, 0, 0], false, &[], 1000, 4096).is_ok());
+        assert!(mode_select(&[0x15, 0x10, 0, 0, 0, 0], false, &[], &lun(1000, 4096)).is_ok());
         assert_eq!(
-            mode_select(&cdb, false, &params[..8], 1000, 4096).unwrap_err(),
+            mode_select(&cdb, false, &params[..8], &lun(1000, 4096)).unwrap_err(),
             codes::PARAMETER_LIST_LENGTH
         );
     }
 
     #[test]
     fn test_mode_select10_control_page() {
-        let sense = mode_sense(&[0x5a, 0x08, 0x0a, 0, 0, 0, 0, 0, 255, 0], true, 10, 4096).unwrap();
+        let sense = mode_sense(
+            &[0x5a, 0x08, 0x0a, 0, 0, 0, 0, 0, 255, 0],
+            true,
+            &lun(10, 4096),
+        )
+        .unwrap();
         let mut params = sense.clone();
         params[0] = 0;
         params[1] = 0;
         params[3] = 0;
         let cdb = [0x55, 0x10, 0, 0, 0, 0, 0, 0, params.len() as u8, 0];
-        assert!(mode_select(&cdb, true, &params, 10, 4096).is_ok());
+        let writable = lun(10, 4096);
+        assert_eq!(
+            mode_select(&cdb, true, &params, &writable),
+            Ok(Selected { swp: Some(false) })
+        );
         params[12] |= 0x08; // SWP
-        assert!(mode_select(&cdb, true, &params, 10, 4096).is_err());
-        params[12] &= !0x08;
+        assert_eq!(
+            mode_select(&cdb, true, &params, &writable),
+            Ok(Selected { swp: Some(true) })
+        );
+        // Any other bit of the byte is not changeable.
+        params[12] |= 0x40; // RAC
+        assert_eq!(
+            mode_select(&cdb, true, &params, &writable).unwrap_err(),
+            codes::INVALID_FIELD_IN_PARAMETERS.in_parameters(12, None)
+        );
+        params[12] = 0;
         params[9] = 0x0b; // page length
         assert_eq!(
-            mode_select(&cdb, true, &params, 10, 4096)
+            mode_select(&cdb, true, &params, &lun(10, 4096))
                 .unwrap_err()
                 .field,
             Some((false, 9, None))
@@ -365,15 +436,61 @@ mod tests {
     }
 
     #[test]
+    fn test_mode_sense_swp_current_changeable_and_wp() {
+        let mut lu = lun(10, 4096);
+        let control = |lu: &LunInfo, pc: u8| {
+            mode_sense(&[0x1a, 0x08, pc | 0x0a, 0, 255, 0], false, lu).unwrap()
+        };
+        // Writable: SWP and WP clear; only SWP is changeable.
+        let d = control(&lu, 0x00);
+        assert_eq!((d[2], d[4 + SWP_BYTE] & SWP), (DPOFUA, 0));
+        let ch = control(&lu, 0x40);
+        assert_eq!(&ch[4..6], &[0x0a, 0x0a]);
+        assert_eq!(ch[4 + SWP_BYTE], SWP);
+        assert_eq!(ch[6..].iter().map(|b| b.count_ones()).sum::<u32>(), 1);
+        lu.write_protected = true;
+        let d = control(&lu, 0x00);
+        assert_eq!((d[2], d[4 + SWP_BYTE] & SWP), (WP | DPOFUA, SWP));
+        // The default value stays clear; MODE SENSE (10) shows WP too.
+        assert_eq!(control(&lu, 0x80)[4 + SWP_BYTE] & SWP, 0);
+        let d = mode_sense(&[0x5a, 0x08, 0x3f, 0, 0, 0, 0, 0, 255, 0], true, &lu).unwrap();
+        assert_eq!(d[3], WP | DPOFUA);
+        // Repeating the protected page is accepted; clearing SWP is asked for.
+        let mut params = control(&lu, 0x00);
+        params[0] = 0;
+        params[2] = 0;
+        let cdb = [0x15, 0x10, 0, 0, params.len() as u8, 0];
+        assert_eq!(
+            mode_select(&cdb, false, &params, &lu),
+            Ok(Selected { swp: Some(true) })
+        );
+        params[4 + SWP_BYTE] &= !SWP;
+        assert_eq!(
+            mode_select(&cdb, false, &params, &lu),
+            Ok(Selected { swp: Some(false) })
+        );
+        // A list without a control page sets nothing.
+        let caching = mode_sense(&[0x1a, 0x08, 0x08, 0, 255, 0], false, &lu).unwrap();
+        let mut params = caching.clone();
+        params[0] = 0;
+        params[2] = 0;
+        let cdb = [0x15, 0x10, 0, 0, params.len() as u8, 0];
+        assert_eq!(
+            mode_select(&cdb, false, &params, &lu),
+            Ok(Selected::default())
+        );
+    }
+
+    #[test]
     fn test_mode_sense_select_512_byte_blocks() {
-        let d = mode_sense(&[0x1a, 0, 0x08, 0, 255, 0], false, 8000, 512).unwrap();
+        let d = mode_sense(&[0x1a, 0, 0x08, 0, 255, 0], false, &lun(8000, 512)).unwrap();
         assert_eq!((be32(&d, 4), be24(&d, 9)), (8000, 512));
         let mut params = d.clone();
         params[0] = 0;
         params[2] = 0;
         let cdb = [0x15, 0x10, 0, 0, params.len() as u8, 0];
-        assert!(mode_select(&cdb, false, &params, 8000, 512).is_ok());
+        assert!(mode_select(&cdb, false, &params, &lun(8000, 512)).is_ok());
         // The physical block size is not the logical one.
-        assert!(mode_select(&cdb, false, &params, 8000, 4096).is_err());
+        assert!(mode_select(&cdb, false, &params, &lun(8000, 4096)).is_err());
     }
 }

@@ -443,6 +443,7 @@ mod tests {
             name: "disk-one".into(),
             size_bytes: 1 << 30,
             thin,
+            write_protected: false,
         }
     }
 

@@ -36,6 +36,7 @@ fn lun_info_bs(lun: u64, blocks: u64, thin: bool, bs: usize) -> LunInfo {
         name: format!("disk{lun}"),
         size_bytes: blocks * bs as u64,
         thin,
+        write_protected: false,
     }
 }
 
@@ -1225,6 +1226,9 @@ impl Backend for Plain {
     ) -> Result<bool, BackendError> {
         self.0.update_reservations(lun, expected, new).await
     }
+    async fn set_write_protect(&self, lun: &LunInfo, on: bool) -> Result<(), BackendError> {
+        self.0.set_write_protect(lun, on).await
+    }
 }
 
 #[tokio::test]
@@ -1461,6 +1465,9 @@ impl Backend for Slow {
         new: pr::PrState,
     ) -> Result<bool, BackendError> {
         self.mem.update_reservations(lun, expected, new).await
+    }
+    async fn set_write_protect(&self, lun: &LunInfo, on: bool) -> Result<(), BackendError> {
+        self.mem.set_write_protect(lun, on).await
     }
 }
 
@@ -1857,4 +1864,240 @@ proptest! {
             }
         }
     }
+}
+
+/// MODE SENSE (6) of the control page without block descriptors; `pc` 0x00 asks for the
+/// current values, 0x40 for the changeable ones.
+fn control_page(pc: u8) -> [u8; 6] {
+    [0x1a, 0x08, pc | 0x0a, 0, 255, 0]
+}
+
+/// Sets or clears SWP through `n` as libiscsi does: MODE SENSE (6) of the current control
+/// page, SWP changed, MODE SELECT (6) of it.
+async fn select_swp(f: &Fixture, n: &Nexus, on: bool) -> Response<Vec<u8>> {
+    let mut p = good(&f.run_on(n, 0, &control_page(0x00), None).await);
+    // Mode data length and device-specific parameter are reserved in MODE SELECT.
+    p[0] = 0;
+    p[2] = 0;
+    // Byte 4 of the page, after the 4-byte header: SWP is bit 3.
+    if on {
+        p[8] |= 0x08;
+    } else {
+        p[8] &= !0x08;
+    }
+    f.run_on(n, 0, &[0x15, 0x10, 0, 0, p.len() as u8, 0], Some(p))
+        .await
+}
+
+/// Software write protect on a thin LUN of `bs`-byte blocks: set with MODE SELECT, every
+/// command that would change the medium refused, reads and the rest served, other nexuses
+/// told, and cleared again.
+async fn write_protect(bs: usize) {
+    let f = Fixture::ready_bs(true, 100, bs).await;
+    let lu = f.lun();
+    let other = nexus("iqn.i2", 2);
+    assert_eq!(
+        check(&f.run_on(&other, 0, &[0; 6], None).await),
+        codes::RESET_OCCURRED
+    );
+    // SWP is the one changeable bit of the control page.
+    let ch = good(&f.run(&control_page(0x40), None).await);
+    assert_eq!(&ch[4..6], &[0x0a, 0x0a]);
+    for (i, &b) in ch.iter().enumerate().skip(6) {
+        assert_eq!(b, if i == 8 { 0x08 } else { 0 }, "changeable byte {i}");
+    }
+    let data: Vec<u8> = (0..4 * bs).map(|i| (i % 251) as u8).collect();
+    good(&f.run(&cdb10(0x2a, 0, 0, 4), Some(data.clone())).await);
+
+    good(&select_swp(&f, &f.n, true).await);
+    assert!(f.lun().write_protected);
+    // The nexus that set it gets no unit attention; WP shows in both headers, SWP in the page.
+    good(&f.run(&[0; 6], None).await);
+    let d = good(&f.run(&control_page(0x00), None).await);
+    assert_eq!((d[2], d[8] & 0x08), (0x90, 0x08));
+    let d = good(
+        &f.run(&[0x5a, 0x08, 0x3f, 0, 0, 0, 0, 0, 255, 0], None)
+            .await,
+    );
+    assert_eq!(d[3], 0x90);
+    // Another nexus hears MODE PARAMETERS CHANGED, once.
+    assert_eq!(
+        check(&f.run_on(&other, 0, &[0; 6], None).await),
+        codes::MODE_PARAMETERS_CHANGED
+    );
+    good(&f.run_on(&other, 0, &[0; 6], None).await);
+
+    let block = vec![0xeeu8; bs];
+    let mut unmap = vec![0u8; 8];
+    unmap[0..2].copy_from_slice(&22u16.to_be_bytes());
+    unmap[2..4].copy_from_slice(&16u16.to_be_bytes());
+    unmap.extend_from_slice(&0u64.to_be_bytes());
+    unmap.extend_from_slice(&2u32.to_be_bytes());
+    unmap.extend_from_slice(&[0; 4]);
+    let mut caw_data = data[..bs].to_vec();
+    caw_data.extend_from_slice(&block);
+    let copy = xcopy_list(1, 0, &[(&lu, bs as u32)], &[(0, 0, 1, 0, 50)]);
+    let refused = [
+        ("WRITE (6)", vec![0x0a, 0, 0, 0, 1, 0], Some(block.clone())),
+        (
+            "WRITE (10)",
+            cdb10(0x2a, 0, 0, 1).to_vec(),
+            Some(block.clone()),
+        ),
+        (
+            "WRITE (12)",
+            cdb12(0xaa, 0, 0, 1).to_vec(),
+            Some(block.clone()),
+        ),
+        (
+            "WRITE (16)",
+            cdb16(0x8a, 0, 0, 1).to_vec(),
+            Some(block.clone()),
+        ),
+        (
+            "WRITE AND VERIFY (10)",
+            cdb10(0x2e, 0, 0, 1).to_vec(),
+            Some(block.clone()),
+        ),
+        (
+            "WRITE AND VERIFY (12)",
+            cdb12(0xae, 0, 0, 1).to_vec(),
+            Some(block.clone()),
+        ),
+        (
+            "WRITE AND VERIFY (16)",
+            cdb16(0x8e, 0, 0, 1).to_vec(),
+            Some(block.clone()),
+        ),
+        (
+            "WRITE SAME (10)",
+            cdb10(0x41, 0, 0, 2).to_vec(),
+            Some(block.clone()),
+        ),
+        (
+            "WRITE SAME (10) UNMAP",
+            cdb10(0x41, 0x08, 0, 2).to_vec(),
+            Some(vec![0; bs]),
+        ),
+        (
+            "WRITE SAME (16)",
+            cdb16(0x93, 0, 0, 2).to_vec(),
+            Some(block.clone()),
+        ),
+        (
+            "WRITE SAME (16) UNMAP",
+            cdb16(0x93, 0x08, 0, 2).to_vec(),
+            Some(vec![0; bs]),
+        ),
+        ("UNMAP", cdb10(0x42, 0, 0, 24).to_vec(), Some(unmap)),
+        ("COMPARE AND WRITE", caw(0, 1, 0).to_vec(), Some(caw_data)),
+        ("ORWRITE", orwrite(0, 1, 0).to_vec(), Some(block.clone())),
+        ("EXTENDED COPY", xcopy_cdb(copy.len()).to_vec(), Some(copy)),
+    ];
+    for (name, cdb, data_out) in &refused {
+        for n in [&f.n, &other] {
+            assert_eq!(
+                asc(&f.run_on(n, 0, cdb, data_out.clone()).await),
+                (key::DATA_PROTECT, 0x27, 0x02),
+                "{name}"
+            );
+        }
+    }
+    // Reads and the commands that do not change the medium run.
+    for cdb in [
+        vec![0x08, 0, 0, 0, 4, 0],
+        cdb10(0x28, 0, 0, 4).to_vec(),
+        cdb12(0xa8, 0, 0, 4).to_vec(),
+        cdb16(0x88, 0, 0, 4).to_vec(),
+    ] {
+        assert_eq!(good(&f.run(&cdb, None).await), data, "{cdb:02x?}");
+    }
+    good(&f.run(&cdb10(0x2f, 0, 0, 4), None).await); // VERIFY (10)
+    good(&f.run(&cdb10(0x35, 0, 0, 0), None).await); // SYNCHRONIZE CACHE (10)
+    good(&f.run(&cdb10(0x34, 0, 0, 4), None).await); // PRE-FETCH (10)
+    good(&f.run(&cdb16(0x9e, 0x12, 0, 24), None).await); // GET LBA STATUS
+    good(&f.run(&[0x5e, 0x00, 0, 0, 0, 0, 0, 0, 64, 0], None).await); // PR IN
+    good(&f.run(&pr_out(0x00, 0), Some(pr_params(0, 0xa))).await); // PR OUT REGISTER
+    good(&f.run(&pr_out(0x00, 0), Some(pr_params(0xa, 0))).await);
+    // Nothing the refused commands carried reached the medium.
+    assert_eq!(good(&f.run(&cdb10(0x28, 0, 0, 4), None).await), data);
+    assert!(!f.mem.is_mapped(&lu.uuid, 50));
+
+    // Cleared through the other nexus: writes work again, and the first nexus is told.
+    good(&select_swp(&f, &other, false).await);
+    assert!(!f.lun().write_protected);
+    assert_eq!(
+        check(&f.run(&[0; 6], None).await),
+        codes::MODE_PARAMETERS_CHANGED
+    );
+    let d = good(&f.run(&control_page(0x00), None).await);
+    assert_eq!((d[2], d[8] & 0x08), (0x10, 0));
+    good(&f.run(&cdb10(0x2a, 0, 1, 1), Some(block.clone())).await);
+    assert_eq!(good(&f.run(&cdb10(0x28, 0, 1, 1), None).await), block);
+    // Selecting the value SWP already has changes nothing and tells nobody.
+    good(&select_swp(&f, &f.n, false).await);
+    good(&f.run_on(&other, 0, &[0; 6], None).await);
+}
+
+#[tokio::test]
+async fn test_execute_write_protect() {
+    write_protect(BS).await;
+}
+
+#[tokio::test]
+async fn test_execute_write_protect_512() {
+    write_protect(512).await;
+}
+
+#[tokio::test]
+async fn test_execute_write_protect_backend_failure_changes_nothing() {
+    let f = Fixture::ready(false, 100).await;
+    f.mem.set_faults(Faults {
+        write: Some(BackendError::NotReady("no quorum".into())),
+        ..Faults::default()
+    });
+    // Reported like any backend failure of a write.
+    assert_eq!(
+        check(&select_swp(&f, &f.n, true).await),
+        codes::PORT_UNAVAILABLE
+    );
+    f.mem.set_faults(Faults::default());
+    assert!(!f.lun().write_protected);
+    good(&f.run(&cdb10(0x2a, 0, 0, 1), Some(vec![1; BS])).await);
+    // Any other change of the control page is refused as before, SWP or not.
+    let mut p = good(&f.run(&control_page(0x00), None).await);
+    p[0] = 0;
+    p[2] = 0;
+    p[8] |= 0x08 | 0x40; // SWP and RAC
+    assert_eq!(
+        check(&f.run(&[0x15, 0x10, 0, 0, p.len() as u8, 0], Some(p)).await),
+        codes::INVALID_FIELD_IN_PARAMETERS.in_parameters(8, None)
+    );
+    assert!(!f.lun().write_protected);
+}
+
+#[tokio::test]
+async fn test_execute_xcopy_refused_into_write_protected_lun() {
+    let f = Fixture::ready(true, 100).await;
+    f.mem.add_lun(T, lun_info(1, 100, true));
+    assert_eq!(check(&f.run(&[0; 6], None).await), codes::LUNS_CHANGED);
+    let (a, b) = (f.lun(), f.mem.luns(T)[1].clone());
+    let data = vec![0x5au8; BS];
+    good(&f.run(&cdb10(0x2a, 0, 0, 1), Some(data.clone())).await);
+    f.mem.set_write_protect(&b, true).await.unwrap();
+    // Sent to the writable LUN 0, copying into the protected LUN 1: refused.
+    let p = xcopy_list(1, 0, &[(&a, 4096), (&b, 4096)], &[(0, 1, 1, 0, 0)]);
+    assert_eq!(
+        asc(&f.run(&xcopy_cdb(p.len()), Some(p)).await),
+        (key::DATA_PROTECT, 0x27, 0x02)
+    );
+    assert!(!f.mem.is_mapped(&b.uuid, 0));
+    // Out of the protected LUN into the writable one: a read of LUN 1 only.
+    assert_eq!(
+        check(&f.run_on(&f.n, 1, &[0; 6], None).await),
+        codes::RESET_OCCURRED
+    );
+    let p = xcopy_list(2, 0, &[(&b, 4096), (&a, 4096)], &[(0, 1, 1, 0, 5)]);
+    good(&f.run_on(&f.n, 1, &xcopy_cdb(p.len()), Some(p)).await);
+    assert_eq!(good(&f.run(&cdb10(0x28, 0, 5, 1), None).await), vec![0; BS]);
 }

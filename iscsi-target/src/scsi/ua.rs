@@ -6,7 +6,12 @@
 //! capacity (CAPACITY DATA HAS CHANGED) and this port's asymmetric access state
 //! (ASYMMETRIC ACCESS STATE CHANGED). A LOGICAL UNIT RESET or TARGET RESET queues POWER ON,
 //! RESET, OR BUS DEVICE RESET OCCURRED for every nexus, the one that asked included (the
-//! generic reset code, which initiators such as libiscsi retry on).
+//! generic reset code, which initiators such as libiscsi retry on). A MODE SELECT that changes
+//! a mode parameter queues MODE PARAMETERS CHANGED for every other nexus that uses the LUN.
+//!
+//! These conditions are this node's: a nexus connected through another node's portal hears
+//! of a reset there because the reset count is cluster-wide state, but not of a mode change
+//! made here (the changed parameter itself, software write protect, is cluster-wide).
 //! Conditions are reported one per command, oldest first; reservation conditions live in
 //! the cluster-wide reservation state instead.
 
@@ -166,6 +171,21 @@ impl UnitAttentions {
         }
     }
 
+    /// MODE SELECT through `nexus` changed a mode parameter of LUN `lun`: every other nexus
+    /// of the target on this node that has used the LUN gets MODE PARAMETERS CHANGED (one
+    /// that has not gets its power-on condition first anyway). Nexuses of other nodes are not
+    /// known here and are not told.
+    pub(crate) fn mode_changed(&mut self, nexus: &Nexus, lun: u64) {
+        for (n, st) in self.nexuses.iter_mut() {
+            if n == nexus || n.target != nexus.target {
+                continue;
+            }
+            for l in st.lus.iter_mut().filter(|l| l.lun == lun) {
+                l.push(codes::MODE_PARAMETERS_CHANGED);
+            }
+        }
+    }
+
     /// The nexus is gone: a new one with the same name starts afresh.
     pub(crate) fn forget(&mut self, nexus: &Nexus) {
         self.nexuses.remove(nexus);
@@ -194,6 +214,7 @@ mod tests {
             name: String::new(),
             size_bytes: blocks * 4096,
             thin: false,
+            write_protected: false,
         }
     }
 
@@ -346,5 +367,35 @@ mod tests {
             ),
             Some(codes::RESET_OCCURRED)
         );
+    }
+
+    #[test]
+    fn test_ua_mode_changed_reaches_other_nexuses_of_the_lun() {
+        let mut ua = UnitAttentions::default();
+        let v = view(1, vec![lun(0, 10), lun(1, 10)]);
+        let (a, b) = (nexus(1), nexus(2));
+        let mut other_target = nexus(3);
+        other_target.target = "iqn.other".into();
+        let check = |ua: &mut UnitAttentions, n: &Nexus, l: usize| {
+            ua.check(
+                n,
+                &v,
+                || vec![0, 1],
+                &v.luns[l],
+                AluaState::ActiveOptimized,
+                true,
+            )
+        };
+        for n in [&a, &b, &other_target] {
+            for l in 0..2 {
+                check(&mut ua, n, l);
+            }
+        }
+        ua.mode_changed(&a, 0);
+        assert_eq!(check(&mut ua, &a, 0), None, "not the nexus that changed it");
+        assert_eq!(check(&mut ua, &b, 1), None, "not another LUN");
+        assert_eq!(check(&mut ua, &other_target, 0), None, "not another target");
+        assert_eq!(check(&mut ua, &b, 0), Some(codes::MODE_PARAMETERS_CHANGED));
+        assert_eq!(check(&mut ua, &b, 0), None, "once");
     }
 }
