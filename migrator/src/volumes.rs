@@ -452,11 +452,7 @@ pub async fn run_lun(
                     "LUN {} ({}) is {what}; node(s) {} have not adopted the change yet",
                     d.id,
                     d.name,
-                    waiting
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    node_list(&waiting)
                 )
             })
         }
@@ -493,15 +489,20 @@ pub async fn run_lun(
                     "deleted LUN {} ({}); its space is reusable once node(s) {} acknowledge the change",
                     d.id,
                     d.name,
-                    waiting
-                        .iter()
-                        .map(|n| n.to_string())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    node_list(&waiting)
                 )
             })
         }
     }
+}
+
+/// Node ids as `1, 3`.
+fn node_list(nodes: &[u64]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Waits up to 15 s for the deleted disk's extents to be released; returns the nodes that have
