@@ -393,7 +393,7 @@ impl DirectEngine {
         let seek_file = Arc::new(file.try_clone()?);
         let want_uring = force != Some(Backend::Pread);
         let ring = if want_uring {
-            Ring::start(file.try_clone()?, queue_depth.max(2)).map_err(|e| e.to_string())
+            Ring::start(file.try_clone()?, queue_depth.max(2), false).map_err(|e| e.to_string())
         } else {
             Err("pread back end requested".into())
         };
@@ -491,7 +491,7 @@ impl DirectEngine {
                 return Some(r.ring.clone());
             }
             let file = self.file.try_clone().ok()?;
-            match Ring::start(file, self.depth) {
+            match Ring::start(file, self.depth, true) {
                 Ok((ring, own)) => {
                     rings.push(ThreadRing {
                         engine: Arc::downgrade(open),
@@ -701,13 +701,36 @@ struct RingState {
     /// Operations waiting for room in the submission queue.
     backlog: std::collections::VecDeque<Op>,
     next_id: u64,
+    /// Set up with deferred task running: completions are posted only when asked for.
+    defer: bool,
 }
 
 impl Ring {
     /// Sets up a ring on `file` with its completion eventfd, and starts its reaper: a task on
     /// the current tokio runtime, or a thread when there is none.
-    fn start(file: File, depth: u32) -> io::Result<(Arc<Ring>, Arc<OpenHandle>)> {
-        let ring = io_uring::IoUring::new(depth)?;
+    ///
+    /// A ring `private` to one thread (submitted to only there) whose reaper runs on that
+    /// thread too (a current-thread runtime) is set up, where the kernel allows it, with
+    /// single issuer and deferred task running: the kernel then does the completion work of
+    /// its I/O only when the reaper asks for completions, instead of interrupting the thread
+    /// for each one. (The kernel refuses those requests from any other thread.)
+    fn start(file: File, depth: u32, private: bool) -> io::Result<(Arc<Ring>, Arc<OpenHandle>)> {
+        let same_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        let deferred = (private && same_thread)
+            .then(|| {
+                io_uring::IoUring::builder()
+                    .setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .build(depth)
+                    .ok()
+            })
+            .flatten();
+        let defer = deferred.is_some();
+        let ring = match deferred {
+            Some(r) => r,
+            None => io_uring::IoUring::new(depth)?,
+        };
         let on_tokio = tokio::runtime::Handle::try_current().ok();
         let flags = libc::EFD_CLOEXEC
             | if on_tokio.is_some() {
@@ -730,6 +753,7 @@ impl Ring {
                 inflight: HashMap::new(),
                 backlog: std::collections::VecDeque::new(),
                 next_id: 0,
+                defer,
             }),
             efd,
             closed: std::sync::atomic::AtomicBool::new(false),
@@ -814,6 +838,9 @@ impl Ring {
             // Until the completion queue stays empty: a submit may flush completions the
             // kernel held back, and those raise no new signal.
             loop {
+                if st.defer {
+                    st.post_completions();
+                }
                 done.extend(st.take_completed());
                 failed.extend(st.push_and_submit());
                 if st.ring.completion().is_empty() {
@@ -838,7 +865,29 @@ fn finish(failed: Vec<(InFlight, io::Error)>) {
     }
 }
 
+/// `IORING_ENTER_GETEVENTS` of `linux/io_uring.h`.
+const IORING_ENTER_GETEVENTS: u32 = 1;
+
 impl RingState {
+    /// Has the kernel post the completions it holds back on a ring with deferred task
+    /// running (`io_uring_enter` with GETEVENTS, waiting for none).
+    fn post_completions(&mut self) {
+        // SAFETY: no argument is passed (`None`), so the kernel reads no memory of ours.
+        let r = unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 0, IORING_ENTER_GETEVENTS, None)
+        };
+        if let Err(e) = r
+            && !matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+            )
+        {
+            tracing::warn!(error = %e, "io_uring: cannot collect completions");
+        }
+    }
+
     /// Removes the finished operations from the completion queue and the in-flight map.
     fn take_completed(&mut self) -> Vec<(InFlight, i32)> {
         let batch: Vec<(u64, i32)> = self
