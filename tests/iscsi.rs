@@ -318,8 +318,9 @@ async fn test_iscsi_cli_shows_paths_and_access() {
     assert!(text.contains("writes  allowed"), "{text}");
 
     // Write protection set through node 1 holds on node 3's portal as soon as the command
-    // returns: writes fail with LOGICAL UNIT SOFTWARE WRITE PROTECTED, reads work, and
-    // unprotecting lets writes through again.
+    // returns: the session there is told MODE PARAMETERS CHANGED, writes then fail with
+    // LOGICAL UNIT SOFTWARE WRITE PROTECTED, reads work, and unprotecting lets writes
+    // through again (after the same unit attention).
     let mut via3 = Initiator::login(
         &s.cluster.nodes[2].iscsi,
         "iqn.2025-11.org.csvd.test:wp",
@@ -348,6 +349,14 @@ async fn test_iscsi_cli_shows_paths_and_access() {
         .await;
     assert_eq!(
         r.sense_code(),
+        Some((6, 0x2a, 0x01)),
+        "first command: {r:?}"
+    );
+    let r = via3
+        .command(s.lun, &cdb::write16(16, 8), &vec![0x55u8; 4096], 0)
+        .await;
+    assert_eq!(
+        r.sense_code(),
         Some((7, 0x27, 0x02)),
         "write via node 3: {r:?}"
     );
@@ -356,6 +365,12 @@ async fn test_iscsi_cli_shows_paths_and_access() {
     assert!(r.data == block, "the refused write changed the data");
     let out = migrator(&["--endpoint", &endpoint, "lun", "unprotect", "disk1"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let r = via3.command(s.lun, &[0; 6], &[], 0).await;
+    assert_eq!(
+        r.sense_code(),
+        Some((6, 0x2a, 0x01)),
+        "after unprotecting: {r:?}"
+    );
     let r = via3
         .command(s.lun, &cdb::write16(16, 8), &vec![0x55u8; 4096], 0)
         .await;

@@ -696,9 +696,8 @@ impl<B: Backend> Scsi<B> {
                 .set_write_protect(lu, on)
                 .await
                 .map_err(|e| backend_sense(&e, true))?;
-            // Unit attentions are this node's only: nexuses connected through other nodes'
-            // portals are not told, though the protection itself holds there too.
-            self.lock_ua().mode_changed(nexus, lu.lun);
+            // Every other nexus, through any node, learns of it from the LUN table.
+            self.lock_ua().write_protect_set(nexus, lu.lun, on);
         }
         Ok(DataIn::None)
     }

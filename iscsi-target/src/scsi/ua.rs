@@ -3,15 +3,16 @@
 //! A nexus the node has not seen before gets POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
 //! on its first command to each LUN. Afterwards the node compares what the nexus last
 //! learnt with the present: the LUN inventory (REPORTED LUNS DATA HAS CHANGED), each LUN's
-//! capacity (CAPACITY DATA HAS CHANGED) and this port's asymmetric access state
-//! (ASYMMETRIC ACCESS STATE CHANGED). A LOGICAL UNIT RESET or TARGET RESET queues POWER ON,
-//! RESET, OR BUS DEVICE RESET OCCURRED for every nexus, the one that asked included (the
-//! generic reset code, which initiators such as libiscsi retry on). A MODE SELECT that changes
-//! a mode parameter queues MODE PARAMETERS CHANGED for every other nexus that uses the LUN.
+//! capacity (CAPACITY DATA HAS CHANGED), its software write protect (MODE PARAMETERS
+//! CHANGED) and this port's asymmetric access state (ASYMMETRIC ACCESS STATE CHANGED). A
+//! LOGICAL UNIT RESET or TARGET RESET queues POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
+//! for every nexus, the one that asked included (the generic reset code, which initiators
+//! such as libiscsi retry on).
 //!
-//! These conditions are this node's: a nexus connected through another node's portal hears
-//! of a reset there because the reset count is cluster-wide state, but not of a mode change
-//! made here (the changed parameter itself, software write protect, is cluster-wide).
+//! The LUN table is cluster-wide state, so a nexus connected through any node's portal hears
+//! of a capacity or write-protect change made anywhere (through a MODE SELECT on another
+//! node, or `migrator lun protect`); the nexus whose MODE SELECT made the change is not told.
+//! A reset reaches every node's nexuses because the reset count is cluster-wide too.
 //! Conditions are reported one per command, oldest first; reservation conditions live in
 //! the cluster-wide reservation state instead.
 
@@ -34,6 +35,8 @@ struct LuState {
     alua: AluaState,
     /// The capacity the nexus last learnt, in blocks.
     blocks: u64,
+    /// The software write protect the nexus last learnt.
+    write_protected: bool,
 }
 
 impl LuState {
@@ -93,6 +96,10 @@ impl UnitAttentions {
                         lu.blocks = info.blocks();
                         lu.push(codes::CAPACITY_CHANGED);
                     }
+                    if info.write_protected != lu.write_protected {
+                        lu.write_protected = info.write_protected;
+                        lu.push(codes::MODE_PARAMETERS_CHANGED);
+                    }
                     true
                 }
                 None => false,
@@ -124,6 +131,7 @@ impl UnitAttentions {
                     pending,
                     alua,
                     blocks: lu.blocks(),
+                    write_protected: lu.write_protected,
                 });
                 st.lus.len() - 1
             }
@@ -171,17 +179,13 @@ impl UnitAttentions {
         }
     }
 
-    /// MODE SELECT through `nexus` changed a mode parameter of LUN `lun`: every other nexus
-    /// of the target on this node that has used the LUN gets MODE PARAMETERS CHANGED (one
-    /// that has not gets its power-on condition first anyway). Nexuses of other nodes are not
-    /// known here and are not told.
-    pub(crate) fn mode_changed(&mut self, nexus: &Nexus, lun: u64) {
-        for (n, st) in self.nexuses.iter_mut() {
-            if n == nexus || n.target != nexus.target {
-                continue;
-            }
+    /// MODE SELECT through `nexus` set LUN `lun`'s software write protect to `on`: that
+    /// nexus has learnt it, so the change reaches every other nexus (through the LUN table)
+    /// but not this one.
+    pub(crate) fn write_protect_set(&mut self, nexus: &Nexus, lun: u64, on: bool) {
+        if let Some(st) = self.nexuses.get_mut(nexus) {
             for l in st.lus.iter_mut().filter(|l| l.lun == lun) {
-                l.push(codes::MODE_PARAMETERS_CHANGED);
+                l.write_protected = on;
             }
         }
     }
@@ -370,32 +374,48 @@ mod tests {
     }
 
     #[test]
-    fn test_ua_mode_changed_reaches_other_nexuses_of_the_lun() {
+    fn test_ua_write_protect_change_reaches_every_other_nexus_of_the_lun() {
         let mut ua = UnitAttentions::default();
-        let v = view(1, vec![lun(0, 10), lun(1, 10)]);
+        let v1 = view(1, vec![lun(0, 10), lun(1, 10)]);
         let (a, b) = (nexus(1), nexus(2));
-        let mut other_target = nexus(3);
-        other_target.target = "iqn.other".into();
-        let check = |ua: &mut UnitAttentions, n: &Nexus, l: usize| {
+        let check = |ua: &mut UnitAttentions, v: &TargetView, n: &Nexus, l: usize| {
             ua.check(
                 n,
-                &v,
+                v,
                 || vec![0, 1],
                 &v.luns[l],
                 AluaState::ActiveOptimized,
                 true,
             )
         };
-        for n in [&a, &b, &other_target] {
+        for n in [&a, &b] {
             for l in 0..2 {
-                check(&mut ua, n, l);
+                check(&mut ua, &v1, n, l);
             }
         }
-        ua.mode_changed(&a, 0);
-        assert_eq!(check(&mut ua, &a, 0), None, "not the nexus that changed it");
-        assert_eq!(check(&mut ua, &b, 1), None, "not another LUN");
-        assert_eq!(check(&mut ua, &other_target, 0), None, "not another target");
-        assert_eq!(check(&mut ua, &b, 0), Some(codes::MODE_PARAMETERS_CHANGED));
-        assert_eq!(check(&mut ua, &b, 0), None, "once");
+        // Nexus a protects LUN 0 with MODE SELECT; the LUN table then shows it.
+        ua.write_protect_set(&a, 0, true);
+        let mut protected = lun(0, 10);
+        protected.write_protected = true;
+        let v2 = view(2, vec![protected, lun(1, 10)]);
+        assert_eq!(
+            check(&mut ua, &v2, &a, 0),
+            None,
+            "not the nexus that changed it"
+        );
+        assert_eq!(check(&mut ua, &v2, &b, 1), None, "not another LUN");
+        assert_eq!(
+            check(&mut ua, &v2, &b, 0),
+            Some(codes::MODE_PARAMETERS_CHANGED)
+        );
+        assert_eq!(check(&mut ua, &v2, &b, 0), None, "once");
+        // Cleared elsewhere (another node, the CLI): both nexuses are told.
+        let v3 = view(3, vec![lun(0, 10), lun(1, 10)]);
+        for n in [&a, &b] {
+            assert_eq!(
+                check(&mut ua, &v3, n, 0),
+                Some(codes::MODE_PARAMETERS_CHANGED)
+            );
+        }
     }
 }
