@@ -1,4 +1,4 @@
-//! An in-memory [`Backend`](crate::backend::Backend) for tests, fuzzing and examples.
+//! An in-memory [`Backend`] for tests, fuzzing and examples.
 //!
 //! Blocks live in a sparse map behind one mutex, one entry per logical block of the LUN (512
 //! or 4096 bytes, [`LunInfo::block_size`]): a block never written (or unmapped) reads as

@@ -11,7 +11,7 @@
 //!
 //! [`Bhs`] is the 48-byte basic header segment with field accessors; [`Request`] is the typed
 //! view of everything an initiator sends, and the `*Pdu` structs build what a target sends.
-//! The driver reads a header with [`Framing::header_len`] and [`Framing::parse_header`], then
+//! The driver reads a header with [`Framing::header_rest_len`] and [`Framing::parse_header`], then
 //! reads the data segment straight into its destination (a write command's buffer) and checks
 //! it with [`Framing::check_data`]; [`decode`] does all of it over one byte buffer for tests
 //! and fuzzing.

@@ -5,7 +5,7 @@
 //!
 //! Every command goes through the same steps, in this order:
 //!
-//! 1. decode: the operation code and service action must be supported ([`cdb::lookup`]) and
+//! 1. decode: the operation code and service action must be supported (`cdb::lookup`) and
 //!    no reserved or unsupported CDB bit may be set;
 //! 2. the LUN must exist and the initiator must be allowed to see it (REPORT LUNS, and
 //!    INQUIRY and REQUEST SENSE for a missing LUN, answer without one);
@@ -15,13 +15,13 @@
 //! 5. reservations: [`pr::access`] on the LUN's cluster-wide reservation state;
 //! 6. software write protect: while the LUN's SWP is set ([`LunInfo::write_protected`], the
 //!    same on every node), a command that would change the medium (flagged
-//!    [`cdb::WRITES`]) fails with DATA PROTECT, LOGICAL UNIT SOFTWARE WRITE PROTECTED;
+//!    `cdb::WRITES`) fails with DATA PROTECT, LOGICAL UNIT SOFTWARE WRITE PROTECTED;
 //!    EXTENDED COPY checks its destination LUNs when it has resolved them;
 //! 7. the command itself, which checks its fields, ranges and Data-Out length.
 //!
 //! Every LBA, transfer length and limit is in logical blocks of the LUN's own block size
 //! ([`LunInfo::block_size`], 512 or 4096 bytes); the physical block is always
-//! [`BLOCK_SIZE`](crate::backend::BLOCK_SIZE).
+//! [`BLOCK_SIZE`].
 //!
 //! Two commands are not offered, and are refused like any unsupported operation code:
 //!
@@ -777,7 +777,6 @@ impl<B: Backend> Scsi<B> {
     }
 }
 
-/// Applies `change` to the reservation state of `lu` and stores it, retrying when another
 /// Counts a reset of `lu` cluster-wide and records the new count as already reported here
 /// (this node's nexuses got their unit attention at the reset itself). A failure is logged:
 /// the reset itself has happened on this node.
@@ -794,6 +793,7 @@ async fn count_reset<B: Backend>(backend: &B, lu: &LunInfo, seen: &Mutex<HashMap
     }
 }
 
+/// Applies `change` to the reservation state of `lu` and stores it, retrying when another
 /// change came first; a backend failure is logged and the state left as it is.
 async fn change_and_store<B: Backend>(
     backend: &B,
