@@ -53,6 +53,23 @@ impl std::fmt::Debug for CsvBackend {
 }
 
 impl CsvBackend {
+    /// Commits `cmd`, a change of `lun`'s state that starts an epoch of its volume, and waits
+    /// until it holds on every portal ([`CsvBackend::wait_everywhere`]). `Ok(false)` when a
+    /// compare-and-set found another change first.
+    async fn commit_everywhere(&self, lun: &LunInfo, cmd: Command) -> Result<bool, BackendError> {
+        match self.meta.write(cmd).await {
+            Ok((_, index)) => {
+                self.wait_everywhere(lun.lun, index).await;
+                Ok(true)
+            }
+            Err(NodeError::Rejected(ApplyError::PreconditionFailed { .. })) => Ok(false),
+            Err(NodeError::Rejected(ApplyError::UnknownDisk { .. })) => {
+                Err(BackendError::OutOfRange)
+            }
+            Err(e) => Err(BackendError::NotReady(e.to_string())),
+        }
+    }
+
     /// A backend over this node's metadata replica and csv-fs.
     pub fn new(meta: MetaNode, csv: Shared) -> CsvBackend {
         CsvBackend {
@@ -355,16 +372,9 @@ impl Backend for CsvBackend {
     }
 
     async fn count_reset(&self, lun: &LunInfo) -> Result<u64, BackendError> {
-        match self.meta.write(Command::CountReset { disk: lun.lun }).await {
-            Ok((_, index)) => {
-                self.wait_everywhere(lun.lun, index).await;
-                Ok(self.reset_count(lun))
-            }
-            Err(NodeError::Rejected(ApplyError::UnknownDisk { .. })) => {
-                Err(BackendError::OutOfRange)
-            }
-            Err(e) => Err(BackendError::NotReady(e.to_string())),
-        }
+        self.commit_everywhere(lun, Command::CountReset { disk: lun.lun })
+            .await?;
+        Ok(self.reset_count(lun))
     }
 
     async fn reservations(&self, lun: &LunInfo) -> Result<PrState, BackendError> {
@@ -399,37 +409,18 @@ impl Backend for CsvBackend {
             expected,
             data,
         };
-        match self.meta.write(cmd).await {
-            Ok((_, index)) => {
-                self.wait_everywhere(lun.lun, index).await;
-                Ok(true)
-            }
-            Err(NodeError::Rejected(ApplyError::PreconditionFailed { .. })) => Ok(false),
-            Err(NodeError::Rejected(ApplyError::UnknownDisk { .. })) => {
-                Err(BackendError::OutOfRange)
-            }
-            Err(e) => Err(BackendError::NotReady(e.to_string())),
-        }
+        self.commit_everywhere(lun, cmd).await
     }
 
     async fn set_write_protect(&self, lun: &LunInfo, on: bool) -> Result<(), BackendError> {
+        // Waited for like a reservation change (the command starts a volume epoch): a
+        // follower applies the commit later than the leader, and until it does its portal
+        // still accepts writes. Without the wait, an initiator that protects the LUN through
+        // one path (say, to copy a stable image) could still write through another after
+        // MODE SELECT reported GOOD. Every node drains the writes it admitted before adopting
+        // the epoch.
         let cmd = Command::SetDiskWriteProtect { id: lun.lun, on };
-        match self.meta.write(cmd).await {
-            Ok((_, index)) => {
-                // Waited for like a reservation change (the command starts a volume epoch):
-                // a follower applies the commit later than the leader, and until it does its
-                // portal still accepts writes. Without the wait, an initiator that protects
-                // the LUN through one path (say, to copy a stable image) could still write
-                // through another after MODE SELECT reported GOOD. Every node drains the
-                // writes it admitted before adopting the epoch.
-                self.wait_everywhere(lun.lun, index).await;
-                Ok(())
-            }
-            Err(NodeError::Rejected(ApplyError::UnknownDisk { .. })) => {
-                Err(BackendError::OutOfRange)
-            }
-            Err(e) => Err(BackendError::NotReady(e.to_string())),
-        }
+        self.commit_everywhere(lun, cmd).await.map(drop)
     }
 }
 

@@ -483,13 +483,14 @@ impl DirectEngine {
         THREAD_RINGS.with(|t| {
             let mut t = t.borrow_mut();
             let rings = t.as_mut()?;
-            rings.retain(|r| r.engine.strong_count() > 0);
             if let Some(r) = rings
                 .iter()
                 .find(|r| std::ptr::eq(r.engine.as_ptr(), Arc::as_ptr(open)))
             {
                 return Some(r.ring.clone());
             }
+            // A new engine on this thread: drop the rings of engines that are gone.
+            rings.retain(|r| r.engine.strong_count() > 0);
             let file = self.file.try_clone().ok()?;
             match Ring::start(file, self.depth, true) {
                 Ok((ring, own)) => {
