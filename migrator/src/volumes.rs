@@ -525,12 +525,7 @@ async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Vec<u64> {
             return Vec::new();
         };
         if std::time::Instant::now() > deadline {
-            return state
-                .nodes
-                .keys()
-                .filter(|n| v.nodes.get(n).is_none_or(|s| s.acked_epoch < epoch))
-                .copied()
-                .collect();
+            return behind(&state, v, epoch);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
@@ -549,17 +544,22 @@ async fn wait_adopted(client: &mut ClusterClient, volume: uuid::Uuid) -> Vec<u64
             return Vec::new();
         };
         let want = *epoch.get_or_insert(v.epoch);
-        let waiting: Vec<u64> = state
-            .nodes
-            .keys()
-            .filter(|n| v.nodes.get(n).is_none_or(|s| s.acked_epoch < want))
-            .copied()
-            .collect();
+        let waiting = behind(&state, v, want);
         if waiting.is_empty() || std::time::Instant::now() > deadline {
             return waiting;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// The cluster's nodes that have not acknowledged `epoch` of volume `v` yet.
+fn behind(state: &ClusterState, v: &VolumeRecord, epoch: u64) -> Vec<u64> {
+    state
+        .nodes
+        .keys()
+        .filter(|n| v.nodes.get(n).is_none_or(|s| s.acked_epoch < epoch))
+        .copied()
+        .collect()
 }
 
 /// Whether `name` looks like an iSCSI name (RFC 7143 4.2.7): `iqn.`, `eui.` or `naa.`, no
