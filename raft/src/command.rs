@@ -188,6 +188,56 @@ pub enum Command {
         /// True: refuse writes; false: allow them again.
         on: bool,
     },
+    /// Defines a VM (stopped) on its owner node.
+    CreateVm {
+        /// The VM's identity.
+        id: Uuid,
+        /// Unique name.
+        name: String,
+        /// Its hardware and boot method.
+        spec: crate::vm::VmSpec,
+        /// The node that will run it.
+        owner: NodeId,
+        /// The proposer's wall clock, in milliseconds since the Unix epoch.
+        now_ms: u64,
+    },
+    /// Deletes a stopped VM's definition (its disks stay).
+    DeleteVm {
+        /// The VM.
+        id: Uuid,
+    },
+    /// Sets whether a VM should run; its owner starts or stops it.
+    SetVmDesired {
+        /// The VM.
+        id: Uuid,
+        /// Running or stopped.
+        desired: crate::vm::VmDesired,
+    },
+    /// Moves a VM to another node, if it is still owned by `expected` (a migration's
+    /// switchover).
+    SetVmOwner {
+        /// The VM.
+        id: Uuid,
+        /// The new owner.
+        owner: NodeId,
+        /// The owner the proposer saw; the command fails if it changed meanwhile.
+        expected: NodeId,
+    },
+    /// The owner's report on its VM's QEMU; refused from any other node.
+    ReportVm {
+        /// The VM.
+        id: Uuid,
+        /// The reporting node.
+        node: NodeId,
+        /// What runs.
+        state: crate::vm::VmState,
+        /// Detail for the operator.
+        detail: String,
+        /// Restarts after crashes since the last requested start.
+        restarts: u32,
+        /// The node's clock, ms since the Unix epoch.
+        at_ms: u64,
+    },
     /// Sets (or clears, with `None`) the CHAP credentials of the cluster's iSCSI target.
     SetIscsiAuth {
         /// The credentials.
@@ -217,6 +267,11 @@ impl Command {
             Command::SetDiskWriteProtect { .. } => "set_disk_write_protect",
             Command::CountReset { .. } => "count_reset",
             Command::SetIscsiAuth { .. } => "set_iscsi_auth",
+            Command::CreateVm { .. } => "create_vm",
+            Command::DeleteVm { .. } => "delete_vm",
+            Command::SetVmDesired { .. } => "set_vm_desired",
+            Command::SetVmOwner { .. } => "set_vm_owner",
+            Command::ReportVm { .. } => "report_vm",
         }
     }
 }

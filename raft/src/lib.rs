@@ -31,6 +31,7 @@ pub mod node;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod vm;
 pub mod volume;
 
 /// The generated gRPC code for `proto/csvd.proto`.

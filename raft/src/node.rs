@@ -153,7 +153,8 @@ impl From<NodeError> for Status {
             NodeError::Rejected(a) => match a {
                 ApplyError::UnknownNode { .. }
                 | ApplyError::UnknownVolume { .. }
-                | ApplyError::UnknownDisk { .. } => Status::not_found(msg),
+                | ApplyError::UnknownDisk { .. }
+                | ApplyError::UnknownVm { .. } => Status::not_found(msg),
                 ApplyError::DuplicateName { .. } => Status::already_exists(msg),
                 ApplyError::VolumeFull { .. } => Status::resource_exhausted(msg),
                 ApplyError::DuplicateNodeId { .. }

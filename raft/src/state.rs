@@ -104,6 +104,9 @@ pub struct ClusterState {
     /// CHAP credentials of the iSCSI target, if set.
     #[serde(default)]
     pub iscsi_chap: Option<ChapAuth>,
+    /// Virtual machines, by id.
+    #[serde(default)]
+    pub vms: BTreeMap<Uuid, crate::vm::VmRecord>,
 }
 
 /// Why a command was rejected. The messages are what the operator reads.
@@ -192,6 +195,12 @@ pub enum ApplyError {
         /// The id asked for.
         id: DiskId,
     },
+    /// No VM has this id.
+    #[error("VM {id} does not exist")]
+    UnknownVm {
+        /// The id asked for.
+        id: Uuid,
+    },
     /// The name is taken.
     #[error("a {kind} named {name:?} already exists")]
     DuplicateName {
@@ -262,6 +271,20 @@ impl ClusterState {
             }
             Command::RemoveNode { id } => {
                 self.require_initialized()?;
+                let owned: Vec<&str> = self
+                    .vms
+                    .values()
+                    .filter(|v| v.owner == *id)
+                    .map(|v| v.name.as_str())
+                    .collect();
+                if !owned.is_empty() {
+                    return Err(ApplyError::PreconditionFailed {
+                        reason: format!(
+                            "node {id} still owns VMs {}: move or delete them first",
+                            owned.join(", ")
+                        ),
+                    });
+                }
                 if self.nodes.remove(id).is_none() {
                     return Err(ApplyError::UnknownNode { id: *id });
                 }
@@ -320,6 +343,19 @@ impl ClusterState {
             }
             Command::DeleteDisk { id } => {
                 self.require_initialized()?;
+                let users: Vec<&str> = self
+                    .vms_using_disk(*id)
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(ApplyError::PreconditionFailed {
+                        reason: format!(
+                            "disk {id} is attached to VM {}: delete the VM first",
+                            users.join(", ")
+                        ),
+                    });
+                }
                 let disk = self
                     .disks
                     .remove(id)
@@ -502,6 +538,43 @@ impl ClusterState {
                     v.epoch += 1;
                 }
                 Ok(Outcome::Applied)
+            }
+            Command::CreateVm {
+                id,
+                name,
+                spec,
+                owner,
+                now_ms,
+            } => {
+                self.require_initialized()?;
+                self.create_vm(*id, name, spec, *owner, *now_ms)
+            }
+            Command::DeleteVm { id } => {
+                self.require_initialized()?;
+                self.delete_vm(*id)
+            }
+            Command::SetVmDesired { id, desired } => {
+                self.require_initialized()?;
+                self.set_vm_desired(*id, *desired)
+            }
+            Command::SetVmOwner {
+                id,
+                owner,
+                expected,
+            } => {
+                self.require_initialized()?;
+                self.set_vm_owner(*id, *owner, *expected)
+            }
+            Command::ReportVm {
+                id,
+                node,
+                state,
+                detail,
+                restarts,
+                at_ms,
+            } => {
+                self.require_initialized()?;
+                self.report_vm(*id, *node, *state, detail, *restarts, *at_ms)
             }
             Command::SetIscsiAuth { chap } => {
                 self.require_initialized()?;
@@ -782,7 +855,7 @@ fn invalid(field: &str, reason: String) -> ApplyError {
 }
 
 /// Names of volumes and disks: 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with `-`.
-fn validate_name(field: &str, name: &str) -> Result<(), ApplyError> {
+pub(crate) fn validate_name(field: &str, name: &str) -> Result<(), ApplyError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('-')
