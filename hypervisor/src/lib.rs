@@ -1,6 +1,13 @@
 //! hypervisor: QEMU/KVM guests for csvd.
 //!
-//! This crate will hold VM definitions, QEMU command-line building, a QMP client, guest
-//! lifecycle, the CPU-compatibility model and virtual switches. It has no code yet; see
-//! `docs/architecture.md`.
+//! - [`qmp`]: an async client for QEMU's machine protocol (commands with ids, events,
+//!   timeouts, clean errors when QEMU goes away).
+//! - [`accel`]: KVM or TCG, decided by booting a probe guest; the minimum QEMU version.
+//! - [`cmdline`]: one guest instance's QEMU command line (iSCSI disks, QMP, console).
+//! - [`process`]: an instance's life: start daemonized, adopt, shut down, kill.
 #![forbid(unsafe_code)]
+
+pub mod accel;
+pub mod cmdline;
+pub mod process;
+pub mod qmp;
