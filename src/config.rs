@@ -68,6 +68,16 @@ pub struct Flags {
     /// by default one per CPU).
     #[arg(long)]
     pub iscsi_threads: Option<usize>,
+    /// The QEMU system emulator guests run in (a path, or a name looked up in PATH).
+    #[arg(long)]
+    pub qemu: Option<String>,
+    /// How guests execute: `auto` (KVM when a probe guest really runs under it, else TCG),
+    /// `kvm` or `tcg`.
+    #[arg(long)]
+    pub accel: Option<String>,
+    /// Kernel image the KVM probe boots (by default the running kernel's /boot image).
+    #[arg(long)]
+    pub probe_kernel: Option<PathBuf>,
 }
 
 /// The configuration file's keys. Unknown keys are an error, not ignored.
@@ -102,6 +112,12 @@ pub struct FileConfig {
     pub snapshot_every_entries: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iscsi_threads: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_kernel: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -130,6 +146,9 @@ pub struct Config {
     pub log_format: LogFormat,
     pub snapshot_every_entries: u64,
     pub iscsi_threads: usize,
+    pub qemu: PathBuf,
+    pub accel: csvd_hypervisor::accel::AccelChoice,
+    pub probe_kernel: Option<PathBuf>,
 }
 
 /// A configuration problem: which file, which key, and why, on one line.
@@ -195,7 +214,10 @@ impl Flags {
             cluster_id,
             log_format,
             snapshot_every_entries,
-            iscsi_threads
+            iscsi_threads,
+            qemu,
+            accel,
+            probe_kernel
         );
         if !self.devices.is_empty() {
             f.devices = self.devices.clone();
@@ -247,7 +269,10 @@ fn fill_missing(mut new: FileConfig, old: FileConfig) -> FileConfig {
         cluster_id,
         log_format,
         snapshot_every_entries,
-        iscsi_threads
+        iscsi_threads,
+        qemu,
+        accel,
+        probe_kernel
     );
     if new.devices.is_empty() {
         new.devices = old.devices;
@@ -344,6 +369,17 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
             ));
         }
     };
+    let accel = match f.accel.as_deref() {
+        None => csvd_hypervisor::accel::AccelChoice::Auto,
+        Some(v) => v
+            .parse()
+            .map_err(|e| ConfigError::new(source, format!("key `accel`: {e}")))?,
+    };
+    let qemu = match f.qemu.as_deref() {
+        None => PathBuf::from("qemu-system-x86_64"),
+        Some("") => return Err(ConfigError::new(source, "key `qemu`: empty")),
+        Some(v) => PathBuf::from(v),
+    };
     for (key, list) in [("devices", &f.devices), ("switches", &f.switches)] {
         if let Some(bad) = list.iter().find(|s| s.trim().is_empty()) {
             return Err(ConfigError::new(
@@ -373,12 +409,21 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
         migration_addr,
         io_addr,
         devices: f.devices.clone(),
-        switches: f.switches.clone(),
+        // A switch named twice is one switch.
+        switches: f.switches.iter().fold(Vec::new(), |mut v, s| {
+            if !v.contains(s) {
+                v.push(s.clone());
+            }
+            v
+        }),
         join,
         cluster_id,
         log_format,
         snapshot_every_entries,
         iscsi_threads,
+        qemu,
+        accel,
+        probe_kernel: f.probe_kernel.clone(),
     })
 }
 

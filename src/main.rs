@@ -5,6 +5,7 @@ mod config;
 mod host;
 mod iscsi;
 mod shared;
+mod vms;
 mod volumes;
 
 use std::process::ExitCode;
@@ -211,6 +212,17 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
 
     let agents = node.spawn_agents();
     let shared_agents = shared::spawn(node.clone(), csv, config.devices.clone());
+    let vm_agent = vms::spawn(
+        node.clone(),
+        vms::VmHostConfig {
+            node_id: config.node_id,
+            data_dir: dir.to_path_buf(),
+            qemu: config.qemu.clone(),
+            accel: config.accel,
+            probe_kernel: config.probe_kernel.clone(),
+            iscsi_addr,
+        },
+    );
     let mut removed = node.removed();
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -219,6 +231,8 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         _ = removed.wait_for(|r| *r) => tracing::info!("removed from the cluster: shutting down"),
     }
+    // Guests keep running: a restarted csvd adopts them.
+    vm_agent.abort();
     for a in shared_agents {
         a.abort();
     }

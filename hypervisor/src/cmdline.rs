@@ -50,11 +50,14 @@ pub struct DiskAttach {
     pub chap: Option<(String, PathBuf)>,
 }
 
-/// A NIC on a tap device already attached to its virtual switch.
+/// A NIC on a tap device, which the caller creates and attaches to the virtual switch's
+/// bridge before QEMU starts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NicAttach {
     pub tap: String,
     pub mac: String,
+    /// The bridge (virtual switch) the tap belongs on.
+    pub bridge: String,
 }
 
 /// How the guest boots.
@@ -229,6 +232,7 @@ mod tests {
             nics: vec![NicAttach {
                 tap: "c1tap0".into(),
                 mac: "52:54:00:12:34:56".into(),
+                bridge: "lan".into(),
             }],
             boot: Boot::Kernel {
                 kernel: "/k/vmlinuz".into(),

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 use crate::cmdline::{LaunchSpec, RunPaths, qemu_args};
 use crate::qmp::{Qmp, QmpError};
 
+/// How long [`Instance::shutdown`] waits before pressing the power button again.
+const PRESS_AGAIN: Duration = Duration::from_secs(5);
+
 /// Why an instance could not be started or adopted.
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -201,13 +204,21 @@ impl Instance {
     }
 
     /// Asks the guest to power off (ACPI power button) and waits up to `grace`; then tells
-    /// QEMU to quit; then kills it.
+    /// QEMU to quit; then kills it. The button is pressed again every few seconds: a guest
+    /// still booting misses a press that comes before it listens.
     pub async fn shutdown(&self, grace: Duration) -> Stopped {
         if !self.alive() {
             return Stopped::NotRunning;
         }
-        if self.qmp.system_powerdown().await.is_ok() && self.wait_exit(grace).await {
-            return Stopped::Guest;
+        let until = Instant::now() + grace;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.qmp.system_powerdown().await.is_err() {
+                break;
+            }
+            if self.wait_exit(left.min(PRESS_AGAIN)).await {
+                return Stopped::Guest;
+            }
         }
         if self.qmp.quit().await.is_ok() && self.wait_exit(Duration::from_secs(5)).await {
             return Stopped::Quit;
@@ -314,6 +325,23 @@ mod tests {
             inst.shutdown(Duration::from_secs(1)).await,
             Stopped::NotRunning
         );
+    }
+
+    #[tokio::test]
+    async fn test_shutdown_during_boot_still_powers_the_guest_off() {
+        let Some((qemu, g)) = guest() else { return };
+        let tmp = tempfile::tempdir().unwrap();
+        let inst = Instance::start(
+            &qemu,
+            &spec(&g, &tmp.path().join("vm")),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        // The first press comes before the guest listens for it; a later one powers it off.
+        assert_eq!(inst.shutdown(Duration::from_secs(60)).await, Stopped::Guest);
+        let log = std::fs::read_to_string(&inst.paths.serial_log).unwrap();
+        assert!(log.contains("power button: powering off"), "{log}");
     }
 
     #[tokio::test]

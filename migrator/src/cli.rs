@@ -54,6 +54,77 @@ pub enum Noun {
     /// The cluster's iSCSI target: its name, portals and CHAP credentials.
     #[command(subcommand)]
     Target(TargetCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+/// `migrator vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Define a VM (stopped) on a node: by default the active node with the most free
+    /// memory that has every virtual switch its NICs use.
+    Create {
+        /// Unique name.
+        name: String,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: u64,
+        /// Virtual processors.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// CPU model: `host`, `cluster-baseline` (the features every node has) or a QEMU
+        /// model name.
+        #[arg(long, default_value = "host")]
+        cpu: String,
+        /// A LUN (name or id) as a disk, in boot order (repeatable).
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// A NIC on a virtual switch: SWITCH or SWITCH,mac=MAC (repeatable).
+        #[arg(long = "nic")]
+        nics: Vec<String>,
+        /// Boot this kernel instead of the first disk (a path every node can read).
+        #[arg(long)]
+        kernel: Option<std::path::PathBuf>,
+        /// Initial ramdisk for --kernel.
+        #[arg(long)]
+        initrd: Option<std::path::PathBuf>,
+        /// Kernel command line for --kernel.
+        #[arg(long, allow_hyphen_values = true)]
+        append: Option<String>,
+        /// The node that runs it.
+        #[arg(long)]
+        node: Option<u64>,
+    },
+    /// List the VMs with their owner node and state.
+    List,
+    /// Show one VM (by name or id).
+    Show {
+        /// VM name or id.
+        vm: String,
+    },
+    /// Start a VM on its owner node and wait until it runs.
+    Start {
+        /// VM name or id.
+        vm: String,
+        /// Return once the request is recorded.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Shut a VM down (ACPI power button; QEMU is stopped if the guest does not power off
+    /// within 30 s) and wait until it is stopped.
+    Stop {
+        /// VM name or id.
+        vm: String,
+        /// Return once the request is recorded.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Delete a stopped VM's definition; its disks remain.
+    Delete {
+        /// VM name or id.
+        vm: String,
+    },
 }
 
 /// `migrator target ...`
@@ -355,6 +426,7 @@ async fn run(cli: &Cli) -> Result<String, String> {
         Noun::Volume(cmd) => volumes::run(&mut client, cmd, cli.json).await,
         Noun::Lun(cmd) => volumes::run_lun(&mut client, cmd, cli.json).await,
         Noun::Target(cmd) => volumes::run_target(&mut client, cmd, cli.json).await,
+        Noun::Vm(cmd) => crate::vms::run(&mut client, cmd, cli.json).await,
     }
 }
 

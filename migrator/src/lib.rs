@@ -1,7 +1,8 @@
 //! Live-migration orchestration for csvd and the `migrator` operator CLI.
 //!
-//! Today the CLI covers cluster membership and status; VM migration arrives with the
-//! hypervisor layer.
+//! The CLI covers cluster membership and status, volumes, LUNs, the iSCSI target and
+//! virtual machines.
 
 pub mod cli;
+pub mod vms;
 pub mod volumes;

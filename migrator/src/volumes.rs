@@ -38,7 +38,7 @@ fn find_volume<'a>(state: &'a ClusterState, key: &str) -> Result<&'a VolumeRecor
         .ok_or_else(|| format!("no volume named or with id {key:?}"))
 }
 
-fn find_disk<'a>(state: &'a ClusterState, key: &str) -> Result<&'a DiskRecord, String> {
+pub(crate) fn find_disk<'a>(state: &'a ClusterState, key: &str) -> Result<&'a DiskRecord, String> {
     state
         .disks
         .values()
@@ -62,7 +62,7 @@ pub fn human(bytes: u64) -> String {
     }
 }
 
-fn json<T: Serialize>(v: &T) -> String {
+pub(crate) fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 

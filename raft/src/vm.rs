@@ -157,6 +157,12 @@ pub fn valid_mac(mac: &str) -> bool {
         && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 1 == 0)
 }
 
+/// The iSCSI initiator name a node's QEMUs log in with: one per node, so the target can
+/// tell which node a VM's I/O comes from.
+pub fn node_initiator_name(cluster: Uuid, node: NodeId) -> String {
+    format!("iqn.2025-11.org.csvd:{cluster}:node-{node}")
+}
+
 /// Memory a node keeps for itself: an eighth of it, at most 1 GiB.
 pub fn host_reserve_bytes(memory_bytes: u64) -> u64 {
     (memory_bytes / 8).min(1 << 30)

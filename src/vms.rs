@@ -1,0 +1,595 @@
+//! The node's guests. For every VM this node owns, the agent here makes what runs match what
+//! the operator wants: it starts QEMU for a VM that should run, shuts down one that should
+//! not, restarts one whose QEMU crashed (up to [`RESTART_LIMIT`] times in a row), and
+//! reports each VM's state to the cluster, where `vm list` and `vm show` read it.
+//!
+//! QEMU runs daemonized with its files in `<data dir>/vms/<vm id>/`, so a restart of csvd
+//! does not stop guests: at start the agent adopts every QEMU still running there.
+//!
+//! A guest that powers itself off stays off: the agent records that the VM should be
+//! stopped, as an operator's `vm stop` would.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use csvd_hypervisor::accel::{self, Accel, AccelChoice, AccelDecision};
+use csvd_hypervisor::cmdline::{Boot, DiskAttach, LaunchSpec, NicAttach};
+use csvd_hypervisor::process::{Instance, Stopped};
+use csvd_raft::command::Command;
+use csvd_raft::node::now_ms;
+use csvd_raft::vm::{VmBoot, VmDesired, VmRecord, VmState, node_initiator_name};
+use csvd_raft::volume::iscsi_target_name;
+use csvd_raft::{ClusterState, MetaNode, NodeId};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+/// Crash restarts in a row before the agent gives up on a VM (until it is started again).
+pub const RESTART_LIMIT: u32 = 3;
+/// How long a guest has to power off when asked, before QEMU is told to quit.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// How long QEMU may take to start and answer on its QMP socket.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the agent checks even without a change of the cluster state.
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+
+/// What the agent needs from the node's configuration.
+#[derive(Debug, Clone)]
+pub struct VmHostConfig {
+    pub node_id: NodeId,
+    pub data_dir: PathBuf,
+    pub qemu: PathBuf,
+    pub accel: AccelChoice,
+    pub probe_kernel: Option<PathBuf>,
+    /// This node's iSCSI portal; the node's guests reach their disks through it.
+    pub iscsi_addr: SocketAddr,
+}
+
+/// The run directory of a VM's QEMU on this node.
+pub fn run_dir(data_dir: &Path, vm: Uuid) -> PathBuf {
+    data_dir.join("vms").join(vm.to_string())
+}
+
+/// What the agent knows about one VM's QEMU on this node.
+enum Slot {
+    Starting,
+    Running {
+        inst: Instance,
+        stopping: bool,
+        restarts: u32,
+    },
+}
+
+/// News from the agent's tasks.
+enum Event {
+    Started {
+        id: Uuid,
+        result: Result<Instance, String>,
+        restarts: u32,
+    },
+    /// QEMU ended; `guest_off` when the guest powered itself off.
+    Ended {
+        id: Uuid,
+        guest_off: bool,
+    },
+    ShutDown {
+        id: Uuid,
+        how: Stopped,
+    },
+}
+
+struct Agent {
+    node: MetaNode,
+    cfg: VmHostConfig,
+    /// The accelerator, or why this node cannot run guests.
+    accel: Result<AccelDecision, String>,
+    slots: HashMap<Uuid, Slot>,
+    /// VMs whose start failed or that crashed too often: not tried again until the operator
+    /// starts them again (desired state back through stopped).
+    given_up: HashSet<Uuid>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+/// Starts the agent.
+pub fn spawn(node: MetaNode, cfg: VmHostConfig) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(node, cfg))
+}
+
+async fn run(node: MetaNode, cfg: VmHostConfig) {
+    let accel = decide_accel(&cfg).await;
+    match &accel {
+        Ok(d) => {
+            tracing::info!(accel = %d.accel, reason = %d.reason, "guests run under {}", d.accel)
+        }
+        Err(e) => tracing::warn!(error = %e, "this node cannot run guests"),
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        node: node.clone(),
+        cfg,
+        accel,
+        slots: HashMap::new(),
+        given_up: HashSet::new(),
+        events: tx,
+    };
+    agent.adopt_all().await;
+    let mut states = node.subscribe();
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = states.changed() => if changed.is_err() { return },
+            Some(ev) = rx.recv() => agent.on_event(ev).await,
+        }
+        let state = node.local_view().state.clone();
+        agent.reconcile(&state).await;
+    }
+}
+
+async fn decide_accel(cfg: &VmHostConfig) -> Result<AccelDecision, String> {
+    let version = accel::qemu_version(&cfg.qemu).await?;
+    accel::check_version(version)?;
+    let kernel = accel::probe_kernel(cfg.probe_kernel.as_deref());
+    Ok(accel::decide(
+        &cfg.qemu,
+        cfg.accel,
+        kernel.as_deref(),
+        Duration::from_secs(30),
+    )
+    .await)
+}
+
+impl Agent {
+    fn me(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    /// Adopts the QEMUs that still run from an earlier start of this daemon.
+    async fn adopt_all(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.cfg.data_dir.join("vms")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<Uuid>().ok())
+            else {
+                continue;
+            };
+            match Instance::adopt(&entry.path(), Duration::from_secs(10)).await {
+                Ok(Some(inst)) => {
+                    tracing::info!(vm = %id, pid = inst.pid, "adopted a running guest");
+                    self.watch(id, &inst);
+                    self.slots.insert(
+                        id,
+                        Slot::Running {
+                            inst,
+                            stopping: false,
+                            restarts: 0,
+                        },
+                    );
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(vm = %id, error = %e, "cannot adopt a guest"),
+            }
+        }
+    }
+
+    async fn report(&self, id: Uuid, state: VmState, detail: String, restarts: u32) {
+        let cmd = Command::ReportVm {
+            id,
+            node: self.me(),
+            state,
+            detail,
+            restarts,
+            at_ms: now_ms(),
+        };
+        if let Err(e) = self.node.write(cmd).await {
+            tracing::debug!(vm = %id, error = %e, "VM report not recorded");
+        }
+    }
+
+    /// Makes what runs here match the cluster state.
+    async fn reconcile(&mut self, state: &ClusterState) {
+        let me = self.me();
+        for vm in state.vms.values().filter(|v| v.owner == me) {
+            if vm.desired == VmDesired::Stopped {
+                self.given_up.remove(&vm.id);
+            }
+            match (vm.desired, self.slots.get_mut(&vm.id)) {
+                (VmDesired::Running, None) if !self.given_up.contains(&vm.id) => {
+                    self.start(state, vm, 0).await;
+                }
+                (VmDesired::Stopped, Some(Slot::Running { inst, stopping, .. })) if !*stopping => {
+                    *stopping = true;
+                    let (inst, tx, id) = (inst.clone(), self.events.clone(), vm.id);
+                    tokio::spawn(async move {
+                        let how = inst.shutdown(SHUTDOWN_GRACE).await;
+                        let _ = tx.send(Event::ShutDown { id, how });
+                    });
+                }
+                (VmDesired::Stopped, None)
+                    if vm.runtime.as_ref().is_some_and(|r| {
+                        r.node == me && !matches!(r.state, VmState::Stopped | VmState::Failed)
+                    }) =>
+                {
+                    // Nothing runs, yet the last report says otherwise (for example after
+                    // this node restarted while the guest was gone).
+                    self.report(vm.id, VmState::Stopped, String::new(), 0).await;
+                }
+                _ => {}
+            }
+        }
+        // A QEMU here for a VM that is gone or owned elsewhere must not keep writing.
+        let strays: Vec<Uuid> = self
+            .slots
+            .iter()
+            .filter(|(id, slot)| {
+                matches!(
+                    slot,
+                    Slot::Running {
+                        stopping: false,
+                        ..
+                    }
+                ) && state.vms.get(id).is_none_or(|v| v.owner != me)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in strays {
+            if let Some(Slot::Running { inst, stopping, .. }) = self.slots.get_mut(&id) {
+                tracing::warn!(vm = %id, "a guest runs here for a VM this node does not own: stopping it");
+                *stopping = true;
+                let (inst, tx) = (inst.clone(), self.events.clone());
+                tokio::spawn(async move {
+                    inst.kill().await;
+                    let _ = tx.send(Event::ShutDown {
+                        id,
+                        how: Stopped::Killed,
+                    });
+                });
+            }
+        }
+    }
+
+    /// Starts `vm`'s QEMU in the background (the result comes back as an event).
+    async fn start(&mut self, state: &ClusterState, vm: &VmRecord, restarts: u32) {
+        let accel = match &self.accel {
+            Ok(d) => d.accel,
+            Err(e) => {
+                let why = format!("this node cannot run guests: {e}");
+                self.given_up.insert(vm.id);
+                self.report(vm.id, VmState::Failed, why, restarts).await;
+                return;
+            }
+        };
+        let spec = match launch_spec(state, vm, &self.cfg, accel) {
+            Ok(s) => s,
+            Err(why) => {
+                self.given_up.insert(vm.id);
+                self.report(vm.id, VmState::Failed, why, restarts).await;
+                return;
+            }
+        };
+        self.slots.insert(vm.id, Slot::Starting);
+        self.report(vm.id, VmState::Starting, accel.to_string(), restarts)
+            .await;
+        let (qemu, tx, id) = (self.cfg.qemu.clone(), self.events.clone(), vm.id);
+        tokio::spawn(async move {
+            let result = match prepare_nics(&spec.nics).await {
+                Ok(()) => Instance::start(&qemu, &spec, START_TIMEOUT)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            if result.is_err() {
+                remove_taps(&spec.nics).await;
+            }
+            let _ = tx.send(Event::Started {
+                id,
+                result,
+                restarts,
+            });
+        });
+    }
+
+    /// Watches `inst` until its QEMU ends, then sends [`Event::Ended`].
+    fn watch(&self, id: Uuid, inst: &Instance) {
+        let (inst, tx) = (inst.clone(), self.events.clone());
+        let mut events = inst.qmp.events();
+        tokio::spawn(async move {
+            let mut guest_off = false;
+            loop {
+                tokio::select! {
+                    ev = events.recv() => match ev {
+                        Ok(e) if e.name == "SHUTDOWN" => {
+                            guest_off |= e.data.get("guest").and_then(|g| g.as_bool()) == Some(true);
+                        }
+                        Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = inst.qmp.closed() => break,
+                }
+            }
+            inst.wait_exit(Duration::from_secs(10)).await;
+            let _ = tx.send(Event::Ended { id, guest_off });
+        });
+    }
+
+    async fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Started {
+                id,
+                result: Ok(inst),
+                restarts,
+            } => {
+                tracing::info!(vm = %id, pid = inst.pid, "guest started");
+                self.watch(id, &inst);
+                self.slots.insert(
+                    id,
+                    Slot::Running {
+                        inst,
+                        stopping: false,
+                        restarts,
+                    },
+                );
+                let detail = self
+                    .accel
+                    .as_ref()
+                    .map(|d| d.accel.to_string())
+                    .unwrap_or_default();
+                self.report(id, VmState::Running, detail, restarts).await;
+            }
+            Event::Started {
+                id,
+                result: Err(why),
+                restarts,
+            } => {
+                tracing::warn!(vm = %id, error = %why, "guest did not start");
+                self.slots.remove(&id);
+                self.given_up.insert(id);
+                self.report(id, VmState::Failed, why, restarts).await;
+            }
+            Event::ShutDown { id, how } => {
+                tracing::info!(vm = %id, ?how, "guest stopped");
+                // The watcher reports the end; nothing else to do here.
+                let _ = how;
+            }
+            Event::Ended { id, guest_off } => self.ended(id, guest_off).await,
+        }
+    }
+
+    /// QEMU of `id` ended: on request, by the guest, or by a crash.
+    async fn ended(&mut self, id: Uuid, guest_off: bool) {
+        let Some(Slot::Running {
+            inst,
+            stopping,
+            restarts,
+        }) = self.slots.remove(&id)
+        else {
+            return;
+        };
+        // Taps of a NIC are this instance's; QEMU does not remove them.
+        let state = self.node.local_view().state.clone();
+        if let Some(vm) = state.vms.get(&id) {
+            let nics = nic_attachments(vm, self.me());
+            remove_taps(&nics).await;
+        }
+        let _ = inst;
+        let owned = state.vms.get(&id).is_some_and(|v| v.owner == self.me());
+        if !owned {
+            return;
+        }
+        if stopping {
+            self.report(id, VmState::Stopped, String::new(), 0).await;
+        } else if guest_off {
+            // The guest shut itself down: it stays off, as if stopped by an operator.
+            let _ = self
+                .node
+                .write(Command::SetVmDesired {
+                    id,
+                    desired: VmDesired::Stopped,
+                })
+                .await;
+            self.report(id, VmState::Stopped, "the guest powered off".into(), 0)
+                .await;
+        } else if restarts < RESTART_LIMIT {
+            let n = restarts + 1;
+            tracing::warn!(vm = %id, attempt = n, "QEMU ended unexpectedly: restarting");
+            self.report(
+                id,
+                VmState::Crashed,
+                format!("QEMU ended unexpectedly; restart {n} of {RESTART_LIMIT}"),
+                n,
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(500 * u64::from(n))).await;
+            if let Some(vm) = state
+                .vms
+                .get(&id)
+                .filter(|v| v.desired == VmDesired::Running)
+            {
+                let vm = vm.clone();
+                self.start(&state, &vm, n).await;
+            }
+        } else {
+            self.given_up.insert(id);
+            self.report(
+                id,
+                VmState::Failed,
+                format!(
+                    "QEMU crashed {} times in a row; not restarting (start the VM again)",
+                    restarts + 1
+                ),
+                restarts,
+            )
+            .await;
+        }
+    }
+}
+
+/// The tap device of a VM's NIC on a node: at most 15 characters, unique per node and VM.
+fn tap_name(node: NodeId, vm: Uuid, index: usize) -> String {
+    let short = &vm.simple().to_string()[..8];
+    format!("vt{}{short}{index}", node % 1000)
+}
+
+fn nic_attachments(vm: &VmRecord, node: NodeId) -> Vec<NicAttach> {
+    vm.spec
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NicAttach {
+            tap: tap_name(node, vm.id, i),
+            mac: n.mac.clone(),
+            bridge: n.switch.clone(),
+        })
+        .collect()
+}
+
+/// Builds the QEMU launch of `vm` on this node.
+pub fn launch_spec(
+    state: &ClusterState,
+    vm: &VmRecord,
+    cfg: &VmHostConfig,
+    accel: Accel,
+) -> Result<LaunchSpec, String> {
+    let cluster = state
+        .cluster_id
+        .ok_or_else(|| "the cluster is not initialized".to_string())?;
+    let portal = if cfg.iscsi_addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], cfg.iscsi_addr.port()))
+    } else {
+        cfg.iscsi_addr
+    };
+    let target = iscsi_target_name(cluster);
+    let initiator = node_initiator_name(cluster, cfg.node_id);
+    let run_dir = run_dir(&cfg.data_dir, vm.id);
+    let chap = match &state.iscsi_chap {
+        Some(c) => {
+            std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
+            let file = run_dir.join("chap.secret");
+            write_private(&file, c.secret.as_bytes())?;
+            Some((c.user.clone(), file))
+        }
+        None => None,
+    };
+    let disks = vm
+        .spec
+        .disks
+        .iter()
+        .map(|d| {
+            if !state.disks.contains_key(d) {
+                return Err(format!("disk {d} does not exist"));
+            }
+            Ok(DiskAttach {
+                url: format!("iscsi://{portal}/{target}/{d}"),
+                initiator_name: initiator.clone(),
+                chap: chap.clone(),
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let cpu = match (vm.spec.cpu.as_str(), accel) {
+        ("host", Accel::Kvm) => "host".to_string(),
+        // TCG presents the same processor on every node, so a guest moves freely.
+        ("host" | "cluster-baseline", Accel::Tcg) => "max".to_string(),
+        ("cluster-baseline", Accel::Kvm) => {
+            return Err(
+                "cluster-baseline is not resolved on KVM nodes yet: name a QEMU CPU model".into(),
+            );
+        }
+        (model, _) => model.to_string(),
+    };
+    let boot = match &vm.spec.boot {
+        VmBoot::Disk => Boot::Disk,
+        VmBoot::Kernel {
+            kernel,
+            initrd,
+            append,
+        } => {
+            for f in std::iter::once(kernel).chain(initrd) {
+                if !Path::new(f).is_file() {
+                    return Err(format!("{f} does not exist on node {}", cfg.node_id));
+                }
+            }
+            Boot::Kernel {
+                kernel: kernel.into(),
+                initrd: initrd.as_ref().map(PathBuf::from),
+                append: append.clone(),
+            }
+        }
+    };
+    let nics = nic_attachments(vm, cfg.node_id);
+    Ok(LaunchSpec {
+        name: vm.name.clone(),
+        uuid: vm.id.to_string(),
+        accel,
+        cpu,
+        vcpus: vm.spec.vcpus,
+        memory_mib: vm.spec.memory_mib,
+        disks,
+        nics,
+        boot,
+        run_dir,
+        incoming: false,
+    })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(bytes)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn ip(args: &[&str]) -> Result<(), String> {
+    let out = tokio::process::Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// Creates each NIC's tap device and puts it on its switch's bridge.
+async fn prepare_nics(nics: &[NicAttach]) -> Result<(), String> {
+    for nic in nics {
+        let bridge = &nic.bridge;
+        if !Path::new("/sys/class/net")
+            .join(bridge)
+            .join("bridge")
+            .is_dir()
+        {
+            return Err(format!(
+                "virtual switch {bridge:?}: this node has no bridge named {bridge}"
+            ));
+        }
+        let _ = ip(&["link", "delete", &nic.tap]).await;
+        ip(&["tuntap", "add", "dev", &nic.tap, "mode", "tap"])
+            .await
+            .map_err(|e| format!("cannot create tap {}: {e}", nic.tap))?;
+        ip(&["link", "set", &nic.tap, "master", bridge, "up"])
+            .await
+            .map_err(|e| format!("cannot attach tap {} to {bridge}: {e}", nic.tap))?;
+    }
+    Ok(())
+}
+
+async fn remove_taps(nics: &[NicAttach]) {
+    for nic in nics {
+        let _ = ip(&["link", "delete", &nic.tap]).await;
+    }
+}

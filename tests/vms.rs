@@ -1,0 +1,259 @@
+//! Real guests on a three-node cluster: `migrator vm` defines a VM on a LUN, its owner node's
+//! csvd runs it in QEMU (TCG here), the guest's agent writes sequence records through QEMU's
+//! iSCSI initiator onto the shared volume, a crashed QEMU is restarted, a restarted csvd
+//! adopts the running guest, and `vm stop` powers the guest off. Skips with a clear line when
+//! QEMU or the test guest (scripts/build-guest) is missing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Cluster, migrator, stderr, stdout, wait_until};
+
+/// QEMU and the test guest's directory, or `None` after a skip line.
+fn guest() -> Option<PathBuf> {
+    let qemu = std::process::Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qemu {
+        eprintln!("skip: qemu-system-x86_64 is not installed (scripts/install-deps installs it)");
+        return None;
+    }
+    let dir = std::env::var_os("CSVD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/csvd-guest"));
+    if !dir.join("vmlinuz").is_file() {
+        eprintln!(
+            "skip: no test guest in {} (run scripts/build-guest)",
+            dir.display()
+        );
+        return None;
+    }
+    Some(dir)
+}
+
+/// One record the guest's agent wrote: (boot id, sequence number, counter).
+fn record(block: &[u8]) -> Option<(u64, u64, u64)> {
+    if &block[..8] != b"CSVDSEQ1" {
+        return None;
+    }
+    let word = |i: usize| u64::from_le_bytes(block[i..i + 8].try_into().unwrap());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in &block[..40] {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h == word(40)).then(|| (word(8), word(16), word(24)))
+}
+
+/// The agent's records on the LUN, read from the shared device (its first 1024 blocks).
+fn records(image: &Path, disk: &csvd_raft::volume::DiskRecord) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    for slot in 0..1024u64 {
+        let pieces = disk.map(slot * 4096, 4096).expect("within the LUN");
+        let (at, _) = pieces[0];
+        if let Some(r) = record(&common::device_block(image, at)) {
+            out.push(r);
+        }
+    }
+    out.sort_by_key(|r| r.1);
+    out
+}
+
+fn vm_json(endpoint: &str, name: &str) -> serde_json::Value {
+    let out = migrator(&["--endpoint", endpoint, "--json", "vm", "show", name]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).unwrap()
+}
+
+fn qemu_pid(node_dir: &Path, vm: &str) -> i32 {
+    std::fs::read_to_string(node_dir.join("vms").join(vm).join("qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_vm_lifecycle_on_a_lun() {
+    let Some(guest) = guest() else { return };
+    let mut cluster = Cluster::new(3);
+    let root = cluster.tmp.path().to_path_buf();
+    let image = common::shared_image(&root, 256 << 20, 1..=3);
+    cluster
+        .start_initialized_each(|id| {
+            vec![
+                "--devices".into(),
+                root.join(format!("paths/n{id}/*.img"))
+                    .display()
+                    .to_string(),
+                "--accel".into(),
+                "tcg".into(),
+            ]
+        })
+        .await;
+    let ep = cluster.nodes[0].endpoint();
+    common::create_volume(&ep, &root.join("paths/n1/shared.img"), "vol");
+    let lun = common::create_lun(&ep, "vol", "64M", "disk1");
+    let kernel = guest.join("vmlinuz");
+    let initrd = guest.join("initrd.img");
+    let create = |name: &str, memory: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--endpoint",
+            &ep,
+            "vm",
+            "create",
+            name,
+            "--memory",
+            memory,
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--append",
+            "console=ttyS0 quiet panic=-1 csvd.period_ms=50",
+        ];
+        args.extend_from_slice(extra);
+        migrator(&args)
+    };
+
+    // Refused before anything exists, each with its reason.
+    let out = create("bad", "128", &["--disk", "nosuch"]);
+    assert!(
+        stderr(&out).contains("no LUN named or with id \"nosuch\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = create(
+        "bad",
+        "128",
+        &["--disk", "disk1", "--nic", "dmz", "--node", "2"],
+    );
+    assert!(
+        stderr(&out).contains("node 2 has no virtual switch \"dmz\" (it has: lan)"),
+        "{}",
+        stderr(&out)
+    );
+    let out = create("bad", "1000000", &["--disk", "disk1", "--node", "2"]);
+    assert!(
+        stderr(&out).contains("not enough memory on node 2"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Defined on node 2, stopped.
+    let out = create("g1", "128", &["--disk", "disk1", "--node", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = vm_json(&ep, "g1");
+    assert_eq!(v["owner"], 2);
+    assert_eq!(v["state"], "stopped");
+    let id = v["id"].as_str().unwrap().to_string();
+
+    // Started: node 2 runs it, and says so through any node.
+    let out = migrator(&[
+        "--endpoint",
+        &cluster.nodes[2].endpoint(),
+        "vm",
+        "start",
+        "g1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = vm_json(&cluster.nodes[2].endpoint(), "g1");
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["runtime"]["node"], 2);
+    assert_eq!(v["runtime"]["detail"], "tcg");
+    let node2 = cluster.nodes[1].dir.clone();
+    let serial = node2.join("vms").join(&id).join("serial.log");
+
+    // The guest's records reach the shared volume through QEMU's iSCSI initiator and node
+    // 2's portal: contiguous sequence numbers from one boot.
+    let client = cluster.nodes[0].client();
+    let disk = client.clone().state().await.unwrap().disks[&lun].clone();
+    let first = wait_until(
+        "guest records on the volume",
+        Duration::from_secs(120),
+        || {
+            let (image, disk) = (image.clone(), disk.clone());
+            async move {
+                let r = records(&image, &disk);
+                (r.len() >= 20).then_some(r)
+            }
+        },
+    )
+    .await;
+    let boot = first[0].0;
+    assert!(first.iter().all(|r| r.0 == boot), "records from one boot");
+    for w in first.windows(2) {
+        assert_eq!(w[1].1, w[0].1 + 1, "contiguous sequence numbers");
+        assert_eq!(w[1].2, w[0].2 + 1, "the counter follows the sequence");
+    }
+    assert!(
+        std::fs::read_to_string(&serial)
+            .unwrap()
+            .contains(&format!("boot={boot:016x}"))
+    );
+
+    // QEMU crashes: node 2 starts it again and counts the restart.
+    let pid = qemu_pid(&node2, &id);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_until(
+        "the crashed guest to run again",
+        Duration::from_secs(60),
+        || {
+            let ep = ep.clone();
+            async move {
+                let v = vm_json(&ep, "g1");
+                (v["state"] == "running" && v["runtime"]["restarts"] == 1).then_some(())
+            }
+        },
+    )
+    .await;
+    let pid = qemu_pid(&node2, &id);
+
+    // csvd on node 2 restarts: the guest keeps running and is adopted.
+    cluster.node(2).terminate();
+    cluster.node(2).restart();
+    wait_until("node 2 to adopt the guest", Duration::from_secs(60), || {
+        let log = cluster.nodes[1].log();
+        async move { log.contains("adopted a running guest").then_some(()) }
+    })
+    .await;
+    assert_eq!(qemu_pid(&node2, &id), pid, "the same QEMU runs on");
+
+    // A LUN in use cannot be deleted; a running VM cannot be deleted.
+    let out = migrator(&["--endpoint", &ep, "lun", "delete", "disk1"]);
+    assert!(
+        stderr(&out).contains("attached to VM g1"),
+        "{}",
+        stderr(&out)
+    );
+    let out = migrator(&["--endpoint", &ep, "vm", "delete", "g1"]);
+    assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
+
+    // Stopped: the guest powers off when asked.
+    let out = migrator(&["--endpoint", &ep, "vm", "stop", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(vm_json(&ep, "g1")["state"], "stopped");
+    assert!(
+        std::fs::read_to_string(&serial)
+            .unwrap()
+            .contains("power button: powering off"),
+        "the guest shut down cleanly; serial log ends:\n{}",
+        std::fs::read_to_string(&serial)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("csvd-agent boot="))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let out = migrator(&["--endpoint", &ep, "vm", "delete", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = migrator(&["--endpoint", &ep, "vm", "list"]);
+    assert!(!stdout(&out).contains("g1"), "{}", stdout(&out));
+}
