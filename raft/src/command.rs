@@ -238,6 +238,76 @@ pub enum Command {
         /// The node's clock, ms since the Unix epoch.
         at_ms: u64,
     },
+    /// Asks for a live migration of a running VM to `dest`, after the checks (see
+    /// [`crate::ClusterState::check_migration`]); it starts at once or queues.
+    StartMigration {
+        /// The VM.
+        vm: Uuid,
+        /// The destination node.
+        dest: NodeId,
+        /// Bandwidth, downtime and policy.
+        params: crate::migration::MigrationParams,
+        /// The proposer's wall clock, ms since the Unix epoch.
+        now_ms: u64,
+    },
+    /// One step of a migration, if it is still at `from`.
+    AdvanceMigration {
+        /// The migration.
+        id: crate::migration::MigrationId,
+        /// The phase the proposer saw.
+        from: crate::migration::MigrationPhase,
+        /// The next phase.
+        to: crate::migration::MigrationPhase,
+    },
+    /// The source's view of the copy.
+    ReportMigration {
+        /// The migration.
+        id: crate::migration::MigrationId,
+        /// Bytes, rates, estimates.
+        progress: crate::migration::MigrationProgress,
+    },
+    /// The switchover: the VM becomes the destination's, unless the migration was cancelled
+    /// or failed first.
+    CommitMigration {
+        /// The migration.
+        id: crate::migration::MigrationId,
+        /// The downtime QEMU measured at the source.
+        qemu_downtime_ms: u64,
+        /// The source's clock when its QEMU completed, ms since the Unix epoch.
+        switchover_at_ms: u64,
+    },
+    /// Ends a migration: completed (after the commit), failed or cancelled.
+    FinishMigration {
+        /// The migration.
+        id: crate::migration::MigrationId,
+        /// Completed, Failed or Cancelled.
+        phase: crate::migration::MigrationPhase,
+        /// Why it failed.
+        error: Option<String>,
+        /// From admission to the guest running on the destination.
+        total_ms: Option<u64>,
+        /// From the pause on the source to the resumption on the destination.
+        downtime_ms: Option<u64>,
+        /// The proposer's wall clock, ms since the Unix epoch.
+        now_ms: u64,
+        /// Whether the proposer expects the switchover to have been committed: a source
+        /// that gives up before the commit must not end a committed migration.
+        committed: bool,
+    },
+    /// Asks to cancel a migration (honoured until the switchover).
+    CancelMigration {
+        /// The migration.
+        id: crate::migration::MigrationId,
+        /// The proposer's wall clock, ms since the Unix epoch.
+        now_ms: u64,
+    },
+    /// Sets how many migrations run at once.
+    SetMigrationLimits {
+        /// Per node and cluster-wide.
+        limits: crate::migration::MigrationLimits,
+        /// The proposer's wall clock, ms since the Unix epoch.
+        now_ms: u64,
+    },
     /// Sets (or clears, with `None`) the CHAP credentials of the cluster's iSCSI target.
     SetIscsiAuth {
         /// The credentials.
@@ -272,6 +342,13 @@ impl Command {
             Command::SetVmDesired { .. } => "set_vm_desired",
             Command::SetVmOwner { .. } => "set_vm_owner",
             Command::ReportVm { .. } => "report_vm",
+            Command::StartMigration { .. } => "start_migration",
+            Command::AdvanceMigration { .. } => "advance_migration",
+            Command::ReportMigration { .. } => "report_migration",
+            Command::CommitMigration { .. } => "commit_migration",
+            Command::FinishMigration { .. } => "finish_migration",
+            Command::CancelMigration { .. } => "cancel_migration",
+            Command::SetMigrationLimits { .. } => "set_migration_limits",
         }
     }
 }

@@ -26,6 +26,7 @@
 
 pub mod api;
 pub mod command;
+pub mod migration;
 pub mod network;
 pub mod node;
 pub mod service;

@@ -107,6 +107,15 @@ pub struct ClusterState {
     /// Virtual machines, by id.
     #[serde(default)]
     pub vms: BTreeMap<Uuid, crate::vm::VmRecord>,
+    /// Live migrations, by id (ended ones stay, as history).
+    #[serde(default)]
+    pub migrations: BTreeMap<crate::migration::MigrationId, crate::migration::MigrationRecord>,
+    /// The id the next migration gets.
+    #[serde(default)]
+    pub next_migration_id: crate::migration::MigrationId,
+    /// How many migrations run at once.
+    #[serde(default)]
+    pub migration_limits: crate::migration::MigrationLimits,
 }
 
 /// Why a command was rejected. The messages are what the operator reads.
@@ -575,6 +584,59 @@ impl ClusterState {
             } => {
                 self.require_initialized()?;
                 self.report_vm(*id, *node, *state, detail, *restarts, *at_ms)
+            }
+            Command::StartMigration {
+                vm,
+                dest,
+                params,
+                now_ms,
+            } => {
+                self.require_initialized()?;
+                self.start_migration(*vm, *dest, params, *now_ms)
+            }
+            Command::AdvanceMigration { id, from, to } => {
+                self.require_initialized()?;
+                self.advance_migration(*id, *from, *to)
+            }
+            Command::ReportMigration { id, progress } => {
+                self.require_initialized()?;
+                self.report_migration(*id, progress)
+            }
+            Command::CommitMigration {
+                id,
+                qemu_downtime_ms,
+                switchover_at_ms,
+            } => {
+                self.require_initialized()?;
+                self.commit_migration(*id, *qemu_downtime_ms, *switchover_at_ms)
+            }
+            Command::FinishMigration {
+                id,
+                phase,
+                error,
+                total_ms,
+                downtime_ms,
+                now_ms,
+                committed,
+            } => {
+                self.require_initialized()?;
+                self.finish_migration(
+                    *id,
+                    *phase,
+                    error.as_deref(),
+                    *total_ms,
+                    *downtime_ms,
+                    *now_ms,
+                    *committed,
+                )
+            }
+            Command::CancelMigration { id, now_ms } => {
+                self.require_initialized()?;
+                self.cancel_migration(*id, *now_ms)
+            }
+            Command::SetMigrationLimits { limits, now_ms } => {
+                self.require_initialized()?;
+                self.set_migration_limits(*limits, *now_ms)
             }
             Command::SetIscsiAuth { chap } => {
                 self.require_initialized()?;

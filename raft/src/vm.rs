@@ -392,6 +392,14 @@ impl ClusterState {
         if vm.desired == desired {
             return Ok(Outcome::Unchanged);
         }
+        if let Some(m) = self.open_migration(id) {
+            return Err(precondition(format!(
+                "VM {:?} is migrating (migration {}, {}): cancel it or let it finish first",
+                vm.name,
+                m.id,
+                m.phase.as_str()
+            )));
+        }
         if desired == VmDesired::Running {
             let (spec, owner) = (vm.spec.clone(), vm.owner);
             self.validate_vm_spec(&spec, id)?;

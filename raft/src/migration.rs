@@ -1,0 +1,1041 @@
+//! Live migrations in the replicated state: one record per migration with its phase, so any
+//! node can show it and a restarted daemon knows where it stood; admission (how many
+//! migrations a node and the cluster take part in at once, the rest queued in order); and
+//! the switchover's commit, which moves the VM's ownership in the same command that ends
+//! the copy, so exactly one node owns the VM at every point.
+//!
+//! ```text
+//!  queued --admitted--> preparing --dest listens--> ready --source sends--> copying
+//!     |                     |                          |                      |
+//!     +-----cancel----------+----fail/cancel-----------+-------fail/cancel----+--> failed / cancelled
+//!                                                                             |   (VM stays on the source)
+//!                                                               commit (owner := dest)
+//!                                                                             v
+//!                                                            committed --dest resumes--> completed
+//! ```
+//!
+//! Before the commit any failure leaves the VM on the source; after it, on the destination.
+//! A failure report and the commit are both conditional on the phase, so whichever the log
+//! orders first wins and the other is refused.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::NodeId;
+use crate::command::Outcome;
+use crate::state::{ApplyError, ClusterState, NodeAdminState};
+use crate::vm::{VmDesired, VmState};
+
+/// A migration's id (never reused).
+pub type MigrationId = u64;
+
+/// Default downtime QEMU aims for at switchover, in milliseconds.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+
+/// How a migration copies memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPolicy {
+    /// Copy memory while the guest runs, then pause it for the last dirty pages.
+    Precopy,
+    /// Pre-copy that throttles the guest's vCPUs when memory is dirtied faster than it is sent.
+    AutoConverge,
+}
+
+impl MigrationPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationPolicy::Precopy => "precopy",
+            MigrationPolicy::AutoConverge => "auto-converge",
+        }
+    }
+}
+
+/// What the operator asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationParams {
+    /// Bandwidth cap in MiB/s; `None`: as fast as the network goes.
+    #[serde(default)]
+    pub bandwidth_mibps: Option<u64>,
+    /// The downtime QEMU may take at switchover, in milliseconds.
+    pub downtime_ms: u64,
+    pub policy: MigrationPolicy,
+}
+
+/// Where a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Waiting for a node's or the cluster's migration slot.
+    Queued,
+    /// The destination starts its QEMU, waiting for the incoming state.
+    Preparing,
+    /// The destination listens; the source may send.
+    Ready,
+    /// The source sends memory and device state.
+    Copying,
+    /// The source finished and paused; the VM belongs to the destination, which resumes it.
+    Committed,
+    /// The VM runs on the destination.
+    Completed,
+    /// It did not happen; the VM runs where it ran (or, after the commit, on the destination).
+    Failed,
+    /// Cancelled before the switchover; the VM runs on the source.
+    Cancelled,
+}
+
+impl MigrationPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MigrationPhase::Queued => "queued",
+            MigrationPhase::Preparing => "preparing",
+            MigrationPhase::Ready => "ready",
+            MigrationPhase::Copying => "copying",
+            MigrationPhase::Committed => "committed",
+            MigrationPhase::Completed => "completed",
+            MigrationPhase::Failed => "failed",
+            MigrationPhase::Cancelled => "cancelled",
+        }
+    }
+
+    /// Ended, one way or another.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            MigrationPhase::Completed | MigrationPhase::Failed | MigrationPhase::Cancelled
+        )
+    }
+
+    /// Holding its nodes' migration slots.
+    pub fn is_active(self) -> bool {
+        self != MigrationPhase::Queued && !self.is_terminal()
+    }
+}
+
+/// The source's latest view of the copy (QEMU's query-migrate).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    pub transferred_bytes: u64,
+    pub remaining_bytes: u64,
+    pub total_bytes: u64,
+    /// Pages the guest dirties per second.
+    pub dirty_pages_rate: u64,
+    pub page_size: u64,
+    /// Current transfer rate.
+    pub bytes_per_sec: u64,
+    /// QEMU's estimate of the downtime if it switched over now.
+    pub expected_downtime_ms: u64,
+    /// Passes over memory so far.
+    pub iterations: u64,
+    /// Milliseconds since the copy began.
+    pub elapsed_ms: u64,
+}
+
+/// One live migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub id: MigrationId,
+    pub vm: Uuid,
+    pub vm_name: String,
+    pub source: NodeId,
+    pub dest: NodeId,
+    pub params: MigrationParams,
+    pub phase: MigrationPhase,
+    /// An operator asked to cancel; honoured until the commit.
+    #[serde(default)]
+    pub cancel_requested: bool,
+    #[serde(default)]
+    pub progress: Option<MigrationProgress>,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// QEMU's downtime at the source, recorded with the commit.
+    #[serde(default)]
+    pub qemu_downtime_ms: Option<u64>,
+    /// The source's clock when its QEMU completed (paused for good), ms since the epoch.
+    #[serde(default)]
+    pub switchover_at_ms: Option<u64>,
+    /// From admission to the guest running on the destination.
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+    /// From the guest's pause on the source to its resumption on the destination.
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    pub created_at_ms: u64,
+    /// When it was admitted (left the queue).
+    #[serde(default)]
+    pub started_at_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+}
+
+/// How many migrations may run at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationLimits {
+    /// Per node, as source or destination.
+    pub per_node: u32,
+    /// In the whole cluster; `None`: only the per-node limit applies.
+    #[serde(default)]
+    pub cluster: Option<u32>,
+}
+
+impl Default for MigrationLimits {
+    fn default() -> Self {
+        MigrationLimits {
+            per_node: 1,
+            cluster: None,
+        }
+    }
+}
+
+fn precondition(reason: impl Into<String>) -> ApplyError {
+    ApplyError::PreconditionFailed {
+        reason: reason.into(),
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ApplyError {
+    ApplyError::InvalidArgument {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl ClusterState {
+    /// The migration of `vm` that has not ended, if any.
+    pub fn open_migration(&self, vm: Uuid) -> Option<&MigrationRecord> {
+        self.migrations
+            .values()
+            .find(|m| m.vm == vm && !m.phase.is_terminal())
+    }
+
+    /// Active migrations `node` takes part in.
+    pub fn active_migrations_of(&self, node: NodeId) -> usize {
+        self.migrations
+            .values()
+            .filter(|m| m.phase.is_active() && (m.source == node || m.dest == node))
+            .count()
+    }
+
+    fn may_admit(&self, source: NodeId, dest: NodeId) -> bool {
+        let limits = self.migration_limits;
+        let active = self
+            .migrations
+            .values()
+            .filter(|m| m.phase.is_active())
+            .count();
+        self.active_migrations_of(source) < limits.per_node as usize
+            && self.active_migrations_of(dest) < limits.per_node as usize
+            && limits.cluster.is_none_or(|c| active < c as usize)
+    }
+
+    /// Admits queued migrations, oldest first, while their nodes have room.
+    fn admit_queued(&mut self, now_ms: u64) {
+        let queued: Vec<MigrationId> = self
+            .migrations
+            .values()
+            .filter(|m| m.phase == MigrationPhase::Queued)
+            .map(|m| m.id)
+            .collect();
+        for id in queued {
+            let (source, dest) = {
+                let m = &self.migrations[&id];
+                (m.source, m.dest)
+            };
+            if self.may_admit(source, dest)
+                && let Some(m) = self.migrations.get_mut(&id)
+            {
+                m.phase = MigrationPhase::Preparing;
+                m.started_at_ms = Some(now_ms);
+            }
+        }
+    }
+
+    /// The checks a migration of `vm` to `dest` must pass before anything starts.
+    pub fn check_migration(&self, vm: Uuid, dest: NodeId) -> Result<(), ApplyError> {
+        let v = self.vms.get(&vm).ok_or(ApplyError::UnknownVm { id: vm })?;
+        if v.owner == dest {
+            return Err(precondition(format!(
+                "VM {:?} already runs on node {dest}",
+                v.name
+            )));
+        }
+        let running = v.desired == VmDesired::Running
+            && v.runtime
+                .as_ref()
+                .is_some_and(|r| r.node == v.owner && r.state == VmState::Running);
+        if !running {
+            return Err(precondition(format!(
+                "VM {:?} is not running on node {}: only a running VM migrates live",
+                v.name, v.owner
+            )));
+        }
+        if let Some(m) = self.open_migration(vm) {
+            return Err(precondition(format!(
+                "VM {:?} is already migrating (migration {}, {})",
+                v.name,
+                m.id,
+                m.phase.as_str()
+            )));
+        }
+        let node = self
+            .nodes
+            .get(&dest)
+            .ok_or(ApplyError::UnknownNode { id: dest })?;
+        if node.admin_state == NodeAdminState::Draining {
+            return Err(precondition(format!(
+                "node {dest} is draining: it takes no VMs"
+            )));
+        }
+        // Switches and memory, as for a VM defined there.
+        self.check_vm_fits(&v.spec, vm, dest)?;
+        // The processor: a VM that sees the host's processor needs the same one there.
+        let accel_kvm = v.runtime.as_ref().is_some_and(|r| r.detail == "kvm");
+        if accel_kvm && v.spec.cpu == "host" {
+            let src = &self.nodes[&v.owner].spec;
+            let missing: Vec<&str> = src
+                .cpu_flags
+                .iter()
+                .filter(|f| !node.spec.cpu_flags.contains(f))
+                .map(String::as_str)
+                .collect();
+            if src.cpu_model != node.spec.cpu_model || !missing.is_empty() {
+                return Err(precondition(format!(
+                    "node {dest}'s processor ({}) cannot run VM {:?}, which sees node {}'s ({}){}; \
+                     use the cluster-baseline CPU model to move between different processors",
+                    node.spec.cpu_model,
+                    v.name,
+                    v.owner,
+                    src.cpu_model,
+                    if missing.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" and needs {}", missing.join(" "))
+                    }
+                )));
+            }
+        }
+        // Every disk's volume must be reachable from there.
+        for d in &v.spec.disks {
+            let disk = self
+                .disks
+                .get(d)
+                .ok_or(ApplyError::UnknownDisk { id: *d })?;
+            let reachable = self
+                .volumes
+                .get(&disk.volume)
+                .and_then(|vol| vol.nodes.get(&dest))
+                .is_some_and(|n| !matches!(n.mode, crate::volume::IoMode::Paused(_)));
+            if !reachable {
+                return Err(precondition(format!(
+                    "node {dest} cannot reach LUN {d} ({}): its volume is not attached there",
+                    disk.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn start_migration(
+        &mut self,
+        vm: Uuid,
+        dest: NodeId,
+        params: &MigrationParams,
+        now_ms: u64,
+    ) -> Result<Outcome, ApplyError> {
+        if params.downtime_ms == 0 || params.downtime_ms > 60_000 {
+            return Err(invalid(
+                "downtime",
+                format!("{} ms is not between 1 and 60000", params.downtime_ms),
+            ));
+        }
+        if params.bandwidth_mibps == Some(0) {
+            return Err(invalid("bandwidth", "0 MiB/s would never finish"));
+        }
+        self.check_migration(vm, dest)?;
+        let v = &self.vms[&vm];
+        let id = self.next_migration_id.max(1);
+        self.next_migration_id = id + 1;
+        let record = MigrationRecord {
+            id,
+            vm,
+            vm_name: v.name.clone(),
+            source: v.owner,
+            dest,
+            params: params.clone(),
+            phase: MigrationPhase::Queued,
+            cancel_requested: false,
+            progress: None,
+            error: None,
+            qemu_downtime_ms: None,
+            switchover_at_ms: None,
+            total_ms: None,
+            downtime_ms: None,
+            created_at_ms: now_ms,
+            started_at_ms: None,
+            finished_at_ms: None,
+        };
+        self.migrations.insert(id, record);
+        self.admit_queued(now_ms);
+        Ok(Outcome::Created { id })
+    }
+
+    fn migration_mut(&mut self, id: MigrationId) -> Result<&mut MigrationRecord, ApplyError> {
+        self.migrations
+            .get_mut(&id)
+            .ok_or_else(|| precondition(format!("migration {id} does not exist")))
+    }
+
+    /// Moves a migration from `from` to `to` (preparing -> ready by the destination, ready
+    /// -> copying by the source).
+    pub(crate) fn advance_migration(
+        &mut self,
+        id: MigrationId,
+        from: MigrationPhase,
+        to: MigrationPhase,
+    ) -> Result<Outcome, ApplyError> {
+        let allowed = matches!(
+            (from, to),
+            (MigrationPhase::Preparing, MigrationPhase::Ready)
+                | (MigrationPhase::Ready, MigrationPhase::Copying)
+        );
+        if !allowed {
+            return Err(invalid(
+                "phase",
+                format!("{} -> {} is not a step", from.as_str(), to.as_str()),
+            ));
+        }
+        let m = self.migration_mut(id)?;
+        if m.phase == to {
+            return Ok(Outcome::Unchanged);
+        }
+        if m.phase != from {
+            return Err(precondition(format!(
+                "migration {id} is {}, not {}",
+                m.phase.as_str(),
+                from.as_str()
+            )));
+        }
+        m.phase = to;
+        Ok(Outcome::Applied)
+    }
+
+    pub(crate) fn report_migration(
+        &mut self,
+        id: MigrationId,
+        progress: &MigrationProgress,
+    ) -> Result<Outcome, ApplyError> {
+        let m = self.migration_mut(id)?;
+        if m.phase.is_terminal() {
+            return Ok(Outcome::Unchanged);
+        }
+        m.progress = Some(progress.clone());
+        Ok(Outcome::Applied)
+    }
+
+    /// The switchover: the source's QEMU completed and paused; the VM becomes the
+    /// destination's. Refused once cancelled or failed.
+    pub(crate) fn commit_migration(
+        &mut self,
+        id: MigrationId,
+        qemu_downtime_ms: u64,
+        switchover_at_ms: u64,
+    ) -> Result<Outcome, ApplyError> {
+        let m = self.migration_mut(id)?;
+        if m.phase == MigrationPhase::Committed {
+            return Ok(Outcome::Unchanged);
+        }
+        if m.phase != MigrationPhase::Copying {
+            return Err(precondition(format!(
+                "migration {id} is {}: it cannot switch over",
+                m.phase.as_str()
+            )));
+        }
+        if m.cancel_requested {
+            return Err(precondition(format!("migration {id} was cancelled")));
+        }
+        let (vm, source, dest) = (m.vm, m.source, m.dest);
+        m.phase = MigrationPhase::Committed;
+        m.qemu_downtime_ms = Some(qemu_downtime_ms);
+        m.switchover_at_ms = Some(switchover_at_ms);
+        self.set_vm_owner(vm, dest, source)?;
+        Ok(Outcome::Applied)
+    }
+
+    /// Ends a migration. `Completed` only after the commit; `Failed` or `Cancelled` before
+    /// it (after it a failure is recorded as `Failed`, and the VM stays the destination's).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn finish_migration(
+        &mut self,
+        id: MigrationId,
+        phase: MigrationPhase,
+        error: Option<&str>,
+        total_ms: Option<u64>,
+        downtime_ms: Option<u64>,
+        now_ms: u64,
+        expect_committed: bool,
+    ) -> Result<Outcome, ApplyError> {
+        if !phase.is_terminal() {
+            return Err(invalid(
+                "phase",
+                format!("{} does not end a migration", phase.as_str()),
+            ));
+        }
+        let m = self.migration_mut(id)?;
+        if m.phase.is_terminal() {
+            return if m.phase == phase {
+                Ok(Outcome::Unchanged)
+            } else {
+                Err(precondition(format!(
+                    "migration {id} already ended: {}",
+                    m.phase.as_str()
+                )))
+            };
+        }
+        let committed = m.phase == MigrationPhase::Committed;
+        if committed != expect_committed {
+            return Err(precondition(if committed {
+                format!(
+                    "migration {id} has switched over: the VM is node {}'s",
+                    m.dest
+                )
+            } else {
+                format!("migration {id} has not switched over")
+            }));
+        }
+        if phase == MigrationPhase::Completed && !committed {
+            return Err(precondition(format!(
+                "migration {id} has not switched over"
+            )));
+        }
+        m.phase = phase;
+        m.error = error.map(|e| e.chars().take(512).collect());
+        m.total_ms = total_ms;
+        m.downtime_ms = downtime_ms;
+        m.finished_at_ms = Some(now_ms);
+        self.admit_queued(now_ms);
+        Ok(Outcome::Applied)
+    }
+
+    pub(crate) fn cancel_migration(
+        &mut self,
+        id: MigrationId,
+        now_ms: u64,
+    ) -> Result<Outcome, ApplyError> {
+        let m = self.migration_mut(id)?;
+        match m.phase {
+            MigrationPhase::Queued => {
+                m.phase = MigrationPhase::Cancelled;
+                m.finished_at_ms = Some(now_ms);
+                self.admit_queued(now_ms);
+                Ok(Outcome::Applied)
+            }
+            MigrationPhase::Cancelled => Ok(Outcome::Unchanged),
+            p if p.is_terminal() || p == MigrationPhase::Committed => Err(precondition(format!(
+                "migration {id} is {}: too late to cancel",
+                p.as_str()
+            ))),
+            _ if m.cancel_requested => Ok(Outcome::Unchanged),
+            _ => {
+                m.cancel_requested = true;
+                Ok(Outcome::Applied)
+            }
+        }
+    }
+
+    pub(crate) fn set_migration_limits(
+        &mut self,
+        limits: MigrationLimits,
+        now_ms: u64,
+    ) -> Result<Outcome, ApplyError> {
+        if limits.per_node == 0 || limits.cluster == Some(0) {
+            return Err(invalid("limits", "a limit of 0 would stop every migration"));
+        }
+        if self.migration_limits == limits {
+            return Ok(Outcome::Unchanged);
+        }
+        self.migration_limits = limits;
+        self.admit_queued(now_ms);
+        Ok(Outcome::Applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PROTOCOL_VERSION;
+    use crate::command::{Command, Request};
+    use crate::state::NodeSpec;
+    use crate::vm::{VmBoot, VmSpec};
+    use crate::volume::{ALLOCATION_UNIT, IoMode};
+
+    fn apply(s: &mut ClusterState, cmd: Command) -> Result<Outcome, ApplyError> {
+        s.apply(&Request::new(cmd))
+    }
+
+    fn node(id: NodeId, switches: &[&str]) -> NodeSpec {
+        NodeSpec {
+            id,
+            grpc_addr: format!("127.0.0.1:{}", 7000 + id),
+            iscsi_addr: format!("127.0.0.1:{}", 3260 + id),
+            migration_addr: format!("127.0.0.1:{}", 8000 + id),
+            io_addr: format!("127.0.0.1:{}", 9000 + id),
+            cpu_model: "cpu".into(),
+            cpu_flags: vec!["sse2".into()],
+            switches: switches.iter().map(|s| s.to_string()).collect(),
+            memory_bytes: 4 << 30,
+            version: "0.1.0".into(),
+            protocol_version: PROTOCOL_VERSION,
+        }
+    }
+
+    /// Four nodes (node 4 without the "lan" switch), a volume every node reaches, a disk per
+    /// VM, and VMs 1..=vms running on node 1 (VM i on disk i, 256 MiB, a NIC on "lan").
+    fn cluster(vms: u128) -> ClusterState {
+        let mut s = ClusterState::default();
+        apply(
+            &mut s,
+            Command::InitCluster {
+                cluster_id: Uuid::from_u128(1),
+            },
+        )
+        .unwrap();
+        for (id, sw) in [(1, &["lan"][..]), (2, &["lan"]), (3, &["lan"]), (4, &[])] {
+            apply(
+                &mut s,
+                Command::RegisterNode {
+                    spec: node(id, sw),
+                    now_ms: 1,
+                },
+            )
+            .unwrap();
+        }
+        let volume = Uuid::from_u128(77);
+        apply(
+            &mut s,
+            Command::RegisterVolume {
+                id: volume,
+                name: "vol".into(),
+                device_bytes: 1024 * ALLOCATION_UNIT,
+                data_offset: ALLOCATION_UNIT,
+                coordinator: 1,
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        for n in 1..=4 {
+            apply(
+                &mut s,
+                Command::ReportVolume {
+                    volume,
+                    node: n,
+                    mode: IoMode::Direct,
+                    path: Some("/dev/x".into()),
+                    acked_epoch: 0,
+                    at_ms: 1,
+                },
+            )
+            .unwrap();
+        }
+        for i in 1..=vms {
+            apply(
+                &mut s,
+                Command::CreateDisk {
+                    name: format!("d{i}"),
+                    volume,
+                    size_bytes: ALLOCATION_UNIT,
+                    block_size: None,
+                },
+            )
+            .unwrap();
+            let id = Uuid::from_u128(100 + i);
+            apply(
+                &mut s,
+                Command::CreateVm {
+                    id,
+                    name: format!("vm{i}"),
+                    spec: VmSpec {
+                        vcpus: 1,
+                        memory_mib: 256,
+                        cpu: "host".into(),
+                        disks: vec![i as u64],
+                        nics: vec![crate::vm::NicSpec {
+                            switch: "lan".into(),
+                            mac: format!("52:54:00:00:00:{i:02x}"),
+                        }],
+                        boot: VmBoot::Disk,
+                    },
+                    owner: 1,
+                    now_ms: 1,
+                },
+            )
+            .unwrap();
+            apply(
+                &mut s,
+                Command::SetVmDesired {
+                    id,
+                    desired: VmDesired::Running,
+                },
+            )
+            .unwrap();
+            apply(
+                &mut s,
+                Command::ReportVm {
+                    id,
+                    node: 1,
+                    state: VmState::Running,
+                    detail: "tcg".into(),
+                    restarts: 0,
+                    at_ms: 1,
+                },
+            )
+            .unwrap();
+        }
+        s
+    }
+
+    fn params() -> MigrationParams {
+        MigrationParams {
+            bandwidth_mibps: None,
+            downtime_ms: DEFAULT_DOWNTIME_MS,
+            policy: MigrationPolicy::Precopy,
+        }
+    }
+
+    fn start(s: &mut ClusterState, vm: u128, dest: NodeId) -> Result<MigrationId, ApplyError> {
+        match apply(
+            s,
+            Command::StartMigration {
+                vm: Uuid::from_u128(100 + vm),
+                dest,
+                params: params(),
+                now_ms: 10,
+            },
+        )? {
+            Outcome::Created { id } => Ok(id),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn finish(
+        s: &mut ClusterState,
+        id: MigrationId,
+        phase: MigrationPhase,
+        committed: bool,
+    ) -> Result<Outcome, ApplyError> {
+        apply(
+            s,
+            Command::FinishMigration {
+                id,
+                phase,
+                error: None,
+                total_ms: Some(1),
+                downtime_ms: Some(1),
+                now_ms: 20,
+                committed,
+            },
+        )
+    }
+
+    #[test]
+    fn test_prechecks_refuse_before_anything_starts() {
+        let mut s = cluster(1);
+        let e = start(&mut s, 1, 4).unwrap_err().to_string();
+        assert!(e.contains("node 4 has no virtual switch \"lan\""), "{e}");
+        let e = start(&mut s, 1, 1).unwrap_err().to_string();
+        assert!(e.contains("already runs on node 1"), "{e}");
+        assert_eq!(start(&mut s, 1, 9), Err(ApplyError::UnknownNode { id: 9 }));
+        apply(
+            &mut s,
+            Command::SetNodeState {
+                id: 2,
+                state: NodeAdminState::Draining,
+            },
+        )
+        .unwrap();
+        let e = start(&mut s, 1, 2).unwrap_err().to_string();
+        assert!(e.contains("node 2 is draining"), "{e}");
+        // Not enough memory on node 3: fill it with a big VM meant to run there.
+        let mut big = s.vms[&Uuid::from_u128(101)].spec.clone();
+        big.memory_mib = 3400;
+        big.nics.clear();
+        big.disks.clear();
+        big.boot = VmBoot::Kernel {
+            kernel: "/k".into(),
+            initrd: None,
+            append: String::new(),
+        };
+        apply(
+            &mut s,
+            Command::CreateVm {
+                id: Uuid::from_u128(999),
+                name: "big".into(),
+                spec: big,
+                owner: 3,
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::SetVmDesired {
+                id: Uuid::from_u128(999),
+                desired: VmDesired::Running,
+            },
+        )
+        .unwrap();
+        let e = start(&mut s, 1, 3).unwrap_err().to_string();
+        assert!(e.contains("not enough memory on node 3"), "{e}");
+        // A stopped VM does not migrate live.
+        let id = Uuid::from_u128(999);
+        let e = apply(
+            &mut s,
+            Command::StartMigration {
+                vm: id,
+                dest: 1,
+                params: params(),
+                now_ms: 1,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is not running"), "{e}");
+        assert!(s.migrations.is_empty());
+    }
+
+    #[test]
+    fn test_processor_check_for_host_model_under_kvm() {
+        let mut s = cluster(1);
+        let id = Uuid::from_u128(101);
+        apply(
+            &mut s,
+            Command::ReportVm {
+                id,
+                node: 1,
+                state: VmState::Running,
+                detail: "kvm".into(),
+                restarts: 0,
+                at_ms: 2,
+            },
+        )
+        .unwrap();
+        let mut other = node(2, &["lan"]);
+        other.cpu_model = "older cpu".into();
+        apply(&mut s, Command::UpdateNode { spec: other }).unwrap();
+        let e = start(&mut s, 1, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("node 2's processor (older cpu) cannot run VM \"vm1\""),
+            "{e}"
+        );
+        // Node 3 has the same processor.
+        assert!(start(&mut s, 1, 3).is_ok());
+    }
+
+    #[test]
+    fn test_one_migration_per_node_and_the_rest_queue_in_order() {
+        let mut s = cluster(3);
+        // Node 1 is the source of all three: one runs, two queue.
+        let a = start(&mut s, 1, 2).unwrap();
+        let b = start(&mut s, 2, 3).unwrap();
+        let c = start(&mut s, 3, 2).unwrap();
+        assert_eq!(s.migrations[&a].phase, MigrationPhase::Preparing);
+        assert_eq!(s.migrations[&b].phase, MigrationPhase::Queued);
+        assert_eq!(s.migrations[&c].phase, MigrationPhase::Queued);
+        // A VM migrates once at a time.
+        let e = start(&mut s, 1, 3).unwrap_err().to_string();
+        assert!(e.contains("already migrating"), "{e}");
+        // When the first ends, the oldest queued one starts.
+        finish(&mut s, a, MigrationPhase::Failed, false).unwrap();
+        assert_eq!(s.migrations[&b].phase, MigrationPhase::Preparing);
+        assert_eq!(s.migrations[&c].phase, MigrationPhase::Queued);
+        // A cancelled queued migration leaves the queue at once.
+        assert_eq!(
+            apply(&mut s, Command::CancelMigration { id: c, now_ms: 5 }),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(s.migrations[&c].phase, MigrationPhase::Cancelled);
+    }
+
+    #[test]
+    fn test_limits_allow_two_at_once_on_four_nodes() {
+        let mut s = cluster(2);
+        // Move vm2 to node 3 first, so the two migrations share no node.
+        let id2 = Uuid::from_u128(102);
+        apply(
+            &mut s,
+            Command::SetVmDesired {
+                id: id2,
+                desired: VmDesired::Stopped,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::SetVmOwner {
+                id: id2,
+                owner: 3,
+                expected: 1,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::SetVmDesired {
+                id: id2,
+                desired: VmDesired::Running,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::ReportVm {
+                id: id2,
+                node: 3,
+                state: VmState::Running,
+                detail: "tcg".into(),
+                restarts: 0,
+                at_ms: 3,
+            },
+        )
+        .unwrap();
+        let a = start(&mut s, 1, 2).unwrap();
+        let mut big_node = node(4, &["lan"]);
+        big_node.memory_bytes = 4 << 30;
+        apply(&mut s, Command::UpdateNode { spec: big_node }).unwrap();
+        let b = start(&mut s, 2, 4).unwrap();
+        assert_eq!(s.migrations[&a].phase, MigrationPhase::Preparing);
+        assert_eq!(s.migrations[&b].phase, MigrationPhase::Preparing);
+        // A cluster cap of one queues the second... once limits change, queued ones follow.
+        let mut s2 = s.clone();
+        finish(&mut s2, b, MigrationPhase::Cancelled, false).unwrap();
+        apply(
+            &mut s2,
+            Command::SetMigrationLimits {
+                limits: MigrationLimits {
+                    per_node: 1,
+                    cluster: Some(1),
+                },
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        let again = start(&mut s2, 2, 4).unwrap();
+        assert_eq!(s2.migrations[&again].phase, MigrationPhase::Queued);
+        finish(&mut s2, a, MigrationPhase::Failed, false).unwrap();
+        assert_eq!(s2.migrations[&again].phase, MigrationPhase::Preparing);
+        assert!(
+            apply(
+                &mut s2,
+                Command::SetMigrationLimits {
+                    limits: MigrationLimits {
+                        per_node: 0,
+                        cluster: None
+                    },
+                    now_ms: 1
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn test_commit_moves_the_owner_and_races_with_failure_and_cancel() {
+        let mut s = cluster(1);
+        let vm = Uuid::from_u128(101);
+        let id = start(&mut s, 1, 2).unwrap();
+        let step =
+            |s: &mut ClusterState, from, to| apply(s, Command::AdvanceMigration { id, from, to });
+        let commit = |s: &mut ClusterState| {
+            apply(
+                s,
+                Command::CommitMigration {
+                    id,
+                    qemu_downtime_ms: 12,
+                    switchover_at_ms: 30,
+                },
+            )
+        };
+        // No commit before copying.
+        assert!(commit(&mut s).is_err());
+        assert_eq!(
+            step(&mut s, MigrationPhase::Preparing, MigrationPhase::Ready),
+            Ok(Outcome::Applied)
+        );
+        assert!(
+            step(&mut s, MigrationPhase::Preparing, MigrationPhase::Ready).is_ok(),
+            "a retry"
+        );
+        assert!(
+            step(&mut s, MigrationPhase::Copying, MigrationPhase::Committed).is_err(),
+            "not a step"
+        );
+        assert_eq!(
+            step(&mut s, MigrationPhase::Ready, MigrationPhase::Copying),
+            Ok(Outcome::Applied)
+        );
+        // The VM can neither be stopped nor moved meanwhile.
+        let e = apply(
+            &mut s,
+            Command::SetVmDesired {
+                id: vm,
+                desired: VmDesired::Stopped,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("is migrating"), "{e}");
+
+        // A failure report racing the commit: whichever comes first wins.
+        let mut failed_first = s.clone();
+        assert_eq!(
+            finish(&mut failed_first, id, MigrationPhase::Failed, false),
+            Ok(Outcome::Applied)
+        );
+        assert!(commit(&mut failed_first).is_err());
+        assert_eq!(failed_first.vms[&vm].owner, 1);
+
+        let mut cancelled = s.clone();
+        apply(&mut cancelled, Command::CancelMigration { id, now_ms: 5 }).unwrap();
+        assert!(
+            commit(&mut cancelled).is_err(),
+            "a cancelled migration never switches over"
+        );
+        assert_eq!(
+            finish(&mut cancelled, id, MigrationPhase::Cancelled, false),
+            Ok(Outcome::Applied)
+        );
+
+        assert_eq!(commit(&mut s), Ok(Outcome::Applied));
+        assert_eq!(s.vms[&vm].owner, 2);
+        assert_eq!(s.migrations[&id].qemu_downtime_ms, Some(12));
+        assert!(
+            finish(&mut s, id, MigrationPhase::Failed, false).is_err(),
+            "the source may not fail it now"
+        );
+        assert!(
+            apply(&mut s, Command::CancelMigration { id, now_ms: 5 }).is_err(),
+            "too late to cancel"
+        );
+        // Only the old owner's reports are now refused.
+        assert!(
+            apply(
+                &mut s,
+                Command::ReportVm {
+                    id: vm,
+                    node: 1,
+                    state: VmState::Stopped,
+                    detail: String::new(),
+                    restarts: 0,
+                    at_ms: 9
+                }
+            )
+            .is_err()
+        );
+        assert_eq!(
+            finish(&mut s, id, MigrationPhase::Completed, true),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(s.migrations[&id].phase, MigrationPhase::Completed);
+        assert!(s.open_migration(vm).is_none());
+    }
+}
