@@ -4,6 +4,7 @@
 mod config;
 mod host;
 mod iscsi;
+mod migrate;
 mod shared;
 mod vms;
 mod volumes;

@@ -18,6 +18,7 @@ use csvd_hypervisor::accel::{self, Accel, AccelChoice, AccelDecision};
 use csvd_hypervisor::cmdline::{Boot, DiskAttach, LaunchSpec, NicAttach};
 use csvd_hypervisor::process::{Instance, Stopped};
 use csvd_raft::command::Command;
+use csvd_raft::migration::{MigrationId, MigrationPhase, MigrationRecord};
 use csvd_raft::node::now_ms;
 use csvd_raft::vm::{VmBoot, VmDesired, VmRecord, VmState, node_initiator_name};
 use csvd_raft::volume::iscsi_target_name;
@@ -59,6 +60,11 @@ enum Slot {
         stopping: bool,
         restarts: u32,
     },
+    /// The destination of a migration: paused, receiving the VM's state.
+    Incoming {
+        inst: Instance,
+        migration: MigrationId,
+    },
 }
 
 /// News from the agent's tasks.
@@ -77,6 +83,17 @@ enum Event {
         id: Uuid,
         how: Stopped,
     },
+    /// The destination's QEMU of a migration started (and listens) or could not.
+    Incoming {
+        id: Uuid,
+        migration: MigrationId,
+        result: Result<Instance, String>,
+    },
+    /// The source's part of a migration ended.
+    Sent {
+        migration: MigrationId,
+        end: crate::migrate::SourceEnd,
+    },
 }
 
 struct Agent {
@@ -88,6 +105,10 @@ struct Agent {
     /// VMs whose start failed or that crashed too often: not tried again until the operator
     /// starts them again (desired state back through stopped).
     given_up: HashSet<Uuid>,
+    /// Migrations whose source part runs here.
+    sending: HashSet<MigrationId>,
+    /// Migrations whose destination QEMU is being started here.
+    receiving: HashSet<MigrationId>,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -111,6 +132,8 @@ async fn run(node: MetaNode, cfg: VmHostConfig) {
         accel,
         slots: HashMap::new(),
         given_up: HashSet::new(),
+        sending: HashSet::new(),
+        receiving: HashSet::new(),
         events: tx,
     };
     agent.adopt_all().await;
@@ -195,6 +218,7 @@ impl Agent {
     /// Makes what runs here match the cluster state.
     async fn reconcile(&mut self, state: &ClusterState) {
         let me = self.me();
+        self.migrations(state).await;
         for vm in state.vms.values().filter(|v| v.owner == me) {
             if vm.desired == VmDesired::Stopped {
                 self.given_up.remove(&vm.id);
@@ -235,6 +259,11 @@ impl Agent {
                         ..
                     }
                 ) && state.vms.get(id).is_none_or(|v| v.owner != me)
+                    // The source of a migration stops its QEMU itself after the switchover.
+                    && !state
+                        .migrations
+                        .values()
+                        .any(|m| m.vm == **id && m.source == me && self.sending.contains(&m.id))
             })
             .map(|(id, _)| *id)
             .collect();
@@ -358,18 +387,48 @@ impl Agent {
                 let _ = how;
             }
             Event::Ended { id, guest_off } => self.ended(id, guest_off).await,
+            Event::Incoming {
+                id,
+                migration,
+                result,
+            } => self.incoming_started(id, migration, result).await,
+            Event::Sent { migration, end } => {
+                self.sending.remove(&migration);
+                tracing::info!(migration, ?end, "sending ended");
+            }
         }
     }
 
     /// QEMU of `id` ended: on request, by the guest, or by a crash.
     async fn ended(&mut self, id: Uuid, guest_off: bool) {
-        let Some(Slot::Running {
-            inst,
-            stopping,
-            restarts,
-        }) = self.slots.remove(&id)
-        else {
-            return;
+        let (inst, stopping, restarts) = match self.slots.remove(&id) {
+            Some(Slot::Running {
+                inst,
+                stopping,
+                restarts,
+            }) => (inst, stopping, restarts),
+            Some(Slot::Incoming { migration, .. }) => {
+                // The destination QEMU died before the switchover: the VM stays on the
+                // source, and the migration fails.
+                tracing::warn!(vm = %id, migration, "the destination QEMU ended");
+                let _ = crate::migrate::give_up(
+                    &self.node,
+                    migration,
+                    MigrationPhase::Failed,
+                    Some("the destination QEMU ended".into()),
+                )
+                .await;
+                let state = self.node.local_view().state.clone();
+                if let Some(vm) = state.vms.get(&id) {
+                    remove_taps(&nic_attachments(vm, self.me())).await;
+                }
+                return;
+            }
+            Some(other) => {
+                self.slots.insert(id, other);
+                return;
+            }
+            None => return,
         };
         // Taps of a NIC are this instance's; QEMU does not remove them.
         let state = self.node.local_view().state.clone();
@@ -591,5 +650,223 @@ async fn prepare_nics(nics: &[NicAttach]) -> Result<(), String> {
 async fn remove_taps(nics: &[NicAttach]) {
     for nic in nics {
         let _ = ip(&["link", "delete", &nic.tap]).await;
+    }
+}
+
+/// Live migrations: this node as source or destination (see [`crate::migrate`]).
+impl Agent {
+    /// This node's part in migrations: start a destination, send from a source, resume
+    /// after the switchover, clean up after a failure.
+    async fn migrations(&mut self, state: &ClusterState) {
+        let me = self.me();
+        let mine: Vec<MigrationRecord> = state
+            .migrations
+            .values()
+            .filter(|m| m.source == me || m.dest == me)
+            .filter(|m| !m.phase.is_terminal() || self.incoming_for(m.id).is_some())
+            .cloned()
+            .collect();
+        for m in mine {
+            if m.dest == me {
+                match m.phase {
+                    MigrationPhase::Preparing
+                        if !self.slots.contains_key(&m.vm) && !self.receiving.contains(&m.id) =>
+                    {
+                        self.receive(state, &m);
+                    }
+                    MigrationPhase::Committed => self.resume_here(&m).await,
+                    p if p.is_terminal() => {
+                        // Failed or cancelled before the switchover: this copy goes away.
+                        if let Some(Slot::Incoming { inst, .. }) = self.slots.remove(&m.vm) {
+                            tracing::info!(vm = %m.vm, migration = m.id, "migration ended: stopping the destination QEMU");
+                            let nics = state
+                                .vms
+                                .get(&m.vm)
+                                .map(|v| nic_attachments(v, me))
+                                .unwrap_or_default();
+                            tokio::spawn(async move {
+                                inst.kill().await;
+                                remove_taps(&nics).await;
+                            });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if m.source == me && m.phase == MigrationPhase::Ready && !self.sending.contains(&m.id) {
+                let Some(Slot::Running {
+                    inst,
+                    stopping: false,
+                    ..
+                }) = self.slots.get(&m.vm)
+                else {
+                    continue;
+                };
+                let Some(dest) = state.nodes.get(&m.dest) else {
+                    continue;
+                };
+                self.sending.insert(m.id);
+                let node = self.node.clone();
+                let inst = inst.clone();
+                let tx = self.events.clone();
+                let addr = dest.spec.migration_addr.clone();
+                let migration = m.clone();
+                tracing::info!(vm = %m.vm, migration = m.id, to = m.dest, "sending the VM");
+                tokio::spawn(async move {
+                    let end = crate::migrate::drive_source(node, inst, migration, addr).await;
+                    let _ = tx.send(Event::Sent {
+                        migration: m.id,
+                        end,
+                    });
+                });
+            }
+        }
+    }
+
+    /// The switchover of `m` is committed: the VM is this node's; resume it.
+    async fn resume_here(&mut self, m: &MigrationRecord) {
+        let Some(Slot::Incoming { inst, .. }) = self.slots.remove(&m.vm) else {
+            return;
+        };
+        let result = crate::migrate::resume_destination(&self.node, &inst.qmp, m).await;
+        self.slots.insert(
+            m.vm,
+            Slot::Running {
+                inst,
+                stopping: false,
+                restarts: 0,
+            },
+        );
+        match result {
+            Ok(()) => {
+                tracing::info!(vm = %m.vm, migration = m.id, "migrated here: the guest runs");
+                let detail = self
+                    .accel
+                    .as_ref()
+                    .map(|d| d.accel.to_string())
+                    .unwrap_or_default();
+                self.report(m.vm, VmState::Running, detail, 0).await;
+            }
+            Err(why) => {
+                tracing::error!(vm = %m.vm, error = %why, "migrated here but cannot run");
+                let _ = crate::migrate::write(
+                    &self.node,
+                    Command::FinishMigration {
+                        id: m.id,
+                        phase: MigrationPhase::Failed,
+                        error: Some(why),
+                        total_ms: None,
+                        downtime_ms: None,
+                        now_ms: now_ms(),
+                        committed: true,
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    /// The VM whose destination QEMU for `migration` runs here.
+    fn incoming_for(&self, migration: MigrationId) -> Option<Uuid> {
+        self.slots.iter().find_map(|(vm, s)| match s {
+            Slot::Incoming { migration: m, .. } if *m == migration => Some(*vm),
+            _ => None,
+        })
+    }
+
+    /// Starts the destination QEMU of migration `m`, listening on this node's migration
+    /// address (the result comes back as an event).
+    fn receive(&mut self, state: &ClusterState, m: &MigrationRecord) {
+        let (id, migration) = (m.vm, m.id);
+        let tx = self.events.clone();
+        let fail = |why: String| {
+            let _ = tx.send(Event::Incoming {
+                id,
+                migration,
+                result: Err(why),
+            });
+        };
+        let accel = match &self.accel {
+            Ok(d) => d.accel,
+            Err(e) => return fail(format!("this node cannot run guests: {e}")),
+        };
+        let Some(vm) = state.vms.get(&m.vm) else {
+            return fail("the VM is gone".into());
+        };
+        let listen = state
+            .nodes
+            .get(&self.me())
+            .map(|n| n.spec.migration_addr.clone())
+            .unwrap_or_default();
+        let mut spec = match launch_spec(state, vm, &self.cfg, accel) {
+            Ok(s) => s,
+            Err(why) => return fail(why),
+        };
+        spec.incoming = true;
+        self.receiving.insert(migration);
+        self.slots.insert(id, Slot::Starting);
+        let qemu = self.cfg.qemu.clone();
+        let record = m.clone();
+        tracing::info!(vm = %id, migration, from = m.source, "receiving a VM");
+        tokio::spawn(async move {
+            let result = async {
+                prepare_nics(&spec.nics).await?;
+                let inst = Instance::start(&qemu, &spec, START_TIMEOUT)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Err(e) = crate::migrate::listen_incoming(&inst.qmp, &record, &listen).await {
+                    inst.kill().await;
+                    return Err(e);
+                }
+                Ok(inst)
+            }
+            .await;
+            if result.is_err() {
+                remove_taps(&spec.nics).await;
+            }
+            let _ = tx.send(Event::Incoming {
+                id,
+                migration,
+                result,
+            });
+        });
+    }
+
+    /// The destination QEMU of `migration` started (or not): say `ready`, or fail it.
+    async fn incoming_started(
+        &mut self,
+        id: Uuid,
+        migration: MigrationId,
+        result: Result<Instance, String>,
+    ) {
+        self.receiving.remove(&migration);
+        match result {
+            Ok(inst) => {
+                self.watch(id, &inst);
+                self.slots.insert(id, Slot::Incoming { inst, migration });
+                let _ = crate::migrate::write(
+                    &self.node,
+                    Command::AdvanceMigration {
+                        id: migration,
+                        from: MigrationPhase::Preparing,
+                        to: MigrationPhase::Ready,
+                    },
+                )
+                .await;
+            }
+            Err(why) => {
+                if matches!(self.slots.get(&id), Some(Slot::Starting)) {
+                    self.slots.remove(&id);
+                }
+                tracing::warn!(vm = %id, migration, error = %why, "cannot receive the VM");
+                let _ = crate::migrate::give_up(
+                    &self.node,
+                    migration,
+                    MigrationPhase::Failed,
+                    Some(format!("destination: {why}")),
+                )
+                .await;
+            }
+        }
     }
 }

@@ -7,8 +7,9 @@
 //! - a QMP socket, and a serial console that is both logged to a file and reachable on a
 //!   socket for `vm console`;
 //! - NICs on tap devices that the caller has put on the virtual switch (a Linux bridge);
-//! - for a migration's destination, `-incoming defer`: QEMU starts paused and waits for
-//!   `migrate-incoming`, so migration parameters can be set first.
+//! - for a migration's destination, `-incoming defer` and `-S`: QEMU waits for
+//!   `migrate-incoming`, so migration parameters can be set first, and stays paused once the
+//!   state has arrived, until the switchover is committed and it is told to continue.
 //!
 //! The source and the destination of a migration must present the same devices in the same
 //! order with the same ids; building both from one [`LaunchSpec`] guarantees it.
@@ -185,7 +186,7 @@ pub fn qemu_args(spec: &LaunchSpec) -> Vec<String> {
         push(&["-append", append]);
     }
     if spec.incoming {
-        push(&["-incoming", "defer"]);
+        push(&["-S", "-incoming", "defer"]);
     }
     a
 }
@@ -346,7 +347,9 @@ mod tests {
     fn test_qemu_args_incoming_waits_for_the_migration() {
         let mut s = spec();
         s.incoming = true;
-        assert_eq!(values(&qemu_args(&s), "-incoming"), ["defer"]);
+        let a = qemu_args(&s);
+        assert_eq!(values(&a, "-incoming"), ["defer"]);
+        assert!(a.contains(&"-S".to_string()), "stays paused after the copy");
     }
 
     #[test]

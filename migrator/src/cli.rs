@@ -57,6 +57,46 @@ pub enum Noun {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Live-migrate a running VM to another node: only memory and device state move.
+    Migrate {
+        /// VM name or id.
+        vm: String,
+        /// Destination node id.
+        #[arg(long)]
+        to: u64,
+        /// Bandwidth cap in MiB/s (default: none).
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// The longest pause QEMU may take at switchover, in ms (default 300).
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// precopy, or auto-converge (throttles a guest that dirties memory too fast).
+        #[arg(long, default_value = "precopy", value_parser = crate::migrate::parse_policy)]
+        policy: csvd_raft::migration::MigrationPolicy,
+        /// Return once the migration is recorded (it runs, or queues, in the cluster).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Live migrations: list, show, cancel.
+    #[command(subcommand)]
+    Migration(MigrationCmd),
+}
+
+/// `migrator migration ...`
+#[derive(Debug, Subcommand)]
+pub enum MigrationCmd {
+    /// List migrations (running, queued and ended).
+    List,
+    /// Show one migration (by id, or the latest of a VM by its name).
+    Show {
+        /// Migration id or VM name.
+        migration: String,
+    },
+    /// Cancel a migration before its switchover: the VM stays on its source.
+    Cancel {
+        /// Migration id or VM name.
+        migration: String,
+    },
 }
 
 /// `migrator vm ...`
@@ -427,6 +467,27 @@ async fn run(cli: &Cli) -> Result<String, String> {
         Noun::Lun(cmd) => volumes::run_lun(&mut client, cmd, cli.json).await,
         Noun::Target(cmd) => volumes::run_target(&mut client, cmd, cli.json).await,
         Noun::Vm(cmd) => crate::vms::run(&mut client, cmd, cli.json).await,
+        Noun::Migrate {
+            vm,
+            to,
+            bandwidth,
+            downtime_ms,
+            policy,
+            no_wait,
+        } => {
+            crate::migrate::migrate(
+                &mut client,
+                vm,
+                *to,
+                *bandwidth,
+                *downtime_ms,
+                *policy,
+                *no_wait,
+                cli.json,
+            )
+            .await
+        }
+        Noun::Migration(cmd) => crate::migrate::run(&mut client, cmd, cli.json).await,
     }
 }
 

@@ -282,6 +282,11 @@ impl ClusterState {
             .nodes
             .get(&dest)
             .ok_or(ApplyError::UnknownNode { id: dest })?;
+        if node.spec.migration_addr.is_empty() {
+            return Err(precondition(format!(
+                "node {dest} has no migration address (its migration_addr is not set)"
+            )));
+        }
         if node.admin_state == NodeAdminState::Draining {
             return Err(precondition(format!(
                 "node {dest} is draining: it takes no VMs"

@@ -1,0 +1,355 @@
+//! `migrator migrate VM --to NODE` and `migrator migration list|show|cancel`.
+//!
+//! The migration itself runs in the daemons (see the `csvd_raft::migration` record); this
+//! command asks for it, then follows the record: a progress line on stderr (transferred,
+//! remaining, dirty rate, predicted completion and downtime), or with `--json` one JSON
+//! object per change on stdout, the last one carrying the outcome with `total_ms` and
+//! `downtime_ms`.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use csvd_raft::ClusterState;
+use csvd_raft::api::ClusterClient;
+use csvd_raft::command::{Command, Outcome};
+use csvd_raft::migration::{
+    DEFAULT_DOWNTIME_MS, MigrationId, MigrationParams, MigrationPhase, MigrationPolicy,
+    MigrationRecord,
+};
+use serde::Serialize;
+
+use crate::cli::MigrationCmd;
+use crate::volumes::{human, json, table};
+
+/// Parses `--policy`.
+pub fn parse_policy(s: &str) -> Result<MigrationPolicy, String> {
+    match s {
+        "precopy" => Ok(MigrationPolicy::Precopy),
+        "auto-converge" => Ok(MigrationPolicy::AutoConverge),
+        "postcopy" => Err(
+            "postcopy is not offered: a destination that fails during post-copy loses the \
+             guest; use precopy or auto-converge"
+                .into(),
+        ),
+        other => Err(format!(
+            "{other:?} is not a policy (precopy or auto-converge)"
+        )),
+    }
+}
+
+/// One line of `--json` output.
+#[derive(Debug, Serialize)]
+struct EventLine<'a> {
+    migration: MigrationId,
+    vm: &'a str,
+    phase: &'static str,
+    source: u64,
+    dest: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transferred_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining_bytes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dirty_pages_rate: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expected_downtime_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    predicted_completion_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    total_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    downtime_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+/// Milliseconds until the copy is done at the current rate, if there is one.
+fn predicted_ms(m: &MigrationRecord) -> Option<u64> {
+    let p = m.progress.as_ref()?;
+    (p.bytes_per_sec > 0).then(|| p.remaining_bytes.saturating_mul(1000) / p.bytes_per_sec)
+}
+
+fn event(m: &MigrationRecord) -> EventLine<'_> {
+    let p = m.progress.as_ref();
+    let outcome = m.phase.is_terminal().then(|| m.phase.as_str());
+    EventLine {
+        migration: m.id,
+        vm: &m.vm_name,
+        phase: m.phase.as_str(),
+        source: m.source,
+        dest: m.dest,
+        transferred_bytes: p.map(|p| p.transferred_bytes),
+        remaining_bytes: p.map(|p| p.remaining_bytes),
+        dirty_pages_rate: p.map(|p| p.dirty_pages_rate),
+        expected_downtime_ms: p.map(|p| p.expected_downtime_ms),
+        predicted_completion_ms: predicted_ms(m),
+        outcome,
+        total_ms: m.total_ms,
+        downtime_ms: m.downtime_ms,
+        error: m.error.as_deref(),
+    }
+}
+
+/// The progress line for people.
+fn progress_line(m: &MigrationRecord) -> String {
+    match &m.progress {
+        Some(p) if m.phase == MigrationPhase::Copying => {
+            let pct = (100 * p.transferred_bytes.min(p.total_bytes))
+                .checked_div(p.total_bytes)
+                .unwrap_or(0);
+            let filled = (pct / 5) as usize;
+            format!(
+                "{} [{}{}] {pct:>3}%  sent {}  left {}  dirty {}/s  done in ~{}  downtime ~{} ms",
+                m.vm_name,
+                "#".repeat(filled),
+                " ".repeat(20 - filled),
+                human(p.transferred_bytes),
+                human(p.remaining_bytes),
+                human(p.dirty_pages_rate.saturating_mul(p.page_size.max(1))),
+                predicted_ms(m).map_or("?".into(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+                p.expected_downtime_ms
+            )
+        }
+        _ => format!("{} {}", m.vm_name, m.phase.as_str()),
+    }
+}
+
+fn find_migration(state: &ClusterState, key: &str) -> Result<MigrationRecord, String> {
+    if let Ok(id) = key.parse::<MigrationId>()
+        && let Some(m) = state.migrations.get(&id)
+    {
+        return Ok(m.clone());
+    }
+    // A VM name: its open migration, else its latest.
+    state
+        .migrations
+        .values()
+        .filter(|m| m.vm_name == key || m.vm.to_string() == key)
+        .max_by_key(|m| (!m.phase.is_terminal(), m.id))
+        .cloned()
+        .ok_or_else(|| format!("no migration with id or of a VM named {key:?}"))
+}
+
+/// Follows migration `id` until it ends; prints progress; the outcome is the result.
+pub async fn follow(
+    client: &mut ClusterClient,
+    id: MigrationId,
+    as_json: bool,
+) -> Result<String, String> {
+    let tty = std::io::stderr().is_terminal();
+    let mut last: Option<String> = None;
+    loop {
+        let state = client.state().await.map_err(|e| e.to_string())?;
+        let m = state
+            .migrations
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| format!("migration {id} is gone"))?;
+        let line = if as_json {
+            serde_json::to_string(&event(&m)).unwrap_or_default()
+        } else {
+            progress_line(&m)
+        };
+        if last.as_ref() != Some(&line) {
+            if as_json {
+                if !m.phase.is_terminal() {
+                    println!("{line}");
+                }
+            } else if tty {
+                eprint!("\r\x1b[2K{line}");
+            } else {
+                eprintln!("{line}");
+            }
+            last = Some(line.clone());
+        }
+        if m.phase.is_terminal() {
+            if tty && !as_json {
+                eprintln!();
+            }
+            return match m.phase {
+                MigrationPhase::Completed if as_json => Ok(line),
+                MigrationPhase::Completed => Ok(format!(
+                    "VM {} moved from node {} to node {} in {} ms (downtime {} ms)",
+                    m.vm_name,
+                    m.source,
+                    m.dest,
+                    m.total_ms.unwrap_or(0),
+                    m.downtime_ms.unwrap_or(0)
+                )),
+                _ if as_json => {
+                    println!("{line}");
+                    Err(format!("migration {id} {}", m.phase.as_str()))
+                }
+                MigrationPhase::Cancelled => Err(format!(
+                    "migration {id} was cancelled: VM {} stays on node {}",
+                    m.vm_name, m.source
+                )),
+                _ => Err(format!(
+                    "migration {id} failed: {}",
+                    m.error.as_deref().unwrap_or("no reason recorded")
+                )),
+            };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `migrator migrate VM --to NODE ...`
+#[allow(clippy::too_many_arguments)]
+pub async fn migrate(
+    client: &mut ClusterClient,
+    vm: &str,
+    to: u64,
+    bandwidth: Option<u64>,
+    downtime_ms: Option<u64>,
+    policy: MigrationPolicy,
+    no_wait: bool,
+    as_json: bool,
+) -> Result<String, String> {
+    let state = client.state().await.map_err(|e| e.to_string())?;
+    let v = state
+        .vms
+        .values()
+        .find(|v| v.name == vm || v.id.to_string() == vm)
+        .ok_or_else(|| format!("no VM named or with id {vm:?}"))?;
+    let (outcome, _) = client
+        .write(Command::StartMigration {
+            vm: v.id,
+            dest: to,
+            params: MigrationParams {
+                bandwidth_mibps: bandwidth,
+                downtime_ms: downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+                policy,
+            },
+            now_ms: csvd_raft::node::now_ms(),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let Outcome::Created { id } = outcome else {
+        return Err(format!("unexpected outcome {outcome:?}"));
+    };
+    if no_wait {
+        let state = client.state().await.map_err(|e| e.to_string())?;
+        let phase = state.migrations.get(&id).map_or("?", |m| m.phase.as_str());
+        return Ok(if as_json {
+            json(&serde_json::json!({ "migration": id, "vm": v.name, "phase": phase }))
+        } else {
+            format!("migration {id} of VM {} to node {to}: {phase}", v.name)
+        });
+    }
+    follow(client, id, as_json).await
+}
+
+/// Runs a `migration` subcommand.
+pub async fn run(
+    client: &mut ClusterClient,
+    cmd: &MigrationCmd,
+    as_json: bool,
+) -> Result<String, String> {
+    let state = client.state().await.map_err(|e| e.to_string())?;
+    match cmd {
+        MigrationCmd::List => {
+            let ms: Vec<&MigrationRecord> = state.migrations.values().collect();
+            if as_json {
+                return Ok(json(&ms));
+            }
+            let mut rows = vec![
+                [
+                    "ID", "VM", "FROM", "TO", "PHASE", "TOTAL", "DOWNTIME", "ERROR",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ];
+            for m in ms {
+                rows.push(vec![
+                    m.id.to_string(),
+                    m.vm_name.clone(),
+                    format!("node {}", m.source),
+                    format!("node {}", m.dest),
+                    m.phase.as_str().to_string(),
+                    m.total_ms.map_or("-".into(), |t| format!("{t} ms")),
+                    m.downtime_ms.map_or("-".into(), |t| format!("{t} ms")),
+                    m.error.clone().unwrap_or_default(),
+                ]);
+            }
+            Ok(table(rows))
+        }
+        MigrationCmd::Show { migration } => {
+            let m = find_migration(&state, migration)?;
+            if as_json {
+                return Ok(json(&m));
+            }
+            let mut out = format!(
+                "migration {}\nvm        {}\nfrom      node {}\nto        node {}\nphase     {}{}\npolicy    {}\ndowntime  limit {} ms\nbandwidth {}\n",
+                m.id,
+                m.vm_name,
+                m.source,
+                m.dest,
+                m.phase.as_str(),
+                if m.cancel_requested && !m.phase.is_terminal() {
+                    " (cancelling)"
+                } else {
+                    ""
+                },
+                m.params.policy.as_str(),
+                m.params.downtime_ms,
+                m.params
+                    .bandwidth_mibps
+                    .map_or("uncapped".into(), |b| format!("{b} MiB/s")),
+            );
+            if m.phase == MigrationPhase::Copying {
+                out.push_str(&format!("progress  {}\n", progress_line(&m)));
+            }
+            if let Some(t) = m.total_ms {
+                out.push_str(&format!("total     {t} ms\n"));
+            }
+            if let Some(d) = m.downtime_ms {
+                out.push_str(&format!(
+                    "downtime  {d} ms (QEMU: {} ms)\n",
+                    m.qemu_downtime_ms.unwrap_or(0)
+                ));
+            }
+            if let Some(e) = &m.error {
+                out.push_str(&format!("error     {e}\n"));
+            }
+            Ok(out.trim_end().to_string())
+        }
+        MigrationCmd::Cancel { migration } => {
+            let m = find_migration(&state, migration)?;
+            client
+                .write(Command::CancelMigration {
+                    id: m.id,
+                    now_ms: csvd_raft::node::now_ms(),
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(if as_json {
+                json(&serde_json::json!({ "migration": m.id, "cancel_requested": true }))
+            } else {
+                format!("migration {} of VM {}: cancel requested", m.id, m.vm_name)
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parse_policy() {
+        assert_eq!(parse_policy("precopy"), Ok(MigrationPolicy::Precopy));
+        assert_eq!(
+            parse_policy("auto-converge"),
+            Ok(MigrationPolicy::AutoConverge)
+        );
+        assert!(
+            parse_policy("postcopy")
+                .unwrap_err()
+                .contains("not offered")
+        );
+        assert!(parse_policy("fast").is_err());
+    }
+}

@@ -1,0 +1,381 @@
+//! A node's part in a live migration (the record and its phases: `csvd_raft::migration`).
+//!
+//! - As destination: start the VM's QEMU paused, waiting for the incoming state on the
+//!   node's migration address, with the same capabilities and parameters as the source; say
+//!   `ready`. Once the switchover is committed (the VM is this node's), resume the guest and
+//!   end the migration with its total time and downtime.
+//! - As source: send the state, reporting progress every second and honouring a cancel; when
+//!   QEMU completes (the guest is paused for good here), commit the switchover; then stop
+//!   QEMU. If the commit is refused (cancelled meanwhile) or cannot be confirmed, first make
+//!   the commit impossible by recording the failure, then resume the guest here.
+
+use std::time::{Duration, Instant};
+
+use csvd_hypervisor::process::Instance;
+use csvd_hypervisor::qmp::{MigrationInfo, Qmp, RunState};
+use csvd_raft::command::Command;
+use csvd_raft::migration::{
+    MigrationId, MigrationParams, MigrationPhase, MigrationPolicy, MigrationProgress,
+    MigrationRecord,
+};
+use csvd_raft::node::now_ms;
+use csvd_raft::{ApplyError, MetaNode};
+use serde_json::json;
+
+/// How often the source asks QEMU how the copy goes.
+const POLL: Duration = Duration::from_millis(50);
+/// How often the source records progress in the cluster state.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// The bandwidth QEMU may use when the operator sets none: no cap worth the name (QEMU's
+/// own default is 128 MiB/s).
+const UNCAPPED_BYTES_PER_SEC: u64 = 100 << 30;
+
+/// Capabilities and parameters both QEMUs get, from the operator's choices.
+pub fn qemu_settings(p: &MigrationParams) -> (serde_json::Value, serde_json::Value) {
+    let caps = json!([
+        { "capability": "events", "state": true },
+        { "capability": "auto-converge", "state": p.policy == MigrationPolicy::AutoConverge },
+    ]);
+    let params = json!({
+        "max-bandwidth": p.bandwidth_mibps.map_or(UNCAPPED_BYTES_PER_SEC, |m| m << 20),
+        "downtime-limit": p.downtime_ms,
+    });
+    (caps, params)
+}
+
+async fn configure(qmp: &Qmp, p: &MigrationParams) -> Result<(), String> {
+    let (caps, params) = qemu_settings(p);
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": caps })),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    qmp.execute("migrate-set-parameters", Some(params))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The destination's QEMU (started with `-incoming defer -S`) listens on `listen`.
+pub async fn listen_incoming(qmp: &Qmp, m: &MigrationRecord, listen: &str) -> Result<(), String> {
+    configure(qmp, &m.params).await?;
+    qmp.execute(
+        "migrate-incoming",
+        Some(json!({ "uri": format!("tcp:{listen}") })),
+    )
+    .await
+    .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    Ok(())
+}
+
+/// Writes `cmd`, retrying while the cluster has no leader; `Err(Some(e))` when the state
+/// machine refused it, `Err(None)` when the outcome is unknown.
+pub async fn write(node: &MetaNode, cmd: Command) -> Result<(), Option<ApplyError>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match node.write(cmd.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(csvd_raft::node::NodeError::Rejected(e)) => return Err(Some(e)),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, cmd = cmd.name(), "migration step not recorded yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, cmd = cmd.name(), "migration step not recorded");
+                return Err(None);
+            }
+        }
+    }
+}
+
+/// Ends migration `id` before its switchover, with `phase` and `error`.
+pub async fn give_up(
+    node: &MetaNode,
+    id: MigrationId,
+    phase: MigrationPhase,
+    error: Option<String>,
+) -> Result<(), Option<ApplyError>> {
+    write(
+        node,
+        Command::FinishMigration {
+            id,
+            phase,
+            error,
+            total_ms: None,
+            downtime_ms: None,
+            now_ms: now_ms(),
+            committed: false,
+        },
+    )
+    .await
+}
+
+fn progress(info: &MigrationInfo, elapsed: Duration) -> MigrationProgress {
+    let ram = info.ram.clone().unwrap_or_default();
+    MigrationProgress {
+        transferred_bytes: ram.transferred,
+        remaining_bytes: ram.remaining,
+        total_bytes: ram.total,
+        dirty_pages_rate: ram.dirty_pages_rate,
+        page_size: ram.page_size,
+        bytes_per_sec: (ram.mbps * 1e6 / 8.0) as u64,
+        expected_downtime_ms: info.expected_downtime.unwrap_or(0),
+        iterations: ram.dirty_sync_count,
+        elapsed_ms: elapsed.as_millis() as u64,
+    }
+}
+
+/// How the source's part ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceEnd {
+    /// The VM is the destination's; this QEMU was stopped.
+    Moved,
+    /// The VM stays (and runs) here.
+    Stayed,
+}
+
+/// Resumes the guest here if QEMU paused it (after a completed copy whose switchover did not
+/// happen).
+async fn resume_here(inst: &Instance) {
+    if let Ok(state) = inst.qmp.query_status().await
+        && state != RunState::Running
+        && let Err(e) = inst.qmp.cont().await
+    {
+        tracing::error!(error = %e, "cannot resume the guest on the source");
+    }
+}
+
+/// Runs the source's part of migration `m` (which is `ready`) on `inst`.
+pub async fn drive_source(
+    node: MetaNode,
+    inst: Instance,
+    m: MigrationRecord,
+    dest_addr: String,
+) -> SourceEnd {
+    let id = m.id;
+    let fail = |why: String| {
+        let node = node.clone();
+        async move {
+            tracing::warn!(migration = id, error = %why, "migration failed");
+            let _ = give_up(&node, id, MigrationPhase::Failed, Some(why)).await;
+        }
+    };
+    if let Err(e) = configure(&inst.qmp, &m.params).await {
+        fail(format!("source: {e}")).await;
+        return SourceEnd::Stayed;
+    }
+    let started = Instant::now();
+    if let Err(e) = inst
+        .qmp
+        .execute(
+            "migrate",
+            Some(json!({ "uri": format!("tcp:{dest_addr}") })),
+        )
+        .await
+    {
+        fail(format!("source: cannot send to {dest_addr}: {e}")).await;
+        return SourceEnd::Stayed;
+    }
+    let _ = write(
+        &node,
+        Command::AdvanceMigration {
+            id,
+            from: MigrationPhase::Ready,
+            to: MigrationPhase::Copying,
+        },
+    )
+    .await;
+    let mut last_report = Instant::now();
+    let mut cancelling = false;
+    let info = loop {
+        tokio::time::sleep(POLL).await;
+        let info = match inst.qmp.query_migrate().await {
+            Ok(i) => i,
+            Err(e) => {
+                // QEMU is gone: the guest is gone with it; the crash handling takes over.
+                fail(format!("source QEMU: {e}")).await;
+                return SourceEnd::Stayed;
+            }
+        };
+        match info.status.as_deref() {
+            Some("completed") => break info,
+            Some("failed") => {
+                let why = info
+                    .error_desc
+                    .clone()
+                    .unwrap_or_else(|| "QEMU reported a failure".into());
+                resume_here(&inst).await;
+                fail(format!("copy failed: {why}")).await;
+                return SourceEnd::Stayed;
+            }
+            Some("cancelled") => {
+                resume_here(&inst).await;
+                let _ = give_up(&node, id, MigrationPhase::Cancelled, None).await;
+                return SourceEnd::Stayed;
+            }
+            _ => {}
+        }
+        let record = node.local_view().state.migrations.get(&id).cloned();
+        if !cancelling
+            && record
+                .as_ref()
+                .is_none_or(|r| r.cancel_requested || r.phase.is_terminal())
+        {
+            cancelling = true;
+            tracing::info!(migration = id, "cancelling the copy");
+            let _ = inst.qmp.execute("migrate_cancel", None).await;
+        }
+        if last_report.elapsed() >= REPORT_EVERY {
+            last_report = Instant::now();
+            let p = progress(&info, started.elapsed());
+            let node = node.clone();
+            tokio::spawn(async move {
+                let _ = node
+                    .write(Command::ReportMigration { id, progress: p })
+                    .await;
+            });
+        }
+    };
+    // QEMU completed: the guest is paused here for good unless the switchover fails.
+    let switchover_at = now_ms();
+    let commit = write(
+        &node,
+        Command::CommitMigration {
+            id,
+            qemu_downtime_ms: info.downtime.unwrap_or(0),
+            switchover_at_ms: switchover_at,
+        },
+    )
+    .await;
+    let moved = match commit {
+        Ok(()) => true,
+        Err(refused) => {
+            // Make the switchover impossible before resuming here: whichever of the commit
+            // and this failure the log holds first wins.
+            let why = match &refused {
+                Some(e) => format!("switchover refused: {e}"),
+                None => "switchover could not be confirmed".to_string(),
+            };
+            let cancelled = node
+                .local_view()
+                .state
+                .migrations
+                .get(&id)
+                .is_some_and(|r| r.cancel_requested);
+            let (phase, error) = if cancelled {
+                (MigrationPhase::Cancelled, None)
+            } else {
+                (MigrationPhase::Failed, Some(why))
+            };
+            match give_up(&node, id, phase, error).await {
+                Ok(()) => false,
+                // Refused because the commit came first: the VM has moved.
+                Err(Some(_)) => node
+                    .local_view()
+                    .state
+                    .migrations
+                    .get(&id)
+                    .is_some_and(|r| {
+                        r.phase >= MigrationPhase::Committed
+                            && r.phase != MigrationPhase::Failed
+                            && r.phase != MigrationPhase::Cancelled
+                    }),
+                // Unknown: keep the guest paused (never two runners); an operator decides.
+                Err(None) => {
+                    tracing::error!(
+                        migration = id,
+                        "neither the switchover nor its failure could be recorded: the guest stays paused on the source"
+                    );
+                    return SourceEnd::Stayed;
+                }
+            }
+        }
+    };
+    if moved {
+        tracing::info!(
+            migration = id,
+            total_ms = started.elapsed().as_millis() as u64,
+            "switched over: stopping the source QEMU"
+        );
+        // This node's view must show the new owner before its QEMU ends, or the end would
+        // look like a crash of a VM this node still owns.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node
+            .local_view()
+            .state
+            .vms
+            .get(&m.vm)
+            .is_some_and(|v| v.owner == m.source)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if inst.qmp.quit().await.is_err() || !inst.wait_exit(Duration::from_secs(10)).await {
+            inst.kill().await;
+        }
+        SourceEnd::Moved
+    } else {
+        resume_here(&inst).await;
+        SourceEnd::Stayed
+    }
+}
+
+/// The destination resumes the guest after the commit and ends the migration.
+pub async fn resume_destination(
+    node: &MetaNode,
+    qmp: &Qmp,
+    m: &MigrationRecord,
+) -> Result<(), String> {
+    qmp.cont()
+        .await
+        .map_err(|e| format!("cannot resume the guest: {e}"))?;
+    let now = now_ms();
+    let qemu = m.qemu_downtime_ms.unwrap_or(0);
+    // From the source's pause to now: QEMU's own downtime, plus the commit and resume that
+    // followed the source's completion (node clocks are assumed to agree, as NTP keeps them).
+    let downtime = qemu + m.switchover_at_ms.map_or(0, |at| now.saturating_sub(at));
+    let total = m.started_at_ms.map(|s| now.saturating_sub(s));
+    let _ = write(
+        node,
+        Command::FinishMigration {
+            id: m.id,
+            phase: MigrationPhase::Completed,
+            error: None,
+            total_ms: total,
+            downtime_ms: Some(downtime),
+            now_ms: now,
+            committed: true,
+        },
+    )
+    .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_qemu_settings_follow_the_operator() {
+        let p = MigrationParams {
+            bandwidth_mibps: None,
+            downtime_ms: 50,
+            policy: MigrationPolicy::Precopy,
+        };
+        let (caps, params) = qemu_settings(&p);
+        // No silent 128 MiB/s cap.
+        assert_eq!(params["max-bandwidth"], UNCAPPED_BYTES_PER_SEC);
+        assert_eq!(params["downtime-limit"], 50);
+        assert_eq!(caps[1]["capability"], "auto-converge");
+        assert_eq!(caps[1]["state"], false);
+        let p = MigrationParams {
+            bandwidth_mibps: Some(200),
+            downtime_ms: 300,
+            policy: MigrationPolicy::AutoConverge,
+        };
+        let (caps, params) = qemu_settings(&p);
+        assert_eq!(params["max-bandwidth"], 200u64 << 20);
+        assert_eq!(caps[1]["state"], true);
+    }
+}
