@@ -10,6 +10,11 @@
 //! - Data goes through csv-fs (direct or redirected); reservations, LUN access lists and
 //!   software write protect are cluster metadata, so a registration made (or SWP set) through
 //!   one node holds on every other.
+//! - Never two writers: a disk attached to VMs is fenced ([`write_fence`]) so that of the
+//!   csvd node initiators (`iqn.2025-11.org.csvd:<cluster>:node-<id>`, the names the nodes'
+//!   QEMUs log in with) only those of the VMs' owners may write; a stale QEMU on a node that
+//!   no longer owns the VM (after a migration's switchover) gets RESERVATION CONFLICT.
+//!   Other initiators are governed by the access list alone.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,16 +23,17 @@ use csvd_csv_fs::engine::AlignedBuf;
 use csvd_csv_fs::node::IoError;
 use csvd_csv_fs::serial::CompareResult;
 use csvd_iscsi_target::backend::{
-    AluaState, Backend, BackendError, CompareOutcome, LunInfo, PortGroup,
+    AluaState, Backend, BackendError, CompareOutcome, LunInfo, PortGroup, WriteFence,
 };
 use csvd_iscsi_target::login::ChapSecrets;
 use csvd_iscsi_target::scsi::pr::PrState;
 use csvd_iscsi_target::server::Directory;
-use csvd_raft::ClusterState;
 use csvd_raft::command::Command;
 use csvd_raft::node::{MetaNode, NodeError};
 use csvd_raft::state::ApplyError;
+use csvd_raft::vm::node_initiator_name;
 use csvd_raft::volume::{DiskId, IoMode, iscsi_target_name as target_name, lun_uuid};
+use csvd_raft::{ClusterState, NodeId};
 
 use crate::shared::Shared;
 
@@ -101,10 +107,37 @@ fn io_error(e: IoError, writing: bool) -> BackendError {
     }
 }
 
+/// The write fence of a disk that VMs owned by `owners` use: of the csvd node initiators of
+/// `cluster` (names starting with `iqn.2025-11.org.csvd:<cluster>:node-`), only the owners'
+/// may write. `None` (no fence) when no VM uses the disk.
+fn write_fence(
+    cluster: uuid::Uuid,
+    owners: impl IntoIterator<Item = NodeId>,
+) -> Option<WriteFence> {
+    let owners: std::collections::BTreeSet<NodeId> = owners.into_iter().collect();
+    if owners.is_empty() {
+        return None;
+    }
+    Some(WriteFence {
+        prefix: format!("iqn.2025-11.org.csvd:{cluster}:node-"),
+        allowed: owners
+            .into_iter()
+            .map(|n| node_initiator_name(cluster, n))
+            .collect(),
+    })
+}
+
 fn luns_of(state: &ClusterState) -> Vec<LunInfo> {
     let Some(cluster) = state.cluster_id else {
         return Vec::new();
     };
+    // The owners of the VMs using each disk, in one pass over the VMs.
+    let mut owners: std::collections::BTreeMap<DiskId, Vec<NodeId>> = Default::default();
+    for vm in state.vms.values() {
+        for &disk in &vm.spec.disks {
+            owners.entry(disk).or_default().push(vm.owner);
+        }
+    }
     state
         .disks
         .values()
@@ -116,6 +149,7 @@ fn luns_of(state: &ClusterState) -> Vec<LunInfo> {
             block_size: d.block_size,
             thin: true,
             write_protected: d.write_protected,
+            write_fence: write_fence(cluster, owners.remove(&d.id).unwrap_or_default()),
         })
         .collect()
 }
@@ -544,5 +578,67 @@ impl Directory for CsvDirectory {
             return false;
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_write_fence_allows_the_owners_node_initiators_only() {
+        let cluster = uuid::Uuid::from_u128(0x1234);
+        assert_eq!(write_fence(cluster, []), None, "no VM: no fence");
+        let fence = write_fence(cluster, [3, 1, 3]).expect("a fence");
+        let name = |n: NodeId| node_initiator_name(cluster, n);
+        assert!(name(1).starts_with(&fence.prefix), "{}", fence.prefix);
+        // Deduplicated, one per owner.
+        assert_eq!(fence.allowed, vec![name(1), name(3)]);
+        assert!(fence.allows(&name(1)) && fence.allows(&name(3)));
+        assert!(!fence.allows(&name(2)));
+        assert!(!fence.allows(&name(31)), "node 31 is not node 3");
+        // Another cluster's nodes and other initiators are not fenced.
+        assert!(fence.allows(&node_initiator_name(uuid::Uuid::from_u128(7), 2)));
+        assert!(fence.allows("iqn.2025-11.org.example:tool"));
+    }
+
+    /// A VM in the replicated state's JSON form, owned by `owner`, using `disks`.
+    fn vm(n: u128, owner: NodeId, disks: &[u64]) -> serde_json::Value {
+        serde_json::json!({
+            "id": uuid::Uuid::from_u128(n), "name": format!("vm{n}"), "owner": owner,
+            "desired": "stopped", "created_at_ms": 0,
+            "spec": {"vcpus": 1, "memory_mib": 64, "cpu": "host", "disks": disks, "nics": [],
+                     "boot": {"kind": "disk"}},
+        })
+    }
+
+    #[test]
+    fn test_luns_of_fences_disks_attached_to_vms() {
+        let cluster = uuid::Uuid::from_u128(0xc1);
+        let disk = |id: u64| {
+            serde_json::json!({"id": id, "name": format!("d{id}"), "volume": uuid::Uuid::nil(),
+                               "size_bytes": 1 << 20, "extents": []})
+        };
+        let (a, b, c) = (vm(1, 2, &[1, 2]), vm(2, 3, &[2]), vm(3, 2, &[2]));
+        let state: ClusterState = serde_json::from_value(serde_json::json!({
+            "cluster_id": cluster, "nodes": {},
+            "disks": {"1": disk(1), "2": disk(2), "3": disk(3)},
+            "vms": {a["id"].as_str().unwrap(): a, b["id"].as_str().unwrap(): b,
+                    c["id"].as_str().unwrap(): c},
+        }))
+        .expect("a cluster state");
+        let luns = luns_of(&state);
+        let fence = |lun: u64| {
+            luns.iter()
+                .find(|l| l.lun == lun)
+                .unwrap()
+                .write_fence
+                .clone()
+        };
+        let name = |n: NodeId| node_initiator_name(cluster, n);
+        assert_eq!(fence(1).unwrap().allowed, vec![name(2)]);
+        // A shared disk: every owner of a VM using it, once.
+        assert_eq!(fence(2).unwrap().allowed, vec![name(2), name(3)]);
+        assert_eq!(fence(3), None, "attached to no VM");
     }
 }

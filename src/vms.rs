@@ -411,13 +411,23 @@ impl Agent {
                 // The destination QEMU died before the switchover: the VM stays on the
                 // source, and the migration fails.
                 tracing::warn!(vm = %id, migration, "the destination QEMU ended");
-                let _ = crate::migrate::give_up(
-                    &self.node,
-                    migration,
-                    MigrationPhase::Failed,
-                    Some("the destination QEMU ended".into()),
-                )
-                .await;
+                // After a cancel the source closes the stream, which ends this QEMU too.
+                let cancelled = self
+                    .node
+                    .local_view()
+                    .state
+                    .migrations
+                    .get(&migration)
+                    .is_some_and(|m| m.cancel_requested);
+                let (phase, why) = if cancelled {
+                    (MigrationPhase::Cancelled, None)
+                } else {
+                    (
+                        MigrationPhase::Failed,
+                        Some("the destination QEMU ended".to_string()),
+                    )
+                };
+                let _ = crate::migrate::give_up(&self.node, migration, phase, why).await;
                 let state = self.node.local_view().state.clone();
                 if let Some(vm) = state.vms.get(&id) {
                     remove_taps(&nic_attachments(vm, self.me())).await;

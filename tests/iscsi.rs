@@ -4,7 +4,9 @@
 //! identity and size on each path; data QEMU's iSCSI driver (`qemu-io`) writes through one
 //! node reads back through the others. A persistent reservation registered through node 1
 //! refuses another initiator's write arriving through node 3, and so does write protection set
-//! with the CLI through node 1. Tools that are missing are reported as a skip line.
+//! with the CLI through node 1. A LUN attached to a VM takes writes from the owner node's
+//! initiator name only among the nodes' names. Tools that are missing are reported as a skip
+//! line.
 
 mod common;
 
@@ -731,4 +733,112 @@ async fn test_iscsi_outstanding_write_data_is_bounded() {
         );
     };
     assert_eq!(status, 0x28, "TASK SET FULL");
+}
+
+/// Writes `block` at `lba` through `i` until the status is `want`, for at most 10 s (the
+/// portal's node applies a metadata change a moment after the CLI returns); returns the
+/// last result.
+async fn write_until(
+    i: &mut Initiator,
+    lun: u64,
+    lba: u64,
+    block: &[u8],
+    want: u8,
+) -> common::initiator::ScsiResult {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = i.command(lun, &cdb::write16(lba, 8), block, 0).await;
+        if r.status == want || std::time::Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Never two writers: once a VM owned by node 2 uses the LUN, the target takes writes to it
+/// from node 2's initiator name (`iqn.2025-11.org.csvd:<cluster>:node-2`, the name node 2's
+/// QEMU logs in with) but answers node 1's with RESERVATION CONFLICT, whichever portal
+/// they come through; node 1 still reads, and initiators outside the nodes' names (an
+/// operator's tool) write as before. Deleting the VM lifts the fence. The VM is never
+/// started: the record alone decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_iscsi_vm_disk_takes_writes_from_owner_node_only() {
+    let s = setup().await;
+    let endpoint = s.cluster.nodes[0].endpoint();
+    let cluster = s.cluster.nodes[0]
+        .client()
+        .state()
+        .await
+        .expect("the cluster state")
+        .cluster_id
+        .expect("a cluster id");
+    let node_name = |n: u64| format!("iqn.2025-11.org.csvd:{cluster}:node-{n}");
+    assert_eq!(node_name(2), csvd_raft::vm::node_initiator_name(cluster, 2));
+    let login = |node: usize, name: String, n: u8| {
+        let portal = s.cluster.nodes[node].iscsi.clone();
+        let target = s.target.clone();
+        async move {
+            let mut i = Initiator::login(&portal, &name, [0x80, 0, 0, 0, 7, n], Some(&target), &[])
+                .await
+                .unwrap_or_else(|e| panic!("login as {name}: {e:?}"));
+            let _ = i.command(s.lun, &[0; 6], &[], 0).await; // the new nexus's unit attention
+            i
+        }
+    };
+    let mut stale = login(0, node_name(1), 1).await;
+    let mut owner = login(1, node_name(2), 2).await;
+    let mut tool = login(2, "iqn.2025-11.org.example:tool".into(), 3).await;
+    let block = vec![0x61u8; 4096];
+    let r = stale.command(s.lun, &cdb::write16(0, 8), &block, 0).await;
+    assert_eq!(r.status, 0, "node 1 writes while no VM uses the LUN: {r:?}");
+
+    let out = migrator(&[
+        "--endpoint",
+        &endpoint,
+        "vm",
+        "create",
+        "fenced",
+        "--memory",
+        "64",
+        "--disk",
+        "disk1",
+        "--kernel",
+        "/bin/sh",
+        "--node",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let r = write_until(&mut stale, s.lun, 0, &vec![0x62u8; 4096], 0x18).await;
+    assert_eq!(r.status, 0x18, "node 1's write must conflict: {r:?}");
+    let r = stale.command(s.lun, &cdb::read16(0, 8), &[], 4096).await;
+    assert_eq!(r.status, 0, "node 1 still reads: {r:?}");
+    assert!(r.data == block, "the refused write changed the data");
+    // Through node 2's portal as well: the rule is the initiator's, not the portal's.
+    let mut stale_via2 = login(1, node_name(1), 4).await;
+    let r = stale_via2
+        .command(s.lun, &cdb::write16(0, 8), &vec![0x63u8; 4096], 0)
+        .await;
+    assert_eq!(r.status, 0x18, "node 1's name through node 2: {r:?}");
+
+    let owned = vec![0x64u8; 4096];
+    let r = owner.command(s.lun, &cdb::write16(8, 8), &owned, 0).await;
+    assert_eq!(r.status, 0, "the owner node writes: {r:?}");
+    let tooled = vec![0x65u8; 4096];
+    let r = tool.command(s.lun, &cdb::write16(16, 8), &tooled, 0).await;
+    assert_eq!(
+        r.status, 0,
+        "an initiator outside the nodes' names writes: {r:?}"
+    );
+    let r = stale.command(s.lun, &cdb::read16(8, 16), &[], 8192).await;
+    assert_eq!(r.status, 0, "{r:?}");
+    assert!(r.data[..4096] == owned[..] && r.data[4096..] == tooled[..]);
+
+    let out = migrator(&["--endpoint", &endpoint, "vm", "delete", "fenced"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r = write_until(&mut stale, s.lun, 0, &vec![0x66u8; 4096], 0).await;
+    assert_eq!(r.status, 0, "node 1 writes once no VM uses the LUN: {r:?}");
+    for i in [stale, stale_via2, owner, tool] {
+        assert_eq!(i.logout().await, 0);
+    }
 }

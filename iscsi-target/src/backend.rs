@@ -45,6 +45,59 @@ pub struct LunInfo {
     /// WRITE PROTECTED, whichever node's portal it arrives through. Changed with
     /// [`Backend::set_write_protect`].
     pub write_protected: bool,
+    /// Which initiators of a group may write ([`WriteFence`]); `None`: no fence, every
+    /// initiator that may see the LUN may write (subject to reservations and
+    /// [`LunInfo::write_protected`]). A fenced initiator's commands that would change the
+    /// medium fail with RESERVATION CONFLICT; its reads, and every other initiator's commands,
+    /// are not affected.
+    pub write_fence: Option<WriteFence>,
+}
+
+/// A write fence: initiators whose names start with [`WriteFence::prefix`] may change the
+/// medium of the LUN only if they are listed in [`WriteFence::allowed`].
+///
+/// A target fences a group of initiators it knows (for instance the hosts of a cluster, each
+/// logging in with its own name under a common prefix) so that only the members entitled to
+/// the LUN write to it, without restricting anyone outside the group: an initiator whose name
+/// does not start with the prefix is not affected, and neither are reads. A fenced command
+/// that would change the medium (WRITE, WRITE AND VERIFY, WRITE SAME, UNMAP, COMPARE AND
+/// WRITE, ORWRITE, an EXTENDED COPY into the LUN) gets RESERVATION CONFLICT, as a
+/// persistent-reservation fence answers it, and changes nothing. iSCSI names are compared
+/// without regard to ASCII case.
+///
+/// ```
+/// # use csvd_iscsi_target::backend::WriteFence;
+/// let fence = WriteFence {
+///     prefix: "iqn.2025-11.org.example:host-".into(),
+///     allowed: vec!["iqn.2025-11.org.example:host-2".into()],
+/// };
+/// assert!(fence.allows("iqn.2025-11.org.example:host-2"));
+/// assert!(!fence.allows("iqn.2025-11.org.example:host-1"));
+/// // Outside the group: not fenced.
+/// assert!(fence.allows("iqn.2025-11.org.example:backup-tool"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteFence {
+    /// The group of initiator names the fence applies to: every name that starts with it.
+    pub prefix: String,
+    /// The initiators of the group that may write. Empty: none of them may.
+    pub allowed: Vec<String>,
+}
+
+impl WriteFence {
+    /// Whether `initiator` may change the medium under this fence: it is outside the group,
+    /// or listed.
+    pub fn allows(&self, initiator: &str) -> bool {
+        let in_group = initiator
+            .as_bytes()
+            .get(..self.prefix.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(self.prefix.as_bytes()));
+        !in_group
+            || self
+                .allowed
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(initiator))
+    }
 }
 
 impl LunInfo {
@@ -60,12 +113,22 @@ impl LunInfo {
     ///     block_size: 512,
     ///     thin: true,
     ///     write_protected: false,
+    ///     write_fence: None,
     /// };
     /// assert_eq!(lun.blocks(), 2048);
     /// assert_eq!(lun.blocks_per_physical(), 8);
+    /// assert!(lun.may_write("iqn.2025-11.org.example:any"));
     /// ```
     pub fn blocks(&self) -> u64 {
         self.size_bytes / u64::from(self.block_size.max(1))
+    }
+
+    /// Whether `initiator` may change the medium as far as the LUN's [`WriteFence`] goes
+    /// (always, without one). Reservations and software write protect are checked apart.
+    pub fn may_write(&self, initiator: &str) -> bool {
+        self.write_fence
+            .as_ref()
+            .is_none_or(|f| f.allows(initiator))
     }
 
     /// The logical block size as a `u64`, for offset arithmetic.
@@ -330,4 +393,47 @@ pub trait Backend: Send + Sync + 'static {
         expected: u64,
         new: crate::scsi::pr::PrState,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_write_fence_allows_outsiders_and_listed_members() {
+        let fence = WriteFence {
+            prefix: "iqn.2025-11.org.example:c1:node-".into(),
+            allowed: vec!["iqn.2025-11.org.example:c1:node-2".into()],
+        };
+        // Members of the group: only the listed one, whatever the case of the name.
+        assert!(fence.allows("iqn.2025-11.org.example:c1:node-2"));
+        assert!(fence.allows("IQN.2025-11.ORG.EXAMPLE:C1:NODE-2"));
+        assert!(!fence.allows("iqn.2025-11.org.example:c1:node-1"));
+        assert!(!fence.allows("IQN.2025-11.org.example:c1:NODE-1"));
+        assert!(!fence.allows("iqn.2025-11.org.example:c1:node-22"));
+        assert!(!fence.allows("iqn.2025-11.org.example:c1:node-"));
+        // Outside the group: a shorter name, another prefix, non-ASCII at the boundary.
+        assert!(fence.allows("iqn.2025-11.org.example:c1:node"));
+        assert!(fence.allows("iqn.2025-11.org.example:c2:node-1"));
+        assert!(fence.allows("iqn.2025-11.org.example:c1:nodé-1"));
+        assert!(fence.allows(""));
+        // No one listed: every member is refused.
+        let closed = WriteFence {
+            allowed: Vec::new(),
+            ..fence
+        };
+        assert!(!closed.allows("iqn.2025-11.org.example:c1:node-2"));
+        let lun = LunInfo {
+            lun: 0,
+            uuid: [0; 16],
+            name: "d".into(),
+            size_bytes: 4096,
+            block_size: 4096,
+            thin: false,
+            write_protected: false,
+            write_fence: Some(closed),
+        };
+        assert!(!lun.may_write("iqn.2025-11.org.example:c1:node-2"));
+        assert!(lun.may_write("iqn.2025-11.org.example:tool"));
+    }
 }

@@ -6,7 +6,8 @@
 //! partial block is read, changed and stored whole). COMPARE AND WRITE holds the lock across
 //! its compare and its write, and the reservation state is replaced only when its version
 //! matches, as the cluster backend does. Software write protect is a field of the stored LUN,
-//! so every target that lists the LUN shows it. Faults can be injected: failing reads or
+//! so every target that lists the LUN shows it; a write fence is set per target and LUN
+//! ([`MemBackend::set_write_fence`]). Faults can be injected: failing reads or
 //! writes, a LUN that is not ready, lost compare-and-set races.
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,7 +15,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::backend::{
     AluaState, Backend, BackendError, CompareOutcome, LOGICAL_BLOCK_SIZES, LunInfo, PortGroup,
-    Provisioning,
+    Provisioning, WriteFence,
 };
 use crate::scsi::pr::PrState;
 
@@ -159,6 +160,7 @@ impl MemBackend {
             block_size,
             thin,
             write_protected: false,
+            write_fence: None,
         };
         self.add_lun(target, info.clone());
         info
@@ -189,6 +191,35 @@ impl MemBackend {
             .and_then(|ls| ls.iter_mut().find(|l| l.lun == lun))
         {
             l.size_bytes = size_bytes;
+        }
+        g.generation += 1;
+    }
+
+    /// Sets (or with `None` removes) the write fence of LUN `lun` of `target`
+    /// ([`LunInfo::write_fence`]).
+    ///
+    /// ```
+    /// # use csvd_iscsi_target::mem::MemBackend;
+    /// # use csvd_iscsi_target::backend::{Backend, WriteFence};
+    /// let mem = MemBackend::new();
+    /// mem.create_lun("iqn.2024-01.test:t", 0, 100, 512, true);
+    /// let fence = WriteFence {
+    ///     prefix: "iqn.2024-01.test:host-".into(),
+    ///     allowed: vec!["iqn.2024-01.test:host-1".into()],
+    /// };
+    /// mem.set_write_fence("iqn.2024-01.test:t", 0, Some(fence));
+    /// let lun = &mem.luns("iqn.2024-01.test:t")[0];
+    /// assert!(lun.may_write("iqn.2024-01.test:host-1"));
+    /// assert!(!lun.may_write("iqn.2024-01.test:host-2"));
+    /// ```
+    pub fn set_write_fence(&self, target: &str, lun: u64, fence: Option<WriteFence>) {
+        let mut g = self.lock();
+        if let Some(l) = g
+            .targets
+            .get_mut(target)
+            .and_then(|ls| ls.iter_mut().find(|l| l.lun == lun))
+        {
+            l.write_fence = fence;
         }
         g.generation += 1;
     }
@@ -537,6 +568,7 @@ mod tests {
             size_bytes: 64 * BS,
             thin,
             write_protected: false,
+            write_fence: None,
         }
     }
 

@@ -352,6 +352,20 @@ pub enum ClusterCmd {
 pub enum NodeCmd {
     /// List the nodes with their role, state, addresses and version.
     List,
+    /// Maintenance: the node takes no new VMs, and every VM it owns moves to the best other
+    /// node (running ones live, within the migration limits; stopped ones by ownership).
+    Drain {
+        /// The node's id.
+        node: u64,
+        /// Return once the migrations are recorded.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// End maintenance: the node takes VMs again.
+    Resume {
+        /// The node's id.
+        node: u64,
+    },
 }
 
 /// The first line of a command-line error, for tools that report failures in one line.
@@ -453,6 +467,23 @@ async fn run(cli: &Cli) -> Result<String, String> {
                 serde_json::json!({ "left": node }).to_string()
             } else {
                 format!("{who} left the cluster")
+            })
+        }
+        Noun::Node(NodeCmd::Drain { node, no_wait }) => {
+            crate::migrate::drain(&mut client, *node, *no_wait, cli.json).await
+        }
+        Noun::Node(NodeCmd::Resume { node }) => {
+            client
+                .write(csvd_raft::command::Command::SetNodeState {
+                    id: *node,
+                    state: csvd_raft::state::NodeAdminState::Active,
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(if cli.json {
+                serde_json::json!({ "node": node, "state": "active" }).to_string()
+            } else {
+                format!("node {node} takes VMs again")
             })
         }
         Noun::Node(NodeCmd::List) => {

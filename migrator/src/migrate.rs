@@ -16,6 +16,8 @@ use csvd_raft::migration::{
     DEFAULT_DOWNTIME_MS, MigrationId, MigrationParams, MigrationPhase, MigrationPolicy,
     MigrationRecord,
 };
+use csvd_raft::state::NodeAdminState;
+use csvd_raft::vm::{VmDesired, VmState};
 use serde::Serialize;
 
 use crate::cli::MigrationCmd;
@@ -240,6 +242,163 @@ pub async fn migrate(
         });
     }
     follow(client, id, as_json).await
+}
+
+/// `migrator node drain NODE`: no new VMs on the node, and every VM it owns moves away.
+pub async fn drain(
+    client: &mut ClusterClient,
+    node: u64,
+    no_wait: bool,
+    as_json: bool,
+) -> Result<String, String> {
+    client
+        .write(Command::SetNodeState {
+            id: node,
+            state: NodeAdminState::Draining,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut started: Vec<MigrationId> = Vec::new();
+    let mut moved_cold: Vec<String> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    let state = client.state().await.map_err(|e| e.to_string())?;
+    let mut vms: Vec<_> = state
+        .vms
+        .values()
+        .filter(|v| v.owner == node)
+        .cloned()
+        .collect();
+    vms.sort_by(|a, b| a.name.cmp(&b.name));
+    for v in vms {
+        // Placement sees the migrations already started, so VMs spread out.
+        let state = client.state().await.map_err(|e| e.to_string())?;
+        if let Some(m) = state.open_migration(v.id) {
+            started.push(m.id);
+            continue;
+        }
+        let dest = match crate::vms::place(&state, &v.spec) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(format!("{}: {e}", v.name));
+                continue;
+            }
+        };
+        let running = v
+            .runtime
+            .as_ref()
+            .is_some_and(|r| r.node == node && r.state == VmState::Running);
+        if v.desired == VmDesired::Running && running {
+            let cmd = Command::StartMigration {
+                vm: v.id,
+                dest,
+                params: MigrationParams {
+                    bandwidth_mibps: None,
+                    downtime_ms: DEFAULT_DOWNTIME_MS,
+                    policy: MigrationPolicy::Precopy,
+                },
+                now_ms: csvd_raft::node::now_ms(),
+            };
+            match client.write(cmd).await {
+                Ok((Outcome::Created { id }, _)) => started.push(id),
+                Ok((o, _)) => problems.push(format!("{}: unexpected outcome {o:?}", v.name)),
+                Err(e) => problems.push(format!("{}: {e}", v.name)),
+            }
+        } else if v.desired == VmDesired::Stopped {
+            match client
+                .write(Command::SetVmOwner {
+                    id: v.id,
+                    owner: dest,
+                    expected: node,
+                })
+                .await
+            {
+                Ok(_) => moved_cold.push(format!("{} -> node {dest}", v.name)),
+                Err(e) => problems.push(format!("{}: {e}", v.name)),
+            }
+        } else {
+            problems.push(format!(
+                "{}: it is starting or stopping; drain again when it settles",
+                v.name
+            ));
+        }
+    }
+    let mut outcomes = Vec::new();
+    if !no_wait {
+        for id in &started {
+            let end = follow_quiet(client, *id).await?;
+            if end.phase != MigrationPhase::Completed {
+                problems.push(format!(
+                    "{}: migration {} {}{}",
+                    end.vm_name,
+                    end.id,
+                    end.phase.as_str(),
+                    end.error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                ));
+            }
+            outcomes.push(end);
+        }
+    }
+    if as_json {
+        let out = json(&serde_json::json!({
+            "node": node,
+            "migrations": if no_wait { serde_json::json!(started) } else { serde_json::to_value(&outcomes).unwrap_or_default() },
+            "moved_stopped": moved_cold,
+            "problems": problems,
+        }));
+        return if problems.is_empty() {
+            Ok(out)
+        } else {
+            Err(out.replace('\n', " "))
+        };
+    }
+    let mut lines = vec![format!("node {node} is draining: it takes no new VMs")];
+    for m in &outcomes {
+        lines.push(format!(
+            "  {} -> node {}: {} ({} ms, downtime {} ms)",
+            m.vm_name,
+            m.dest,
+            m.phase.as_str(),
+            m.total_ms.unwrap_or(0),
+            m.downtime_ms.unwrap_or(0)
+        ));
+    }
+    if no_wait {
+        lines.push(format!("  {} migrations started or queued", started.len()));
+    }
+    for c in &moved_cold {
+        lines.push(format!("  {c} (stopped)"));
+    }
+    if problems.is_empty() {
+        Ok(lines.join("\n"))
+    } else {
+        Err(format!(
+            "{}; not moved: {}",
+            lines.join("; "),
+            problems.join("; ")
+        ))
+    }
+}
+
+/// Waits for migration `id` to end, without printing.
+async fn follow_quiet(
+    client: &mut ClusterClient,
+    id: MigrationId,
+) -> Result<MigrationRecord, String> {
+    loop {
+        let state = client.state().await.map_err(|e| e.to_string())?;
+        let m = state
+            .migrations
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| format!("migration {id} is gone"))?;
+        if m.phase.is_terminal() {
+            return Ok(m);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Runs a `migration` subcommand.

@@ -183,10 +183,20 @@ impl ClusterState {
     }
 
     /// MiB of memory that VMs meant to run on `node` take, leaving out `except`.
+    /// Counts VMs migrating to `node` too: their memory is taken there before the switchover.
     pub fn committed_memory_mib(&self, node: NodeId, except: Option<Uuid>) -> u64 {
+        let incoming = |v: &VmRecord| {
+            self.migrations
+                .values()
+                .any(|m| m.vm == v.id && m.dest == node && !m.phase.is_terminal())
+        };
         self.vms
             .values()
-            .filter(|v| v.owner == node && v.desired == VmDesired::Running && Some(v.id) != except)
+            .filter(|v| {
+                Some(v.id) != except
+                    && v.desired == VmDesired::Running
+                    && (v.owner == node || incoming(v))
+            })
             .map(|v| v.spec.memory_mib)
             .sum()
     }

@@ -228,6 +228,17 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
+        // Guests run daemonized so that they outlive csvd; a test's guests must not outlive
+        // the test. Their QEMU command lines name files in the node's data dir.
+        if self.dir.join("vms").is_dir() {
+            let _ = Command::new("pkill")
+                .args([
+                    "-KILL",
+                    "-f",
+                    &format!("qemu-system-x86_64 .*{}/vms/", self.dir.display()),
+                ])
+                .status();
+        }
     }
 }
 

@@ -13,11 +13,25 @@
 //!    the command (except for INQUIRY, REPORT LUNS and REQUEST SENSE, which returns it);
 //! 4. ALUA: in the unavailable or transitioning state only the commands SPC-4 allows run;
 //! 5. reservations: [`pr::access`] on the LUN's cluster-wide reservation state;
-//! 6. software write protect: while the LUN's SWP is set ([`LunInfo::write_protected`], the
-//!    same on every node), a command that would change the medium (flagged
-//!    `cdb::WRITES`) fails with DATA PROTECT, LOGICAL UNIT SOFTWARE WRITE PROTECTED;
-//!    EXTENDED COPY checks its destination LUNs when it has resolved them;
-//! 7. the command itself, which checks its fields, ranges and Data-Out length.
+//! 6. write fence: a command that would change the medium (flagged `cdb::WRITES`) from an
+//!    initiator the LUN's [`WriteFence`](crate::backend::WriteFence) shuts out
+//!    ([`LunInfo::may_write`]) fails with RESERVATION CONFLICT;
+//! 7. software write protect: while the LUN's SWP is set ([`LunInfo::write_protected`], the
+//!    same on every node), a command that would change the medium fails with DATA PROTECT,
+//!    LOGICAL UNIT SOFTWARE WRITE PROTECTED;
+//! 8. the command itself, which checks its fields, ranges and Data-Out length.
+//!
+//! EXTENDED COPY is not flagged `cdb::WRITES` (the LUN it is sent to may be only its
+//! source): it applies steps 5 to 7 to each LUN it writes once it has resolved the copy
+//! targets, in the same order.
+//!
+//! The write fence comes after the reservation check and before SWP because it is a
+//! reservation the target keeps for the initiator group rather than one an initiator made:
+//! a fenced initiator gets RESERVATION CONFLICT whether or not the LUN is also write
+//! protected (its writes would be refused either way, and the conflict is what tells it that
+//! it lost the LUN), while an initiator the fence lets through still gets DATA PROTECT from
+//! SWP. Like a persistent reservation, the fence neither hides the LUN (access control, step
+//! 2, does that) nor refuses reads.
 //!
 //! Every LBA, transfer length and limit is in logical blocks of the LUN's own block size
 //! ([`LunInfo::block_size`], 512 or 4096 bytes); the physical block is always
@@ -599,6 +613,10 @@ impl<B: Backend> Scsi<B> {
             && !state.is_empty()
             && pr::access(&state, nexus, cdb) == Access::Conflict
         {
+            return Err(Failure::Conflict);
+        }
+
+        if info.has(cdb::WRITES) && !lu.may_write(&nexus.initiator) {
             return Err(Failure::Conflict);
         }
 

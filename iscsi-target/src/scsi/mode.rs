@@ -288,6 +288,7 @@ mod tests {
             block_size,
             thin: false,
             write_protected: false,
+            write_fence: None,
         }
     }
 

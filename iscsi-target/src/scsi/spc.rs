@@ -444,6 +444,7 @@ mod tests {
             size_bytes: 1 << 30,
             thin,
             write_protected: false,
+            write_fence: None,
         }
     }
 

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use super::cdb::{OPS, be16, be32, be64};
 use super::sense::{Sense, codes, key};
 use super::*;
-use crate::backend::{AluaState, Backend, BackendError, LunInfo, Nexus, PortGroup};
+use crate::backend::{AluaState, Backend, BackendError, LunInfo, Nexus, PortGroup, WriteFence};
 use crate::mem::{Faults, MemBackend};
 
 const T: &str = "iqn.2024-01.test:target";
@@ -37,6 +37,7 @@ fn lun_info_bs(lun: u64, blocks: u64, thin: bool, bs: usize) -> LunInfo {
         size_bytes: blocks * bs as u64,
         thin,
         write_protected: false,
+        write_fence: None,
     }
 }
 
@@ -1889,44 +1890,14 @@ async fn select_swp(f: &Fixture, n: &Nexus, on: bool) -> Response<Vec<u8>> {
         .await
 }
 
-/// Software write protect on a thin LUN of `bs`-byte blocks: set with MODE SELECT, every
-/// command that would change the medium refused, reads and the rest served, other nexuses
-/// told, and cleared again.
-async fn write_protect(bs: usize) {
-    let f = Fixture::ready_bs(true, 100, bs).await;
-    let lu = f.lun();
-    let other = nexus("iqn.i2", 2);
-    assert_eq!(
-        check(&f.run_on(&other, 0, &[0; 6], None).await),
-        codes::RESET_OCCURRED
-    );
-    // SWP is the one changeable bit of the control page.
-    let ch = good(&f.run(&control_page(0x40), None).await);
-    assert_eq!(&ch[4..6], &[0x0a, 0x0a]);
-    for (i, &b) in ch.iter().enumerate().skip(6) {
-        assert_eq!(b, if i == 8 { 0x08 } else { 0 }, "changeable byte {i}");
-    }
-    let data: Vec<u8> = (0..4 * bs).map(|i| (i % 251) as u8).collect();
-    good(&f.run(&cdb10(0x2a, 0, 0, 4), Some(data.clone())).await);
+/// A command's name, CDB and Data-Out.
+type NamedCommand = (&'static str, Vec<u8>, Option<Vec<u8>>);
 
-    good(&select_swp(&f, &f.n, true).await);
-    assert!(f.lun().write_protected);
-    // The nexus that set it gets no unit attention; WP shows in both headers, SWP in the page.
-    good(&f.run(&[0; 6], None).await);
-    let d = good(&f.run(&control_page(0x00), None).await);
-    assert_eq!((d[2], d[8] & 0x08), (0x90, 0x08));
-    let d = good(
-        &f.run(&[0x5a, 0x08, 0x3f, 0, 0, 0, 0, 0, 255, 0], None)
-            .await,
-    );
-    assert_eq!(d[3], 0x90);
-    // Another nexus hears MODE PARAMETERS CHANGED, once.
-    assert_eq!(
-        check(&f.run_on(&other, 0, &[0; 6], None).await),
-        codes::MODE_PARAMETERS_CHANGED
-    );
-    good(&f.run_on(&other, 0, &[0; 6], None).await);
-
+/// Every command that changes the medium of `lu` (`bs`-byte blocks) at LBA 0 or 1, with its
+/// Data-Out, named: WRITE 6/10/12/16, WRITE AND VERIFY 10/12/16, WRITE SAME 10/16 with and
+/// without UNMAP, UNMAP, COMPARE AND WRITE (comparing with `at_lba0`, what LBA 0 holds, so
+/// only a refusal stops it), ORWRITE, and an EXTENDED COPY within the LUN to LBA 50.
+fn medium_changers(bs: usize, lu: &LunInfo, at_lba0: &[u8]) -> Vec<NamedCommand> {
     let block = vec![0xeeu8; bs];
     let mut unmap = vec![0u8; 8];
     unmap[0..2].copy_from_slice(&22u16.to_be_bytes());
@@ -1934,10 +1905,10 @@ async fn write_protect(bs: usize) {
     unmap.extend_from_slice(&0u64.to_be_bytes());
     unmap.extend_from_slice(&2u32.to_be_bytes());
     unmap.extend_from_slice(&[0; 4]);
-    let mut caw_data = data[..bs].to_vec();
+    let mut caw_data = at_lba0.to_vec();
     caw_data.extend_from_slice(&block);
-    let copy = xcopy_list(1, 0, &[(&lu, bs as u32)], &[(0, 0, 1, 0, 50)]);
-    let refused = [
+    let copy = xcopy_list(1, 0, &[(lu, bs as u32)], &[(0, 0, 1, 0, 50)]);
+    vec![
         ("WRITE (6)", vec![0x0a, 0, 0, 0, 1, 0], Some(block.clone())),
         (
             "WRITE (10)",
@@ -1993,7 +1964,49 @@ async fn write_protect(bs: usize) {
         ("COMPARE AND WRITE", caw(0, 1, 0).to_vec(), Some(caw_data)),
         ("ORWRITE", orwrite(0, 1, 0).to_vec(), Some(block.clone())),
         ("EXTENDED COPY", xcopy_cdb(copy.len()).to_vec(), Some(copy)),
-    ];
+    ]
+}
+
+/// Software write protect on a thin LUN of `bs`-byte blocks: set with MODE SELECT, every
+/// command that would change the medium refused, reads and the rest served, other nexuses
+/// told, and cleared again.
+async fn write_protect(bs: usize) {
+    let f = Fixture::ready_bs(true, 100, bs).await;
+    let lu = f.lun();
+    let other = nexus("iqn.i2", 2);
+    assert_eq!(
+        check(&f.run_on(&other, 0, &[0; 6], None).await),
+        codes::RESET_OCCURRED
+    );
+    // SWP is the one changeable bit of the control page.
+    let ch = good(&f.run(&control_page(0x40), None).await);
+    assert_eq!(&ch[4..6], &[0x0a, 0x0a]);
+    for (i, &b) in ch.iter().enumerate().skip(6) {
+        assert_eq!(b, if i == 8 { 0x08 } else { 0 }, "changeable byte {i}");
+    }
+    let data: Vec<u8> = (0..4 * bs).map(|i| (i % 251) as u8).collect();
+    good(&f.run(&cdb10(0x2a, 0, 0, 4), Some(data.clone())).await);
+
+    good(&select_swp(&f, &f.n, true).await);
+    assert!(f.lun().write_protected);
+    // The nexus that set it gets no unit attention; WP shows in both headers, SWP in the page.
+    good(&f.run(&[0; 6], None).await);
+    let d = good(&f.run(&control_page(0x00), None).await);
+    assert_eq!((d[2], d[8] & 0x08), (0x90, 0x08));
+    let d = good(
+        &f.run(&[0x5a, 0x08, 0x3f, 0, 0, 0, 0, 0, 255, 0], None)
+            .await,
+    );
+    assert_eq!(d[3], 0x90);
+    // Another nexus hears MODE PARAMETERS CHANGED, once.
+    assert_eq!(
+        check(&f.run_on(&other, 0, &[0; 6], None).await),
+        codes::MODE_PARAMETERS_CHANGED
+    );
+    good(&f.run_on(&other, 0, &[0; 6], None).await);
+
+    let block = vec![0xeeu8; bs];
+    let refused = medium_changers(bs, &lu, &data[..bs]);
     for (name, cdb, data_out) in &refused {
         for n in [&f.n, &other] {
             assert_eq!(
@@ -2100,4 +2113,228 @@ async fn test_execute_xcopy_refused_into_write_protected_lun() {
     let p = xcopy_list(2, 0, &[(&b, 4096), (&a, 4096)], &[(0, 1, 1, 0, 5)]);
     good(&f.run_on(&f.n, 1, &xcopy_cdb(p.len()), Some(p)).await);
     assert_eq!(good(&f.run(&cdb10(0x28, 0, 5, 1), None).await), vec![0; BS]);
+}
+
+/// The initiator group the write fence tests fence: hosts named `iqn.2024-01.test:host-<n>`.
+const HOSTS: &str = "iqn.2024-01.test:host-";
+
+/// A fence on [`HOSTS`] letting `allowed` (names of the group) write.
+fn host_fence(allowed: &[&Nexus]) -> WriteFence {
+    WriteFence {
+        prefix: HOSTS.into(),
+        allowed: allowed.iter().map(|n| n.initiator.clone()).collect(),
+    }
+}
+
+/// Runs TEST UNIT READY through `n` on `lun` until it is GOOD (clearing the unit attentions
+/// of a new nexus).
+async fn settle(f: &Fixture, n: &Nexus, lun: u64) {
+    for _ in 0..4 {
+        if f.run_on(n, lun, &[0; 6], None).await.status == status::GOOD {
+            return;
+        }
+    }
+    panic!("unit attentions keep coming for {}", n.initiator);
+}
+
+/// A write fence on a thin LUN of `bs`-byte blocks: a host of the fenced group that is not
+/// allowed gets RESERVATION CONFLICT for every command that would change the medium, and
+/// nothing changes; it still reads, verifies, flushes and uses reservations. The allowed host
+/// and an initiator outside the group write. Removing the fence lets the host write again.
+async fn write_fence(bs: usize) {
+    let f = Fixture::ready_bs(true, 100, bs).await;
+    let lu = f.lun();
+    let owner = nexus("iqn.2024-01.test:host-2", 2);
+    let stale = nexus("iqn.2024-01.test:host-1", 3);
+    let outsider = &f.n; // iqn.i1: not a name of the group
+    for n in [&owner, &stale] {
+        settle(&f, n, 0).await;
+    }
+    let data: Vec<u8> = (0..4 * bs).map(|i| (i % 251) as u8).collect();
+    good(
+        &f.run_on(&stale, 0, &cdb10(0x2a, 0, 0, 4), Some(data.clone()))
+            .await,
+    );
+
+    f.mem.set_write_fence(T, 0, Some(host_fence(&[&owner])));
+    // Not a unit attention: the fence is no mode parameter, and the LUN stays visible.
+    for n in [&owner, &stale, outsider] {
+        good(&f.run_on(n, 0, &[0; 6], None).await);
+    }
+
+    for (name, cdb, data_out) in medium_changers(bs, &lu, &data[..bs]) {
+        let r = f.run_on(&stale, 0, &cdb, data_out).await;
+        assert_eq!(r.status, status::RESERVATION_CONFLICT, "{name}: {r:?}");
+        assert!(r.sense.is_none(), "{name}");
+    }
+    // A name differing only in case is the same iSCSI name.
+    let upper = nexus(&stale.initiator.to_ascii_uppercase(), 4);
+    settle(&f, &upper, 0).await;
+    let r = f
+        .run_on(&upper, 0, &cdb10(0x2a, 0, 0, 1), Some(vec![1; bs]))
+        .await;
+    assert_eq!(r.status, status::RESERVATION_CONFLICT);
+    // Nothing the refused commands carried reached the medium.
+    assert_eq!(good(&f.run(&cdb10(0x28, 0, 0, 4), None).await), data);
+    assert!(!f.mem.is_mapped(&lu.uuid, 50));
+
+    // The fenced host still reads and runs every command that does not change the medium.
+    for cdb in [
+        vec![0x08, 0, 0, 0, 4, 0],
+        cdb10(0x28, 0, 0, 4).to_vec(),
+        cdb12(0xa8, 0, 0, 4).to_vec(),
+        cdb16(0x88, 0, 0, 4).to_vec(),
+    ] {
+        assert_eq!(
+            good(&f.run_on(&stale, 0, &cdb, None).await),
+            data,
+            "{cdb:02x?}"
+        );
+    }
+    good(&f.run_on(&stale, 0, &cdb10(0x2f, 0, 0, 4), None).await); // VERIFY (10)
+    good(&f.run_on(&stale, 0, &cdb10(0x35, 0, 0, 0), None).await); // SYNCHRONIZE CACHE
+    good(&f.run_on(&stale, 0, &cdb16(0x9e, 0x12, 0, 24), None).await); // GET LBA STATUS
+    good(&f.run_on(&stale, 0, &control_page(0x00), None).await); // MODE SENSE
+    good(
+        &f.run_on(&stale, 0, &pr_out(0x00, 0), Some(pr_params(0, 0xb)))
+            .await,
+    );
+    good(
+        &f.run_on(&stale, 0, &pr_out(0x00, 0), Some(pr_params(0xb, 0)))
+            .await,
+    );
+
+    // The allowed host and an initiator outside the group run every one of them.
+    for n in [&owner, outsider] {
+        for i in 0.. {
+            let now = good(&f.run_on(n, 0, &cdb10(0x28, 0, 0, 1), None).await);
+            let mut all = medium_changers(bs, &lu, &now);
+            if i == all.len() {
+                break;
+            }
+            let (name, cdb, data_out) = all.swap_remove(i);
+            let r = f.run_on(n, 0, &cdb, data_out).await;
+            assert_eq!(r.status, status::GOOD, "{name} by {}: {r:?}", n.initiator);
+        }
+    }
+    assert!(f.mem.is_mapped(&lu.uuid, 50), "the copies landed");
+
+    // Without the fence the host writes again.
+    f.mem.set_write_fence(T, 0, None);
+    good(
+        &f.run_on(&stale, 0, &cdb10(0x2a, 0, 0, 1), Some(vec![9; bs]))
+            .await,
+    );
+    assert_eq!(good(&f.run(&cdb10(0x28, 0, 0, 1), None).await), vec![9; bs]);
+}
+
+#[tokio::test]
+async fn test_execute_write_fence() {
+    write_fence(BS).await;
+}
+
+#[tokio::test]
+async fn test_execute_write_fence_512() {
+    write_fence(512).await;
+}
+
+#[tokio::test]
+async fn test_execute_write_fence_empty_group_refuses_every_host() {
+    let f = Fixture::ready(true, 100).await;
+    let host = nexus("iqn.2024-01.test:host-7", 2);
+    settle(&f, &host, 0).await;
+    f.mem.set_write_fence(T, 0, Some(host_fence(&[])));
+    let r = f
+        .run_on(&host, 0, &cdb16(0x8a, 0, 0, 1), Some(vec![1; BS]))
+        .await;
+    assert_eq!(r.status, status::RESERVATION_CONFLICT);
+    good(&f.run(&cdb16(0x8a, 0, 0, 1), Some(vec![1; BS])).await);
+}
+
+/// The fence comes before software write protect: a fenced host gets RESERVATION CONFLICT
+/// on a write-protected LUN, the allowed host and outsiders DATA PROTECT; and after the
+/// reservation check: a host allowed by the fence is still bound by reservations.
+#[tokio::test]
+async fn test_execute_write_fence_before_swp_after_reservations() {
+    let f = Fixture::ready(true, 100).await;
+    let lu = f.lun();
+    let owner = nexus("iqn.2024-01.test:host-2", 2);
+    let stale = nexus("iqn.2024-01.test:host-1", 3);
+    for n in [&owner, &stale] {
+        settle(&f, n, 0).await;
+    }
+    f.mem.set_write_fence(T, 0, Some(host_fence(&[&owner])));
+    f.mem.set_write_protect(&lu, true).await.unwrap();
+    for n in [&owner, &stale, &f.n] {
+        assert_eq!(
+            check(&f.run_on(n, 0, &[0; 6], None).await),
+            codes::MODE_PARAMETERS_CHANGED
+        );
+    }
+    let write = cdb10(0x2a, 0, 0, 1);
+    let r = f.run_on(&stale, 0, &write, Some(vec![1; BS])).await;
+    assert_eq!(r.status, status::RESERVATION_CONFLICT, "{r:?}");
+    for n in [&owner, &f.n] {
+        assert_eq!(
+            check(&f.run_on(n, 0, &write, Some(vec![1; BS])).await),
+            codes::SOFTWARE_WRITE_PROTECTED
+        );
+    }
+    f.mem.set_write_protect(&lu, false).await.unwrap();
+    for n in [&owner, &stale, &f.n] {
+        settle(&f, n, 0).await;
+    }
+    // The outsider reserves (SPC-2 RESERVE): the owner's write conflicts although the fence
+    // lets it through.
+    good(&f.run(&[0x16, 0, 0, 0, 0, 0], None).await);
+    let r = f.run_on(&owner, 0, &write, Some(vec![1; BS])).await;
+    assert_eq!(r.status, status::RESERVATION_CONFLICT);
+    good(&f.run(&[0x17, 0, 0, 0, 0, 0], None).await);
+    good(&f.run_on(&owner, 0, &write, Some(vec![1; BS])).await);
+}
+
+/// EXTENDED COPY writes its destination: a fenced host cannot copy into a fenced LUN
+/// (whichever LUN the command is sent to), but may copy out of one.
+#[tokio::test]
+async fn test_execute_xcopy_write_fence() {
+    let f = Fixture::ready(true, 100).await;
+    f.mem.add_lun(T, lun_info(1, 100, true));
+    let (a, b) = (f.lun(), f.mem.luns(T)[1].clone());
+    let owner = nexus("iqn.2024-01.test:host-2", 2);
+    let stale = nexus("iqn.2024-01.test:host-1", 3);
+    settle(&f, &f.n, 0).await; // REPORTED LUNS DATA HAS CHANGED
+    for n in [&owner, &stale] {
+        settle(&f, n, 0).await;
+        settle(&f, n, 1).await;
+    }
+    let data = vec![0x5au8; BS];
+    good(
+        &f.run_on(&stale, 1, &cdb10(0x2a, 0, 0, 1), Some(data.clone()))
+            .await,
+    );
+    f.mem.set_write_fence(T, 1, Some(host_fence(&[&owner])));
+
+    // Sent to the unfenced LUN 0, copying into the fenced LUN 1; sent to LUN 1, within it.
+    let into = xcopy_list(1, 0, &[(&a, 4096), (&b, 4096)], &[(0, 1, 1, 0, 7)]);
+    let within = xcopy_list(2, 0, &[(&b, 4096)], &[(0, 0, 1, 0, 8)]);
+    for (lun, p) in [(0, &into), (1, &within)] {
+        let r = f
+            .run_on(&stale, lun, &xcopy_cdb(p.len()), Some(p.clone()))
+            .await;
+        assert_eq!(
+            r.status,
+            status::RESERVATION_CONFLICT,
+            "sent to LUN {lun}: {r:?}"
+        );
+    }
+    assert!(!f.mem.is_mapped(&b.uuid, 7) && !f.mem.is_mapped(&b.uuid, 8));
+    // Out of the fenced LUN into LUN 0: a read of LUN 1 only.
+    let out = xcopy_list(3, 0, &[(&b, 4096), (&a, 4096)], &[(0, 1, 1, 0, 5)]);
+    good(&f.run_on(&stale, 1, &xcopy_cdb(out.len()), Some(out)).await);
+    assert_eq!(good(&f.run(&cdb10(0x28, 0, 5, 1), None).await), data);
+    // The allowed host copies into it.
+    for (lun, p) in [(0, into), (1, within)] {
+        good(&f.run_on(&owner, lun, &xcopy_cdb(p.len()), Some(p)).await);
+    }
+    assert!(f.mem.is_mapped(&b.uuid, 7) && f.mem.is_mapped(&b.uuid, 8));
 }

@@ -219,6 +219,7 @@ mod tests {
             size_bytes: blocks * 4096,
             thin: false,
             write_protected: false,
+            write_fence: None,
         }
     }
 

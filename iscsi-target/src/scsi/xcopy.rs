@@ -31,9 +31,10 @@
 //! copying is COPY ABORTED with the backend's additional sense code.
 //!
 //! Reservations of the other LUNs are honoured as if the initiator read the source and wrote
-//! the destination itself, and a software write protected destination (the command's own LUN
-//! or another) refuses the copy with DATA PROTECT, LOGICAL UNIT SOFTWARE WRITE PROTECTED
-//! before any data moves. RECEIVE COPY RESULTS reports OPERATING PARAMETERS and the COPY
+//! the destination itself; a destination (the command's own LUN or another) whose write
+//! fence shuts the initiator out refuses the copy with RESERVATION CONFLICT, and a software
+//! write protected one with DATA PROTECT, LOGICAL UNIT SOFTWARE WRITE PROTECTED, before any
+//! data moves. The source is only read: neither its fence nor its SWP matters. RECEIVE COPY RESULTS reports OPERATING PARAMETERS and the COPY
 //! STATUS of copies with LIST ID USAGE 00b (kept until reported, at most
 //! [`KEPT_RESULTS`](super::limits::xcopy::KEPT_RESULTS) per I_T nexus) or 10b (while they
 //! run). Copies and their results are this node's.
@@ -534,6 +535,9 @@ impl<B: Backend> Scsi<B> {
             {
                 self.check_copy_target(nexus, &step.destination, true)
                     .await?;
+            }
+            if !step.destination.may_write(&nexus.initiator) {
+                return Err(Failure::Conflict);
             }
             if step.destination.write_protected {
                 return Err(codes::SOFTWARE_WRITE_PROTECTED.into());

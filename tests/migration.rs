@@ -1,0 +1,552 @@
+//! Live migration with real guests (QEMU under TCG here) on a three-node cluster: the test
+//! guest's agent keeps a counter and writes sequence records to its LUN while `migrator
+//! migrate` moves it between nodes. The counter continues across the switch (no reboot),
+//! the records on the shared volume stay contiguous, the downtime is reported. A cancelled
+//! migration and one whose destination QEMU is killed leave the VM running on its source.
+//! Skips with a clear line when QEMU or the test guest (scripts/build-guest) is missing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{Cluster, migrator, stderr, stdout, wait_until};
+
+fn guest() -> Option<PathBuf> {
+    let qemu = std::process::Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qemu {
+        eprintln!("skip: qemu-system-x86_64 is not installed (scripts/install-deps installs it)");
+        return None;
+    }
+    let dir = std::env::var_os("CSVD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/csvd-guest"));
+    if !dir.join("vmlinuz").is_file() {
+        eprintln!(
+            "skip: no test guest in {} (run scripts/build-guest)",
+            dir.display()
+        );
+        return None;
+    }
+    Some(dir)
+}
+
+/// (boot id, counter) of each agent line in a serial log, in order.
+fn agent_lines(log: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("csvd-agent boot=")?;
+            let boot = rest.split_whitespace().next()?.to_string();
+            let counter = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("counter="))?
+                .parse()
+                .ok()?;
+            Some((boot, counter))
+        })
+        .collect()
+}
+
+/// The agent's records on the LUN: (boot id, sequence number), sorted by sequence.
+fn records(image: &Path, disk: &csvd_raft::volume::DiskRecord) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for slot in 0..1024u64 {
+        let (at, _) = disk.map(slot * 4096, 4096).expect("within the LUN")[0];
+        let b = common::device_block(image, at);
+        if &b[..8] != b"CSVDSEQ1" {
+            continue;
+        }
+        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for x in &b[..40] {
+            h ^= u64::from(*x);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        if h == word(40) {
+            out.push((word(8), word(16)));
+        }
+    }
+    out.sort_by_key(|r| r.1);
+    out
+}
+
+struct Setup {
+    cluster: Cluster,
+    ep: String,
+    image: PathBuf,
+    vm_id: String,
+    lun: u64,
+}
+
+impl Setup {
+    fn serial(&self, node: u64) -> PathBuf {
+        self.cluster.nodes[node as usize - 1]
+            .dir
+            .join("vms")
+            .join(&self.vm_id)
+            .join("serial.log")
+    }
+
+    fn vm(&self) -> serde_json::Value {
+        let out = migrator(&["--endpoint", &self.ep, "--json", "vm", "show", "g1"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    }
+
+    fn qemu_alive(&self, node: u64) -> bool {
+        let pidfile = self.cluster.nodes[node as usize - 1]
+            .dir
+            .join("vms")
+            .join(&self.vm_id)
+            .join("qemu.pid");
+        std::fs::read_to_string(pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+                    !s.rsplit(')')
+                        .next()
+                        .unwrap_or("")
+                        .trim_start()
+                        .starts_with('Z')
+                })
+            })
+    }
+
+    /// Runs `migrator --json migrate g1 --to N ARGS`; returns (success, last JSON line, stderr).
+    fn migrate(&self, to: u64, args: &[&str]) -> (bool, serde_json::Value, String) {
+        let to = to.to_string();
+        let mut a = vec![
+            "--endpoint",
+            &self.ep,
+            "--json",
+            "migrate",
+            "g1",
+            "--to",
+            &to,
+        ];
+        a.extend_from_slice(args);
+        let out = migrator(&a);
+        let last = stdout(&out)
+            .lines()
+            .last()
+            .and_then(|l| serde_json::from_str(l).ok())
+            .unwrap_or(serde_json::Value::Null);
+        (out.status.success(), last, stderr(&out))
+    }
+}
+
+/// A three-node cluster with VM g1 (128 MiB, the test guest with `append`) running on node 1
+/// and writing records to its LUN.
+async fn setup(append: &str) -> Option<Setup> {
+    let guest = guest()?;
+    let mut cluster = Cluster::new(3);
+    let root = cluster.tmp.path().to_path_buf();
+    let image = common::shared_image(&root, 256 << 20, 1..=3);
+    cluster
+        .start_initialized_each(|id| {
+            vec![
+                "--devices".into(),
+                root.join(format!("paths/n{id}/*.img"))
+                    .display()
+                    .to_string(),
+                "--accel".into(),
+                "tcg".into(),
+            ]
+        })
+        .await;
+    let ep = cluster.nodes[0].endpoint();
+    common::create_volume(&ep, &root.join("paths/n1/shared.img"), "vol");
+    let lun = common::create_lun(&ep, "vol", "64M", "disk1");
+    let c = cluster.nodes[0].client();
+    wait_until(
+        "every node direct on the volume",
+        Duration::from_secs(30),
+        || {
+            let mut c = c.clone();
+            async move {
+                let s = c.state().await.ok()?;
+                let v = s.volumes.values().next()?;
+                (v.nodes.len() == 3).then_some(())
+            }
+        },
+    )
+    .await;
+    let kernel = guest.join("vmlinuz");
+    let initrd = guest.join("initrd.img");
+    let out = migrator(&[
+        "--endpoint",
+        &ep,
+        "--json",
+        "vm",
+        "create",
+        "g1",
+        "--memory",
+        "128",
+        "--disk",
+        "disk1",
+        "--nic",
+        "lan",
+        "--node",
+        "1",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        append,
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let vm_id = v["id"].as_str().unwrap().to_string();
+    let s = Setup {
+        cluster,
+        ep,
+        image,
+        vm_id,
+        lun,
+    };
+    let out = migrator(&["--endpoint", &s.ep, "vm", "start", "g1"]);
+    if stderr(&out).contains("no bridge named lan") {
+        eprintln!("skip: this machine has no bridge named lan for the VM's NIC");
+        return None;
+    }
+    assert!(out.status.success(), "{}", stderr(&out));
+    let serial = s.serial(1);
+    wait_until("the guest's agent", Duration::from_secs(120), || {
+        let n = agent_lines(&serial).len();
+        async move { (n >= 10).then_some(()) }
+    })
+    .await;
+    Some(s)
+}
+
+/// A bridge named `lan` for the VMs' NICs (the nodes declare the switch `lan`).
+fn ensure_bridge() -> bool {
+    if Path::new("/sys/class/net/lan/bridge").is_dir() {
+        return true;
+    }
+    std::process::Command::new("ip")
+        .args(["link", "add", "lan", "type", "bridge"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && std::process::Command::new("ip")
+            .args(["link", "set", "lan", "up"])
+            .status()
+            .is_ok_and(|s| s.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_migrate_a_writing_guest_there_and_back() {
+    if !ensure_bridge() {
+        eprintln!("skip: cannot create the bridge lan (needs root)");
+        return;
+    }
+    let Some(s) = setup("console=ttyS0 quiet panic=-1 csvd.period_ms=50").await else {
+        return;
+    };
+    // Refused before anything starts.
+    let (ok, _, err) = s.migrate(1, &[]);
+    assert!(!ok && err.contains("already runs on node 1"), "{err}");
+    let (ok, _, err) = s.migrate(9, &[]);
+    assert!(!ok && err.contains("node 9"), "{err}");
+
+    let (ok, last, err) = s.migrate(2, &["--downtime-ms", "100"]);
+    assert!(ok, "{err} {last}");
+    assert_eq!(last["outcome"], "completed", "{last}");
+    assert!(last["total_ms"].as_u64().unwrap() > 0, "{last}");
+    let downtime = last["downtime_ms"].as_u64().expect("downtime reported");
+    assert!(downtime < 10_000, "{last}");
+    let v = s.vm();
+    assert_eq!(v["owner"], 2);
+    assert_eq!(v["state"], "running");
+    // The source's QEMU is gone; the destination's runs.
+    wait_until("the source QEMU to end", Duration::from_secs(20), || {
+        let gone = !s.qemu_alive(1);
+        async move { gone.then_some(()) }
+    })
+    .await;
+    assert!(s.qemu_alive(2));
+
+    // The guest did not restart: same boot, and the counter goes on from where it was.
+    wait_until(
+        "the guest's agent on node 2",
+        Duration::from_secs(60),
+        || {
+            let n = agent_lines(&s.serial(2)).len();
+            async move { (n >= 10).then_some(()) }
+        },
+    )
+    .await;
+    let before = agent_lines(&s.serial(1));
+    let after = agent_lines(&s.serial(2));
+    let (boot, last_there) = before.last().unwrap().clone();
+    assert_eq!(after[0].0, boot, "same boot on the destination");
+    assert_eq!(
+        after[0].1,
+        last_there + 1,
+        "the counter continues: {:?} then {:?}",
+        before.last(),
+        after.first()
+    );
+    assert!(after.iter().all(|(b, _)| *b == boot));
+
+    // And back, with the default downtime limit.
+    let (ok, last, err) = s.migrate(1, &[]);
+    assert!(ok, "{err} {last}");
+    assert_eq!(s.vm()["owner"], 1);
+
+    // The records on the shared volume: one boot, no gap, through both switches.
+    let disk = s.cluster.nodes[0].client().state().await.unwrap().disks[&s.lun].clone();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let recs = records(&s.image, &disk);
+    assert!(recs.len() >= 30, "{} records", recs.len());
+    let boot_id = recs[0].0;
+    assert!(recs.iter().all(|r| r.0 == boot_id), "one boot");
+    for w in recs.windows(2) {
+        assert_eq!(w[1].1, w[0].1 + 1, "contiguous sequence numbers");
+    }
+    let out = migrator(&["--endpoint", &s.ep, "migration", "list"]);
+    assert!(
+        stdout(&out).matches("completed").count() >= 2,
+        "{}",
+        stdout(&out)
+    );
+    let out = migrator(&["--endpoint", &s.ep, "vm", "stop", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
+    if !ensure_bridge() {
+        eprintln!("skip: cannot create the bridge lan (needs root)");
+        return;
+    }
+    // A busy guest and a 4 MiB/s cap: the copy takes long enough to interfere.
+    let Some(s) = setup("console=ttyS0 quiet panic=-1 csvd.period_ms=50 csvd.dirty_mib=32").await
+    else {
+        return;
+    };
+    let copying = |s: &Setup| {
+        let out = migrator(&["--endpoint", &s.ep, "--json", "migration", "show", "g1"]);
+        let m: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        m["phase"] == "copying"
+    };
+
+    // Cancel mid-copy.
+    let out = migrator(&[
+        "--endpoint",
+        &s.ep,
+        "migrate",
+        "g1",
+        "--to",
+        "2",
+        "--bandwidth",
+        "4",
+        "--no-wait",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("the copy", Duration::from_secs(60), || {
+        let c = copying(&s);
+        async move { c.then_some(()) }
+    })
+    .await;
+    let out = migrator(&["--endpoint", &s.ep, "migration", "cancel", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ep = s.ep.clone();
+    wait_until("the cancel", Duration::from_secs(60), || {
+        let out = migrator(&["--endpoint", &ep, "--json", "migration", "show", "g1"]);
+        let m: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        async move { (m["phase"] == "cancelled").then_some(()) }
+    })
+    .await;
+    let v = s.vm();
+    assert_eq!(v["owner"], 1);
+    assert_eq!(v["state"], "running");
+    wait_until(
+        "the destination QEMU to go",
+        Duration::from_secs(30),
+        || {
+            let gone = !s.qemu_alive(2);
+            async move { gone.then_some(()) }
+        },
+    )
+    .await;
+    let n = agent_lines(&s.serial(1)).len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        agent_lines(&s.serial(1)).len() > n,
+        "the guest runs on node 1"
+    );
+
+    // The destination QEMU is killed mid-copy.
+    let out = migrator(&[
+        "--endpoint",
+        &s.ep,
+        "migrate",
+        "g1",
+        "--to",
+        "3",
+        "--bandwidth",
+        "4",
+        "--no-wait",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("the copy", Duration::from_secs(60), || {
+        let c = copying(&s);
+        async move { c.then_some(()) }
+    })
+    .await;
+    let pidfile = s.cluster.nodes[2]
+        .dir
+        .join("vms")
+        .join(&s.vm_id)
+        .join("qemu.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let ep = s.ep.clone();
+    let failed = wait_until("the failure", Duration::from_secs(60), || {
+        let out = migrator(&["--endpoint", &ep, "--json", "migration", "show", "g1"]);
+        let m: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        async move { (m["phase"] == "failed").then_some(m) }
+    })
+    .await;
+    assert!(failed["error"].as_str().is_some(), "{failed}");
+    let v = s.vm();
+    assert_eq!(v["owner"], 1);
+    assert_eq!(v["state"], "running");
+    let n = agent_lines(&s.serial(1)).len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        agent_lines(&s.serial(1)).len() > n,
+        "the guest still runs on node 1"
+    );
+    // One boot throughout.
+    let boots: std::collections::HashSet<String> = agent_lines(&s.serial(1))
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect();
+    assert_eq!(boots.len(), 1, "{boots:?}");
+
+    // A busy guest still moves under auto-converge.
+    let (ok, last, err) = s.migrate(2, &["--policy", "auto-converge"]);
+    assert!(ok, "{err} {last}");
+    assert_eq!(s.vm()["owner"], 2);
+    let out = migrator(&["--endpoint", &s.ep, "vm", "stop", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_drain_moves_every_vm_one_at_a_time() {
+    if !ensure_bridge() {
+        eprintln!("skip: cannot create the bridge lan (needs root)");
+        return;
+    }
+    let Some(s) = setup("console=ttyS0 quiet panic=-1 csvd.period_ms=100").await else {
+        return;
+    };
+    let guest = guest().unwrap();
+    let kernel = guest.join("vmlinuz");
+    let initrd = guest.join("initrd.img");
+    for name in ["g2", "g3"] {
+        let out = migrator(&[
+            "--endpoint",
+            &s.ep,
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "96",
+            "--node",
+            "1",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--append",
+            "console=ttyS0 quiet panic=-1",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = migrator(&["--endpoint", &s.ep, "vm", "start", name]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // A stopped VM moves too.
+    let out = migrator(&[
+        "--endpoint",
+        &s.ep,
+        "vm",
+        "create",
+        "g4",
+        "--memory",
+        "64",
+        "--node",
+        "1",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = migrator(&["--endpoint", &s.ep, "node", "drain", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let state = s.cluster.nodes[0].client().state().await.unwrap();
+    assert!(
+        state.vms.values().all(|v| v.owner != 1),
+        "node 1 ends empty"
+    );
+    for v in state.vms.values().filter(|v| v.name != "g4") {
+        assert_eq!(
+            v.runtime.as_ref().unwrap().state,
+            csvd_raft::vm::VmState::Running,
+            "{}",
+            v.name
+        );
+    }
+    // One migration at a time on node 1: their active periods never overlap.
+    let mut spans: Vec<(u64, u64)> = state
+        .migrations
+        .values()
+        .map(|m| (m.started_at_ms.unwrap(), m.finished_at_ms.unwrap()))
+        .collect();
+    assert_eq!(spans.len(), 3);
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(
+            w[1].0 >= w[0].1,
+            "overlapping migrations on node 1: {spans:?}"
+        );
+    }
+    // Draining: no new VM lands there.
+    let out = migrator(&[
+        "--endpoint",
+        &s.ep,
+        "vm",
+        "create",
+        "g5",
+        "--memory",
+        "64",
+        "--node",
+        "1",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&out).contains("node 1 is draining"),
+        "{}",
+        stderr(&out)
+    );
+    let out = migrator(&["--endpoint", &s.ep, "node", "resume", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for name in ["g1", "g2", "g3"] {
+        let out = migrator(&["--endpoint", &s.ep, "vm", "stop", name]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
