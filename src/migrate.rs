@@ -161,21 +161,45 @@ pub async fn drive_source(
             let _ = give_up(&node, id, MigrationPhase::Failed, Some(why)).await;
         }
     };
-    if let Err(e) = configure(&inst.qmp, &m.params).await {
-        fail(format!("source: {e}")).await;
-        return SourceEnd::Stayed;
-    }
     let started = Instant::now();
-    if let Err(e) = inst
-        .qmp
-        .execute(
-            "migrate",
-            Some(json!({ "uri": format!("tcp:{dest_addr}") })),
-        )
-        .await
-    {
-        fail(format!("source: cannot send to {dest_addr}: {e}")).await;
-        return SourceEnd::Stayed;
+    if m.phase == MigrationPhase::Copying {
+        // This daemon restarted while its QEMU was sending: take up where it stands.
+        let status = inst.qmp.query_migrate().await.ok().and_then(|i| i.status);
+        let sending = matches!(
+            status.as_deref(),
+            Some(
+                "setup"
+                    | "active"
+                    | "device"
+                    | "pre-switchover"
+                    | "completed"
+                    | "cancelling"
+                    | "cancelled"
+                    | "failed"
+            )
+        );
+        if !sending {
+            resume_here(&inst).await;
+            fail(format!("source: QEMU is not sending (status {status:?})")).await;
+            return SourceEnd::Stayed;
+        }
+        tracing::info!(migration = id, ?status, "taking up a migration under way");
+    } else {
+        if let Err(e) = configure(&inst.qmp, &m.params).await {
+            fail(format!("source: {e}")).await;
+            return SourceEnd::Stayed;
+        }
+        if let Err(e) = inst
+            .qmp
+            .execute(
+                "migrate",
+                Some(json!({ "uri": format!("tcp:{dest_addr}") })),
+            )
+            .await
+        {
+            fail(format!("source: cannot send to {dest_addr}: {e}")).await;
+            return SourceEnd::Stayed;
+        }
     }
     let _ = write(
         &node,

@@ -184,16 +184,44 @@ impl Agent {
             };
             match Instance::adopt(&entry.path(), Duration::from_secs(10)).await {
                 Ok(Some(inst)) => {
-                    tracing::info!(vm = %id, pid = inst.pid, "adopted a running guest");
                     self.watch(id, &inst);
-                    self.slots.insert(
-                        id,
-                        Slot::Running {
-                            inst,
-                            stopping: false,
-                            restarts: 0,
-                        },
-                    );
+                    // The destination QEMU of a migration still under way (or committed but
+                    // not yet resumed) is adopted as such.
+                    let state = self.node.local_view().state.clone();
+                    let me = self.me();
+                    let incoming = state.migrations.values().find(|m| {
+                        m.vm == id
+                            && m.dest == me
+                            && matches!(
+                                m.phase,
+                                MigrationPhase::Ready
+                                    | MigrationPhase::Copying
+                                    | MigrationPhase::Committed
+                            )
+                    });
+                    match incoming {
+                        Some(m) => {
+                            tracing::info!(vm = %id, pid = inst.pid, migration = m.id, "adopted a migration's destination guest");
+                            self.slots.insert(
+                                id,
+                                Slot::Incoming {
+                                    inst,
+                                    migration: m.id,
+                                },
+                            );
+                        }
+                        None => {
+                            tracing::info!(vm = %id, pid = inst.pid, "adopted a running guest");
+                            self.slots.insert(
+                                id,
+                                Slot::Running {
+                                    inst,
+                                    stopping: false,
+                                    restarts: 0,
+                                },
+                            );
+                        }
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(vm = %id, error = %e, "cannot adopt a guest"),
@@ -703,7 +731,8 @@ impl Agent {
                     _ => {}
                 }
             }
-            if m.source == me && m.phase == MigrationPhase::Ready && !self.sending.contains(&m.id) {
+            let sendable = matches!(m.phase, MigrationPhase::Ready | MigrationPhase::Copying);
+            if m.source == me && sendable && !self.sending.contains(&m.id) {
                 let Some(Slot::Running {
                     inst,
                     stopping: false,

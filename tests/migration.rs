@@ -550,3 +550,110 @@ async fn test_drain_moves_every_vm_one_at_a_time() {
         assert!(out.status.success(), "{}", stderr(&out));
     }
 }
+
+/// Waits until migration of g1 is copying, returns its id.
+async fn wait_copying(s: &Setup) -> u64 {
+    let ep = s.ep.clone();
+    wait_until("the copy", Duration::from_secs(60), || {
+        let out = migrator(&["--endpoint", &ep, "--json", "migration", "show", "g1"]);
+        let m: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        async move { (m["phase"] == "copying").then(|| m["id"].as_u64().unwrap()) }
+    })
+    .await
+}
+
+/// Waits until migration `id` ends; returns its record.
+async fn wait_ended(s: &Setup, id: u64) -> serde_json::Value {
+    let ep = s.ep.clone();
+    wait_until("the migration to end", Duration::from_secs(120), || {
+        let out = migrator(&[
+            "--endpoint",
+            &ep,
+            "--json",
+            "migration",
+            "show",
+            &id.to_string(),
+        ]);
+        let m: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        let done =
+            ["completed", "failed", "cancelled"].contains(&m["phase"].as_str().unwrap_or(""));
+        async move { done.then_some(m) }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
+    if !ensure_bridge() {
+        eprintln!("skip: cannot create the bridge lan (needs root)");
+        return;
+    }
+    let Some(mut s) = setup("console=ttyS0 quiet panic=-1 csvd.period_ms=50").await else {
+        return;
+    };
+    // The destination's csvd dies mid-copy and comes back: its QEMU kept receiving, and the
+    // restarted csvd adopts it as the migration's destination and resumes it.
+    let out = migrator(&[
+        "--endpoint",
+        &s.ep,
+        "migrate",
+        "g1",
+        "--to",
+        "2",
+        "--bandwidth",
+        "8",
+        "--no-wait",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = wait_copying(&s).await;
+    s.cluster.node(2).kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.cluster.node(2).restart();
+    let m = wait_ended(&s, id).await;
+    assert_eq!(m["phase"], "completed", "{m}");
+    let ep = s.ep.clone();
+    wait_until("g1 running on node 2", Duration::from_secs(60), || {
+        let out = migrator(&["--endpoint", &ep, "--json", "vm", "show", "g1"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        async move { (v["owner"] == 2 && v["state"] == "running").then_some(()) }
+    })
+    .await;
+    assert!(!s.qemu_alive(1), "the source QEMU is gone");
+
+    // The source's csvd dies mid-copy and comes back: it takes the migration up again.
+    let out = migrator(&[
+        "--endpoint",
+        &s.ep,
+        "migrate",
+        "g1",
+        "--to",
+        "3",
+        "--bandwidth",
+        "8",
+        "--no-wait",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = wait_copying(&s).await;
+    s.cluster.node(2).kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.cluster.node(2).restart();
+    let m = wait_ended(&s, id).await;
+    let v = s.vm();
+    assert_eq!(v["state"], "running", "{v}");
+    let owner = v["owner"].as_u64().unwrap();
+    match m["phase"].as_str() {
+        Some("completed") => assert_eq!(owner, 3),
+        _ => assert_eq!(owner, 2, "{m}"),
+    }
+    // Exactly one QEMU runs the guest.
+    let running: Vec<u64> = (1..=3).filter(|n| s.qemu_alive(*n)).collect();
+    assert_eq!(running, vec![owner], "{m}");
+    // One boot throughout: the guest was never restarted.
+    let boots: std::collections::HashSet<String> = (1..=3)
+        .flat_map(|n| agent_lines(&s.serial(n)))
+        .map(|(b, _)| b)
+        .collect();
+    assert_eq!(boots.len(), 1, "{boots:?}");
+    let out = migrator(&["--endpoint", &s.ep, "vm", "stop", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
