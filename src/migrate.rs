@@ -22,8 +22,9 @@ use csvd_raft::node::now_ms;
 use csvd_raft::{ApplyError, MetaNode};
 use serde_json::json;
 
-/// How often the source asks QEMU how the copy goes.
-const POLL: Duration = Duration::from_millis(50);
+/// How often the source asks QEMU how the copy goes, besides on each of QEMU's MIGRATION
+/// events.
+const POLL: Duration = Duration::from_millis(100);
 /// How often the source records progress in the cluster state.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// The bandwidth QEMU may use when the operator sets none: no cap worth the name (QEMU's
@@ -126,6 +127,21 @@ fn progress(info: &MigrationInfo, elapsed: Duration) -> MigrationProgress {
     }
 }
 
+/// Waits for QEMU's next MIGRATION event (or forever once the connection is gone).
+pub async fn migration_event(
+    events: &mut tokio::sync::broadcast::Receiver<csvd_hypervisor::qmp::QmpEvent>,
+) {
+    loop {
+        match events.recv().await {
+            Ok(e) if e.name == "MIGRATION" => return,
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
 /// How the source's part ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SourceEnd {
@@ -211,9 +227,15 @@ pub async fn drive_source(
     )
     .await;
     let mut last_report = Instant::now();
+    let mut events = inst.qmp.events();
     let mut cancelling = false;
     let info = loop {
-        tokio::time::sleep(POLL).await;
+        // QEMU announces each change of the migration's status (the `events` capability):
+        // the end of the copy is seen at once, not at the next poll.
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = migration_event(&mut events) => {}
+        }
         let info = match inst.qmp.query_migrate().await {
             Ok(i) => i,
             Err(e) => {

@@ -648,6 +648,50 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
     // Exactly one QEMU runs the guest.
     let running: Vec<u64> = (1..=3).filter(|n| s.qemu_alive(*n)).collect();
     assert_eq!(running, vec![owner], "{m}");
+
+    // The Raft leader dies mid-copy: a new one is elected and the switchover commits
+    // through it (or the migration fails cleanly); the guest runs on exactly one node.
+    let (leader, _) = s.cluster.leader_via(owner).await;
+    let dest = (1..=3)
+        .find(|n| *n != owner && *n != leader)
+        .unwrap_or_else(|| (1..=3).find(|n| *n != owner).unwrap());
+    let via = (1..=3).find(|n| *n != leader).unwrap();
+    let ep = s.cluster.nodes[via as usize - 1].endpoint();
+    s.ep = ep.clone();
+    let to = dest.to_string();
+    let out = migrator(&[
+        "--endpoint",
+        &ep,
+        "migrate",
+        "g1",
+        "--to",
+        &to,
+        "--bandwidth",
+        "8",
+        "--no-wait",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = wait_copying(&s).await;
+    s.cluster.node(leader).kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    s.cluster.node(leader).restart();
+    let m = wait_ended(&s, id).await;
+    let v = wait_until("g1 to report running", Duration::from_secs(60), || {
+        let v = s.vm();
+        async move { (v["state"] == "running").then_some(v) }
+    })
+    .await;
+    let owner = v["owner"].as_u64().unwrap();
+    match m["phase"].as_str() {
+        Some("completed") => assert_eq!(owner, dest, "{m}"),
+        _ => assert_ne!(owner, dest, "{m}"),
+    }
+    wait_until("one QEMU for the guest", Duration::from_secs(30), || {
+        let running: Vec<u64> = (1..=3).filter(|n| s.qemu_alive(*n)).collect();
+        async move { (running == vec![owner]).then_some(()) }
+    })
+    .await;
+
     // One boot throughout: the guest was never restarted.
     let boots: std::collections::HashSet<String> = (1..=3)
         .flat_map(|n| agent_lines(&s.serial(n)))

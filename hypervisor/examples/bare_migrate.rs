@@ -2,7 +2,7 @@
 //! cluster around them. Starts the test guest in one QEMU, then moves it back and forth
 //! between two QEMUs on this machine the way csvd does (destination started paused with
 //! `-incoming defer`, the same capabilities and parameters on both, `migrate`, progress
-//! polled every 50 ms, `cont` on the destination as soon as the source completes, the source
+//! polled every 100 ms and on each MIGRATION event, `cont` on the destination as soon as the source completes, the source
 //! told to quit), and prints one JSON line per migration:
 //!
 //! ```text
@@ -119,12 +119,24 @@ async fn main() {
             .execute("migrate-incoming", Some(json!({ "uri": uri })))
             .await
             .unwrap();
+        let mut events = src.qmp.events();
         src.qmp
             .execute("migrate", Some(json!({ "uri": uri })))
             .await
             .unwrap();
         let info = loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Each change of the migration's status is announced; poll as well, like csvd.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = async {
+                    while let Ok(e) = events.recv().await {
+                        if e.name == "MIGRATION" {
+                            return;
+                        }
+                    }
+                    std::future::pending::<()>().await
+                } => {}
+            }
             let info = src.qmp.query_migrate().await.unwrap();
             match info.status.as_deref() {
                 Some("completed") => break info,
