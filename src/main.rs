@@ -2,6 +2,7 @@
 //! the node's agents; later layers (csv-fs, the iSCSI target, the hypervisor) hang off it.
 
 mod config;
+mod console;
 mod host;
 mod iscsi;
 mod migrate;
@@ -167,6 +168,10 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
         let cluster = ClusterServer::new(ClusterService::new(node.clone()))
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE);
+        let guests = csvd_raft::pb::guests_server::GuestsServer::new(console::GuestService::new(
+            node.clone(),
+            dir.to_path_buf(),
+        ));
         let mut stop = stop_rx.clone();
         let incoming = tokio_stream_from(listener);
         tokio::spawn(
@@ -174,6 +179,7 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
                 .add_service(raft)
                 .add_service(cluster)
                 .add_service(volumes)
+                .add_service(guests)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stop.wait_for(|s| *s).await;
                 }),

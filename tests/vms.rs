@@ -195,6 +195,24 @@ async fn test_vm_lifecycle_on_a_lun() {
             .contains(&format!("boot={boot:016x}"))
     );
 
+    // The console, through any node: a command typed into the guest's shell answers.
+    let typed = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "(sleep 1; echo 'echo hello-$((6*7))'; sleep 1) | {} --endpoint {} vm console g1 --history 200 --linger-ms 3000",
+            common::bin("migrator").display(),
+            cluster.nodes[0].endpoint()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&typed.stdout);
+    assert!(typed.status.success(), "{}", stderr(&typed));
+    assert!(text.contains("hello-42"), "{text}");
+    assert!(
+        text.contains("csvd-agent boot="),
+        "the history comes first: {text}"
+    );
+
     // QEMU crashes: node 2 starts it again and counts the restart.
     let pid = qemu_pid(&node2, &id);
     let killed = std::process::Command::new("kill")

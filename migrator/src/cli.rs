@@ -160,6 +160,19 @@ pub enum VmCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Attach to a VM's serial console (through the node that runs it): first the end of
+    /// what it printed, then live. On a terminal, Ctrl-] leaves; otherwise stdin is sent and
+    /// output printed until --linger-ms after stdin ends.
+    Console {
+        /// VM name or id.
+        vm: String,
+        /// Bytes of the console's log to show first.
+        #[arg(long, default_value_t = 4096)]
+        history: u32,
+        /// Without a terminal: how long to keep printing after stdin ends.
+        #[arg(long, default_value_t = 1000)]
+        linger_ms: u64,
+    },
     /// Delete a stopped VM's definition; its disks remain.
     Delete {
         /// VM name or id.

@@ -158,6 +158,148 @@ async fn wait_for(
     }
 }
 
+/// Ctrl-] ends an interactive console, as in telnet.
+const ESCAPE: u8 = 0x1d;
+
+/// `vm console`: the VM's serial console, through the node that runs it. Interactive on a
+/// terminal (raw mode; Ctrl-] leaves); otherwise stdin's bytes are sent and the output is
+/// printed until `linger` after stdin ends.
+async fn console(
+    client: &mut ClusterClient,
+    state: &ClusterState,
+    vm: &VmRecord,
+    history: u32,
+    linger: Duration,
+) -> Result<String, String> {
+    use std::io::{IsTerminal, Read, Write};
+    use tokio_stream::StreamExt;
+    let owner = state
+        .nodes
+        .get(&vm.owner)
+        .ok_or_else(|| format!("VM {}'s node {} is gone", vm.name, vm.owner))?;
+    let mut node = ClusterClient::new(&owner.spec.grpc_addr, None).map_err(|e| e.to_string())?;
+    let _ = client;
+    let tty = std::io::stdin().is_terminal();
+    let (tx, rx) = tokio::sync::mpsc::channel::<csvd_raft::pb::ConsoleInput>(64);
+    tx.send(csvd_raft::pb::ConsoleInput {
+        vm: vm.id.to_string(),
+        history,
+        data: Vec::new(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut output = node
+        .console(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.to_string())?;
+    let raw = tty.then(RawMode::enter).flatten();
+    if tty {
+        eprint!(
+            "connected to {}'s console on node {} (Ctrl-] leaves)\r\n",
+            vm.name, vm.owner
+        );
+    }
+    // stdin on its own thread: reads block.
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let mut chunk = &buf[..n];
+                    let mut leave = false;
+                    if tty && let Some(at) = chunk.iter().position(|b| *b == ESCAPE) {
+                        chunk = &chunk[..at];
+                        leave = true;
+                    }
+                    if !chunk.is_empty()
+                        && tx
+                            .blocking_send(csvd_raft::pb::ConsoleInput {
+                                vm: String::new(),
+                                history: 0,
+                                data: chunk.to_vec(),
+                            })
+                            .is_err()
+                    {
+                        break;
+                    }
+                    if leave {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = done_tx.send(());
+    });
+    let mut out = std::io::stdout();
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = output.next() => match msg {
+                Some(Ok(m)) => {
+                    let _ = out.write_all(&m.data);
+                    let _ = out.flush();
+                }
+                Some(Err(e)) => {
+                    drop(raw);
+                    return Err(format!("console: {}", e.message()));
+                }
+                None => break,
+            },
+            _ = &mut done_rx, if deadline.is_none() => {
+                if tty {
+                    break;
+                }
+                deadline = Some(tokio::time::Instant::now() + linger);
+            }
+            _ = sleep => break,
+        }
+    }
+    drop(raw);
+    if tty {
+        eprintln!();
+    }
+    Ok(String::new())
+}
+
+/// A terminal in raw mode until dropped.
+struct RawMode(rustix::termios::Termios);
+
+impl RawMode {
+    fn enter() -> Option<RawMode> {
+        let stdin = std::io::stdin();
+        let saved = rustix::termios::tcgetattr(&stdin).ok()?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        rustix::termios::tcsetattr(&stdin, rustix::termios::OptionalActions::Now, &raw).ok()?;
+        Some(RawMode(saved))
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = rustix::termios::tcsetattr(
+            std::io::stdin(),
+            rustix::termios::OptionalActions::Now,
+            &self.0,
+        );
+    }
+}
+
+impl std::fmt::Debug for RawMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawMode")
+    }
+}
+
 /// Runs a `vm` subcommand.
 pub async fn run(client: &mut ClusterClient, cmd: &VmCmd, as_json: bool) -> Result<String, String> {
     let state = client.state().await.map_err(|e| e.to_string())?;
@@ -290,6 +432,21 @@ pub async fn run(client: &mut ClusterClient, cmd: &VmCmd, as_json: bool) -> Resu
             } else {
                 format!("VM {} {verb} on node {}", done.name, done.owner)
             })
+        }
+        VmCmd::Console {
+            vm,
+            history,
+            linger_ms,
+        } => {
+            let v = find_vm(&state, vm)?.clone();
+            console(
+                client,
+                &state,
+                &v,
+                *history,
+                Duration::from_millis(*linger_ms),
+            )
+            .await
         }
         VmCmd::Delete { vm } => {
             let v = find_vm(&state, vm)?;

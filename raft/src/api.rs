@@ -144,6 +144,7 @@ pub struct ClusterClient {
     endpoint: String,
     inner: PbClusterClient<Channel>,
     volumes: crate::pb::volumes_client::VolumesClient<Channel>,
+    guests: crate::pb::guests_client::GuestsClient<Channel>,
     cluster_id: Option<String>,
     timeout: Duration,
 }
@@ -175,6 +176,7 @@ impl ClusterClient {
         Ok(Self {
             endpoint: url,
             volumes: crate::pb::volumes_client::VolumesClient::new(channel.clone()),
+            guests: crate::pb::guests_client::GuestsClient::new(channel.clone()),
             inner: PbClusterClient::new(channel).max_decoding_message_size(64 << 20),
             cluster_id,
             timeout: Duration::from_secs(30),
@@ -263,6 +265,22 @@ impl ClusterClient {
             .await
             .map_err(|s| self.error(s))?;
         Ok(resp.into_inner().volume_id)
+    }
+
+    /// Opens the serial console of a VM this node runs: `input`'s first message names it.
+    /// No deadline: a console stays open as long as both sides want.
+    pub async fn console(
+        &mut self,
+        input: impl tokio_stream::Stream<Item = pb::ConsoleInput> + Send + 'static,
+    ) -> Result<tonic::Streaming<pb::ConsoleOutput>, ClientError> {
+        let mut req = Request::new(input);
+        if let Some(id) = &self.cluster_id
+            && let Ok(v) = id.parse()
+        {
+            req.metadata_mut().insert(CLUSTER_ID_HEADER, v);
+        }
+        let resp = self.guests.console(req).await.map_err(|s| self.error(s))?;
+        Ok(resp.into_inner())
     }
 
     /// Reads the whole replicated state linearizably.
