@@ -205,6 +205,12 @@ pub async fn drive_source(
             fail(format!("source: {e}")).await;
             return SourceEnd::Stayed;
         }
+        if m.params.policy == MigrationPolicy::Quick
+            && let Err(e) = inst.qmp.stop().await
+        {
+            fail(format!("source: cannot pause the guest: {e}")).await;
+            return SourceEnd::Stayed;
+        }
         if let Err(e) = inst
             .qmp
             .execute(
@@ -213,6 +219,7 @@ pub async fn drive_source(
             )
             .await
         {
+            resume_here(&inst).await;
             fail(format!("source: cannot send to {dest_addr}: {e}")).await;
             return SourceEnd::Stayed;
         }
@@ -289,7 +296,12 @@ pub async fn drive_source(
         &node,
         Command::CommitMigration {
             id,
-            qemu_downtime_ms: info.downtime.unwrap_or(0),
+            // A quick migration's guest stood still from the start of the copy.
+            qemu_downtime_ms: if m.params.policy == MigrationPolicy::Quick {
+                started.elapsed().as_millis() as u64
+            } else {
+                info.downtime.unwrap_or(0)
+            },
             switchover_at_ms: switchover_at,
         },
     )

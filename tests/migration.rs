@@ -441,6 +441,17 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
     let (ok, last, err) = s.migrate(2, &["--policy", "auto-converge"]);
     assert!(ok, "{err} {last}");
     assert_eq!(s.vm()["owner"], 2);
+    // And under a quick migration: paused, copied, resumed; the guest stood still meanwhile,
+    // which the downtime shows.
+    let (ok, last, err) = s.migrate(3, &["--policy", "quick"]);
+    assert!(ok, "{err} {last}");
+    assert_eq!(s.vm()["owner"], 3);
+    assert!(last["downtime_ms"].as_u64().unwrap() > 0, "{last}");
+    let boots: std::collections::HashSet<String> = (1..=3)
+        .flat_map(|n| agent_lines(&s.serial(n)))
+        .map(|(b, _)| b)
+        .collect();
+    assert_eq!(boots.len(), 1, "{boots:?}");
     let out = migrator(&["--endpoint", &s.ep, "vm", "stop", "g1"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -70,7 +70,8 @@ pub enum Noun {
         /// The longest pause QEMU may take at switchover, in ms (default 300).
         #[arg(long)]
         downtime_ms: Option<u64>,
-        /// precopy, or auto-converge (throttles a guest that dirties memory too fast).
+        /// precopy; auto-converge (throttles a guest that dirties memory too fast); or quick
+        /// (pauses the guest, then copies: always finishes, the guest stands still meanwhile).
         #[arg(long, default_value = "precopy", value_parser = crate::migrate::parse_policy)]
         policy: csvd_raft::migration::MigrationPolicy,
         /// Return once the migration is recorded (it runs, or queues, in the cluster).

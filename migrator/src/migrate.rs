@@ -28,13 +28,14 @@ pub fn parse_policy(s: &str) -> Result<MigrationPolicy, String> {
     match s {
         "precopy" => Ok(MigrationPolicy::Precopy),
         "auto-converge" => Ok(MigrationPolicy::AutoConverge),
+        "quick" => Ok(MigrationPolicy::Quick),
         "postcopy" => Err(
             "postcopy is not offered: a destination that fails during post-copy loses the \
              guest; use precopy or auto-converge"
                 .into(),
         ),
         other => Err(format!(
-            "{other:?} is not a policy (precopy or auto-converge)"
+            "{other:?} is not a policy (precopy, auto-converge or quick)"
         )),
     }
 }
@@ -504,6 +505,7 @@ mod tests {
             parse_policy("auto-converge"),
             Ok(MigrationPolicy::AutoConverge)
         );
+        assert_eq!(parse_policy("quick"), Ok(MigrationPolicy::Quick));
         assert!(
             parse_policy("postcopy")
                 .unwrap_err()

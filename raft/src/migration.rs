@@ -40,6 +40,10 @@ pub enum MigrationPolicy {
     Precopy,
     /// Pre-copy that throttles the guest's vCPUs when memory is dirtied faster than it is sent.
     AutoConverge,
+    /// Quick migration, for guests that cannot be moved live: the guest is paused first and
+    /// its whole state copied while it stands still; it always finishes, and the downtime is
+    /// the copy's duration.
+    Quick,
 }
 
 impl MigrationPolicy {
@@ -47,6 +51,7 @@ impl MigrationPolicy {
         match self {
             MigrationPolicy::Precopy => "precopy",
             MigrationPolicy::AutoConverge => "auto-converge",
+            MigrationPolicy::Quick => "quick",
         }
     }
 }
