@@ -712,3 +712,122 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
     let out = migrator(&["--endpoint", &s.ep, "vm", "stop", "g1"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_two_migrations_at_once_on_four_nodes_and_a_third_queues() {
+    let Some(guest) = guest() else { return };
+    let mut cluster = Cluster::new(4);
+    let root = cluster.tmp.path().to_path_buf();
+    common::shared_image(&root, 256 << 20, 1..=4);
+    cluster
+        .start_initialized_each(|id| {
+            vec![
+                "--devices".into(),
+                root.join(format!("paths/n{id}/*.img"))
+                    .display()
+                    .to_string(),
+                "--accel".into(),
+                "tcg".into(),
+            ]
+        })
+        .await;
+    let ep = cluster.nodes[0].endpoint();
+    let kernel = guest.join("vmlinuz");
+    let initrd = guest.join("initrd.img");
+    // a on node 1, b on node 3, c on node 1: each copy is slowed down to take seconds.
+    for (name, node) in [("a", "1"), ("b", "3"), ("c", "1")] {
+        let out = migrator(&[
+            "--endpoint",
+            &ep,
+            "vm",
+            "create",
+            name,
+            "--memory",
+            "128",
+            "--node",
+            node,
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--append",
+            "console=ttyS0 quiet panic=-1 csvd.dirty_mib=16",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let out = migrator(&["--endpoint", &ep, "vm", "start", name]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let start = |vm: &str, to: &str| {
+        let out = migrator(&[
+            "--endpoint",
+            &ep,
+            "--json",
+            "migrate",
+            vm,
+            "--to",
+            to,
+            "--bandwidth",
+            "6",
+            "--no-wait",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        (
+            v["migration"].as_u64().unwrap(),
+            v["phase"].as_str().unwrap().to_string(),
+        )
+    };
+    // 1 -> 2 and 3 -> 4 share no node: both run. c (1 -> 4) involves busy nodes: it queues.
+    let (ma, pa) = start("a", "2");
+    let (mb, pb) = start("b", "4");
+    let (mc, pc) = start("c", "4");
+    assert_eq!(
+        (pa.as_str(), pb.as_str(), pc.as_str()),
+        ("preparing", "preparing", "queued")
+    );
+    let show = |id: u64| {
+        let out = migrator(&[
+            "--endpoint",
+            &ep,
+            "--json",
+            "migration",
+            "show",
+            &id.to_string(),
+        ]);
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()
+    };
+    // Both copy at the same time while c waits.
+    wait_until("two copies at once", Duration::from_secs(60), || {
+        let (a, b, c) = (show(ma), show(mb), show(mc));
+        async move {
+            (a["phase"] == "copying" && b["phase"] == "copying" && c["phase"] == "queued")
+                .then_some(())
+        }
+    })
+    .await;
+    let list = migrator(&["--endpoint", &ep, "migration", "list"]);
+    assert!(stdout(&list).contains("queued"), "{}", stdout(&list));
+    // Everything ends, c after a slot freed.
+    for id in [ma, mb, mc] {
+        let m = wait_until("the migrations to end", Duration::from_secs(180), || {
+            let m = show(id);
+            async move { (m["phase"] == "completed").then_some(m) }
+        })
+        .await;
+        assert!(m["total_ms"].as_u64().is_some(), "{m}");
+    }
+    let (a, b, c) = (show(ma), show(mb), show(mc));
+    let started_c = c["started_at_ms"].as_u64().unwrap();
+    let first_end = a["finished_at_ms"]
+        .as_u64()
+        .unwrap()
+        .min(b["finished_at_ms"].as_u64().unwrap());
+    assert!(
+        started_c >= first_end,
+        "c started only after a slot freed: {c}"
+    );
+    for name in ["a", "b", "c"] {
+        let out = migrator(&["--endpoint", &ep, "vm", "stop", name]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+}
