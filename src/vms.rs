@@ -107,6 +107,10 @@ struct Agent {
     given_up: HashSet<Uuid>,
     /// Migrations whose source part runs here.
     sending: HashSet<MigrationId>,
+    /// The named CPU models QEMU runs here, once listed.
+    cpu_models: Option<Vec<String>>,
+    /// Whether the cluster has them.
+    cpu_reported: bool,
     /// Migrations whose destination QEMU is being started here.
     receiving: HashSet<MigrationId>,
     events: mpsc::UnboundedSender<Event>,
@@ -133,6 +137,8 @@ async fn run(node: MetaNode, cfg: VmHostConfig) {
         slots: HashMap::new(),
         given_up: HashSet::new(),
         sending: HashSet::new(),
+        cpu_models: None,
+        cpu_reported: false,
         receiving: HashSet::new(),
         events: tx,
     };
@@ -147,6 +153,9 @@ async fn run(node: MetaNode, cfg: VmHostConfig) {
             Some(ev) = rx.recv() => agent.on_event(ev).await,
         }
         let state = node.local_view().state.clone();
+        if !agent.cpu_reported && state.cluster_id.is_some() {
+            agent.cpu_reported = agent.report_cpu().await;
+        }
         agent.reconcile(&state).await;
     }
 }
@@ -167,6 +176,39 @@ async fn decide_accel(cfg: &VmHostConfig) -> Result<AccelDecision, String> {
 impl Agent {
     fn me(&self) -> NodeId {
         self.cfg.node_id
+    }
+
+    /// Reports what this node's guests run on, for `cluster-baseline` and migration checks;
+    /// true once recorded (or when there is nothing to report).
+    async fn report_cpu(&mut self) -> bool {
+        let Ok(d) = &self.accel else {
+            return true;
+        };
+        let accel = d.accel;
+        if self.cpu_models.is_none() {
+            match accel::runnable_cpu_models(&self.cfg.qemu, accel).await {
+                Ok(models) => self.cpu_models = Some(models),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list the CPU models QEMU runs here");
+                    return true;
+                }
+            }
+        }
+        let cpu = csvd_raft::vm::NodeCpu {
+            accel: accel.to_string(),
+            models: self.cpu_models.clone().unwrap_or_default(),
+        };
+        let cmd = Command::ReportNodeCpu {
+            node: self.me(),
+            cpu,
+        };
+        match self.node.write(cmd).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "CPU models not recorded yet");
+                false
+            }
+        }
     }
 
     /// Adopts the QEMUs that still run from an earlier start of this daemon.
@@ -592,11 +634,10 @@ pub fn launch_spec(
         ("host", Accel::Kvm) => "host".to_string(),
         // TCG presents the same processor on every node, so a guest moves freely.
         ("host" | "cluster-baseline", Accel::Tcg) => "max".to_string(),
-        ("cluster-baseline", Accel::Kvm) => {
-            return Err(
-                "cluster-baseline is not resolved on KVM nodes yet: name a QEMU CPU model".into(),
-            );
-        }
+        ("cluster-baseline", Accel::Kvm) => state
+            .baseline_cpu()
+            .ok_or("cluster-baseline: the KVM nodes share no named QEMU CPU model (or have not reported theirs yet)")?
+            .to_string(),
         (model, _) => model.to_string(),
     };
     let boot = match &vm.spec.boot {

@@ -259,6 +259,69 @@ async fn boot_sector(qemu: &Path, accel: Accel, timeout: Duration) -> Result<(),
     }
 }
 
+/// The named CPU models QEMU can run guests with under `accel` on this host: those it
+/// calls migration-safe and reports nothing unavailable for (QMP `query-cpu-definitions`).
+pub async fn runnable_cpu_models(qemu: &Path, accel: Accel) -> Result<Vec<String>, String> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("csvd-cpu-models-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let sock = dir.join("qmp.sock");
+    let result = async {
+        let _child = tokio::process::Command::new(qemu)
+            .args([
+                "-machine",
+                "none",
+                "-accel",
+                accel.as_str(),
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+            ])
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+        let qmp = crate::qmp::Qmp::connect_retry(&sock, Duration::from_secs(20))
+            .await
+            .map_err(|e| e.to_string())?;
+        let defs = qmp
+            .execute("query-cpu-definitions", None)
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = qmp.quit().await;
+        Ok(cpu_models_from(&defs))
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// The runnable, migration-safe model names in a `query-cpu-definitions` answer.
+pub fn cpu_models_from(defs: &serde_json::Value) -> Vec<String> {
+    let mut out: Vec<String> = defs
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|d| d.get("migration-safe").and_then(|m| m.as_bool()) == Some(true))
+                .filter(|d| {
+                    d.get("unavailable-features")
+                        .and_then(|u| u.as_array())
+                        .is_some_and(|u| u.is_empty())
+                })
+                .filter_map(|d| d.get("name").and_then(|n| n.as_str()).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// What a probe's QEMU left behind.
 struct ProbeRun {
     status: Option<i32>,
@@ -378,6 +441,31 @@ mod tests {
             println!("skipping: qemu-system-x86_64 not found");
         }
         found
+    }
+
+    #[test]
+    fn test_cpu_models_from() {
+        let defs = serde_json::json!([
+            { "name": "max", "unavailable-features": [], "migration-safe": false },
+            { "name": "Westmere", "unavailable-features": [], "migration-safe": true },
+            { "name": "Skylake-Server", "unavailable-features": ["avx512f"], "migration-safe": true },
+            { "name": "Nehalem", "unavailable-features": [], "migration-safe": true },
+            { "name": "odd" },
+        ]);
+        assert_eq!(cpu_models_from(&defs), ["Nehalem", "Westmere"]);
+        assert!(cpu_models_from(&serde_json::json!({})).is_empty());
+    }
+
+    #[tokio::test]
+    async fn test_runnable_cpu_models_under_tcg() {
+        let Some(q) = qemu() else { return };
+        let models = runnable_cpu_models(&q, Accel::Tcg).await.unwrap();
+        // TCG emulates the generic models and older named ones everywhere.
+        assert!(models.iter().any(|m| m == "qemu64"), "{models:?}");
+        assert!(
+            !models.iter().any(|m| m == "max"),
+            "max is not migration-safe"
+        );
     }
 
     #[tokio::test]

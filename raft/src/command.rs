@@ -308,6 +308,14 @@ pub enum Command {
         /// The proposer's wall clock, ms since the Unix epoch.
         now_ms: u64,
     },
+    /// A node's report on what its guests run on (its accelerator and the QEMU CPU models
+    /// it can run), for the `cluster-baseline` CPU model and migration checks.
+    ReportNodeCpu {
+        /// The node.
+        node: NodeId,
+        /// What it reports.
+        cpu: crate::vm::NodeCpu,
+    },
     /// Sets (or clears, with `None`) the CHAP credentials of the cluster's iSCSI target.
     SetIscsiAuth {
         /// The credentials.
@@ -342,6 +350,7 @@ impl Command {
             Command::SetVmDesired { .. } => "set_vm_desired",
             Command::SetVmOwner { .. } => "set_vm_owner",
             Command::ReportVm { .. } => "report_vm",
+            Command::ReportNodeCpu { .. } => "report_node_cpu",
             Command::StartMigration { .. } => "start_migration",
             Command::AdvanceMigration { .. } => "advance_migration",
             Command::ReportMigration { .. } => "report_migration",

@@ -325,6 +325,23 @@ impl ClusterState {
                 )));
             }
         }
+        // A named model (or the baseline) must be one the destination's KVM can run.
+        if accel_kvm && v.spec.cpu != "host" {
+            let model = if v.spec.cpu == "cluster-baseline" {
+                self.baseline_cpu().map(str::to_string)
+            } else {
+                Some(v.spec.cpu.clone())
+            };
+            if let (Some(model), Some(cpu)) = (model, self.node_cpus.get(&dest))
+                && cpu.accel == "kvm"
+                && !cpu.models.contains(&model)
+            {
+                return Err(precondition(format!(
+                    "node {dest}'s processor cannot run VM {:?}'s CPU model {model}",
+                    v.name
+                )));
+            }
+        }
         // Every disk's volume must be reachable from there.
         for d in &v.spec.disks {
             let disk = self
@@ -838,6 +855,55 @@ mod tests {
             "{e}"
         );
         // Node 3 has the same processor.
+        assert!(start(&mut s, 1, 3).is_ok());
+    }
+
+    #[test]
+    fn test_named_cpu_model_must_run_on_the_destination() {
+        let mut s = cluster(1);
+        let id = Uuid::from_u128(101);
+        // vm1 uses a named model under KVM.
+        apply(
+            &mut s,
+            Command::SetVmDesired {
+                id,
+                desired: VmDesired::Stopped,
+            },
+        )
+        .unwrap();
+        s.vms.get_mut(&id).unwrap().spec.cpu = "Skylake-Server".into();
+        apply(
+            &mut s,
+            Command::SetVmDesired {
+                id,
+                desired: VmDesired::Running,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            Command::ReportVm {
+                id,
+                node: 1,
+                state: VmState::Running,
+                detail: "kvm".into(),
+                restarts: 0,
+                at_ms: 2,
+            },
+        )
+        .unwrap();
+        for (node, models) in [(2, vec!["Haswell"]), (3, vec!["Haswell", "Skylake-Server"])] {
+            let cpu = crate::vm::NodeCpu {
+                accel: "kvm".into(),
+                models: models.into_iter().map(String::from).collect(),
+            };
+            apply(&mut s, Command::ReportNodeCpu { node, cpu }).unwrap();
+        }
+        let e = start(&mut s, 1, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("node 2's processor cannot run VM \"vm1\"'s CPU model Skylake-Server"),
+            "{e}"
+        );
         assert!(start(&mut s, 1, 3).is_ok());
     }
 

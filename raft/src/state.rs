@@ -116,6 +116,9 @@ pub struct ClusterState {
     /// How many migrations run at once.
     #[serde(default)]
     pub migration_limits: crate::migration::MigrationLimits,
+    /// What each node's guests run on, as the node last reported it.
+    #[serde(default)]
+    pub node_cpus: BTreeMap<NodeId, crate::vm::NodeCpu>,
 }
 
 /// Why a command was rejected. The messages are what the operator reads.
@@ -294,6 +297,7 @@ impl ClusterState {
                         ),
                     });
                 }
+                self.node_cpus.remove(id);
                 if self.nodes.remove(id).is_none() {
                     return Err(ApplyError::UnknownNode { id: *id });
                 }
@@ -637,6 +641,17 @@ impl ClusterState {
             Command::SetMigrationLimits { limits, now_ms } => {
                 self.require_initialized()?;
                 self.set_migration_limits(*limits, *now_ms)
+            }
+            Command::ReportNodeCpu { node, cpu } => {
+                self.require_initialized()?;
+                if !self.nodes.contains_key(node) {
+                    return Err(ApplyError::UnknownNode { id: *node });
+                }
+                if self.node_cpus.get(node) == Some(cpu) {
+                    return Ok(Outcome::Unchanged);
+                }
+                self.node_cpus.insert(*node, cpu.clone());
+                Ok(Outcome::Applied)
             }
             Command::SetIscsiAuth { chap } => {
                 self.require_initialized()?;

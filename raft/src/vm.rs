@@ -157,6 +157,48 @@ pub fn valid_mac(mac: &str) -> bool {
         && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 1 == 0)
 }
 
+/// What a node's guests run on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCpu {
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// The named QEMU CPU models this node can run guests with (migration-safe, nothing
+    /// missing on this host), as QEMU reports them.
+    pub models: Vec<String>,
+}
+
+/// QEMU's named x86 CPU models, newest first within each vendor, then the generic ones.
+/// `cluster-baseline` is the first of these that every KVM node can run.
+pub const CPU_MODELS_NEWEST_FIRST: &[&str] = &[
+    "GraniteRapids",
+    "SierraForest",
+    "SapphireRapids",
+    "Icelake-Server",
+    "Cooperlake",
+    "Cascadelake-Server",
+    "Skylake-Server",
+    "Skylake-Client",
+    "Broadwell",
+    "Haswell",
+    "IvyBridge",
+    "SandyBridge",
+    "Westmere",
+    "Nehalem",
+    "Penryn",
+    "Conroe",
+    "EPYC-Genoa",
+    "EPYC-Milan",
+    "EPYC-Rome",
+    "EPYC",
+    "Opteron_G5",
+    "Opteron_G4",
+    "Opteron_G3",
+    "Opteron_G2",
+    "Opteron_G1",
+    "kvm64",
+    "qemu64",
+];
+
 /// The iSCSI initiator name a node's QEMUs log in with: one per node, so the target can
 /// tell which node a VM's I/O comes from.
 pub fn node_initiator_name(cluster: Uuid, node: NodeId) -> String {
@@ -172,6 +214,24 @@ impl ClusterState {
     /// The VM named `name`.
     pub fn vm_by_name(&self, name: &str) -> Option<&VmRecord> {
         self.vms.values().find(|v| v.name == name)
+    }
+
+    /// The `cluster-baseline` CPU model: the newest named model every KVM node can run.
+    /// `None` when no node reported KVM or they share none.
+    pub fn baseline_cpu(&self) -> Option<&'static str> {
+        let kvm: Vec<&NodeCpu> = self
+            .nodes
+            .keys()
+            .filter_map(|n| self.node_cpus.get(n))
+            .filter(|c| c.accel == "kvm")
+            .collect();
+        if kvm.is_empty() {
+            return None;
+        }
+        CPU_MODELS_NEWEST_FIRST
+            .iter()
+            .find(|m| kvm.iter().all(|c| c.models.iter().any(|x| x == *m)))
+            .copied()
     }
 
     /// The VMs that use disk `id`.
@@ -899,6 +959,48 @@ mod tests {
         assert_eq!(
             apply(&mut s, Command::DeleteDisk { id: 1 }),
             Ok(Outcome::Applied)
+        );
+    }
+
+    #[test]
+    fn test_cluster_baseline_is_the_newest_model_every_kvm_node_runs() {
+        let mut s = cluster();
+        assert_eq!(s.baseline_cpu(), None, "no node reported");
+        let report = |s: &mut ClusterState, node, accel: &str, models: &[&str]| {
+            apply(
+                s,
+                Command::ReportNodeCpu {
+                    node,
+                    cpu: NodeCpu {
+                        accel: accel.into(),
+                        models: models.iter().map(|m| m.to_string()).collect(),
+                    },
+                },
+            )
+        };
+        report(
+            &mut s,
+            1,
+            "kvm",
+            &["Haswell", "Broadwell", "Skylake-Client", "qemu64"],
+        )
+        .unwrap();
+        assert_eq!(s.baseline_cpu(), Some("Skylake-Client"));
+        report(&mut s, 2, "kvm", &["Haswell", "SandyBridge", "qemu64"]).unwrap();
+        assert_eq!(s.baseline_cpu(), Some("Haswell"));
+        // A TCG node does not hold the baseline back.
+        report(&mut s, 2, "tcg", &["qemu64"]).unwrap();
+        assert_eq!(s.baseline_cpu(), Some("Skylake-Client"));
+        // Different vendors meet on the generic model.
+        report(&mut s, 2, "kvm", &["EPYC-Rome", "EPYC", "qemu64"]).unwrap();
+        assert_eq!(s.baseline_cpu(), Some("qemu64"));
+        assert_eq!(
+            report(&mut s, 2, "kvm", &["EPYC-Rome", "EPYC", "qemu64"]),
+            Ok(Outcome::Unchanged)
+        );
+        assert_eq!(
+            report(&mut s, 9, "kvm", &[]),
+            Err(ApplyError::UnknownNode { id: 9 })
         );
     }
 
