@@ -12,69 +12,6 @@ use std::time::Duration;
 
 use common::{Cluster, migrator, stderr, stdout, wait_until};
 
-fn guest() -> Option<PathBuf> {
-    let qemu = std::process::Command::new("sh")
-        .args(["-c", "command -v qemu-system-x86_64"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !qemu {
-        eprintln!("skip: qemu-system-x86_64 is not installed (scripts/install-deps installs it)");
-        return None;
-    }
-    let dir = std::env::var_os("CSVD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/csvd-guest"));
-    if !dir.join("vmlinuz").is_file() {
-        eprintln!(
-            "skip: no test guest in {} (run scripts/build-guest)",
-            dir.display()
-        );
-        return None;
-    }
-    Some(dir)
-}
-
-/// (boot id, counter) of each agent line in a serial log, in order.
-fn agent_lines(log: &Path) -> Vec<(String, u64)> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("csvd-agent boot=")?;
-            let boot = rest.split_whitespace().next()?.to_string();
-            let counter = rest
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("counter="))?
-                .parse()
-                .ok()?;
-            Some((boot, counter))
-        })
-        .collect()
-}
-
-/// The agent's records on the LUN: (boot id, sequence number), sorted by sequence.
-fn records(image: &Path, disk: &csvd_raft::volume::DiskRecord) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for slot in 0..1024u64 {
-        let (at, _) = disk.map(slot * 4096, 4096).expect("within the LUN")[0];
-        let b = common::device_block(image, at);
-        if &b[..8] != b"CSVDSEQ1" {
-            continue;
-        }
-        let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for x in &b[..40] {
-            h ^= u64::from(*x);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        if h == word(40) {
-            out.push((word(8), word(16)));
-        }
-    }
-    out.sort_by_key(|r| r.1);
-    out
-}
-
 struct Setup {
     cluster: Cluster,
     ep: String,
@@ -144,7 +81,7 @@ impl Setup {
 /// A three-node cluster with VM g1 (128 MiB, the test guest with `append`) running on node 1
 /// and writing records to its LUN.
 async fn setup(append: &str) -> Option<Setup> {
-    let guest = guest()?;
+    let guest = common::test_guest()?;
     let mut cluster = Cluster::new(3);
     let root = cluster.tmp.path().to_path_buf();
     let image = common::shared_image(&root, 256 << 20, 1..=3);
@@ -219,7 +156,7 @@ async fn setup(append: &str) -> Option<Setup> {
     assert!(out.status.success(), "{}", stderr(&out));
     let serial = s.serial(1);
     wait_until("the guest's agent", Duration::from_secs(120), || {
-        let n = agent_lines(&serial).len();
+        let n = common::agent_lines(&serial).len();
         async move { (n >= 10).then_some(()) }
     })
     .await;
@@ -278,13 +215,13 @@ async fn test_migrate_a_writing_guest_there_and_back() {
         "the guest's agent on node 2",
         Duration::from_secs(60),
         || {
-            let n = agent_lines(&s.serial(2)).len();
+            let n = common::agent_lines(&s.serial(2)).len();
             async move { (n >= 10).then_some(()) }
         },
     )
     .await;
-    let before = agent_lines(&s.serial(1));
-    let after = agent_lines(&s.serial(2));
+    let before = common::agent_lines(&s.serial(1));
+    let after = common::agent_lines(&s.serial(2));
     let (boot, last_there) = before.last().unwrap().clone();
     assert_eq!(after[0].0, boot, "same boot on the destination");
     assert_eq!(
@@ -304,7 +241,10 @@ async fn test_migrate_a_writing_guest_there_and_back() {
     // The records on the shared volume: one boot, no gap, through both switches.
     let disk = s.cluster.nodes[0].client().state().await.unwrap().disks[&s.lun].clone();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let recs = records(&s.image, &disk);
+    let recs: Vec<(u64, u64)> = common::guest_records(&s.image, &disk)
+        .into_iter()
+        .map(|r| (r.0, r.1))
+        .collect();
     assert!(recs.len() >= 30, "{} records", recs.len());
     let boot_id = recs[0].0;
     assert!(recs.iter().all(|r| r.0 == boot_id), "one boot");
@@ -377,10 +317,10 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
         },
     )
     .await;
-    let n = agent_lines(&s.serial(1)).len();
+    let n = common::agent_lines(&s.serial(1)).len();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        agent_lines(&s.serial(1)).len() > n,
+        common::agent_lines(&s.serial(1)).len() > n,
         "the guest runs on node 1"
     );
 
@@ -424,14 +364,14 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
     let v = s.vm();
     assert_eq!(v["owner"], 1);
     assert_eq!(v["state"], "running");
-    let n = agent_lines(&s.serial(1)).len();
+    let n = common::agent_lines(&s.serial(1)).len();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        agent_lines(&s.serial(1)).len() > n,
+        common::agent_lines(&s.serial(1)).len() > n,
         "the guest still runs on node 1"
     );
     // One boot throughout.
-    let boots: std::collections::HashSet<String> = agent_lines(&s.serial(1))
+    let boots: std::collections::HashSet<String> = common::agent_lines(&s.serial(1))
         .into_iter()
         .map(|(b, _)| b)
         .collect();
@@ -448,7 +388,7 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
     assert_eq!(s.vm()["owner"], 3);
     assert!(last["downtime_ms"].as_u64().unwrap() > 0, "{last}");
     let boots: std::collections::HashSet<String> = (1..=3)
-        .flat_map(|n| agent_lines(&s.serial(n)))
+        .flat_map(|n| common::agent_lines(&s.serial(n)))
         .map(|(b, _)| b)
         .collect();
     assert_eq!(boots.len(), 1, "{boots:?}");
@@ -465,7 +405,7 @@ async fn test_drain_moves_every_vm_one_at_a_time() {
     let Some(s) = setup("console=ttyS0 quiet panic=-1 csvd.period_ms=100").await else {
         return;
     };
-    let guest = guest().unwrap();
+    let guest = common::test_guest().unwrap();
     let kernel = guest.join("vmlinuz");
     let initrd = guest.join("initrd.img");
     for name in ["g2", "g3"] {
@@ -556,6 +496,35 @@ async fn test_drain_moves_every_vm_one_at_a_time() {
     );
     let out = migrator(&["--endpoint", &s.ep, "node", "resume", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // The limits are cluster settings.
+    let limits = |args: &[&str]| {
+        let mut a = vec!["--endpoint", &s.ep, "--json", "migration", "limits"];
+        a.extend_from_slice(args);
+        let out = migrator(&a);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()
+    };
+    assert_eq!(
+        limits(&[]),
+        serde_json::json!({ "per_node": 1, "cluster": null })
+    );
+    assert_eq!(
+        limits(&["--per-node", "2", "--cluster", "3"]),
+        serde_json::json!({ "per_node": 2, "cluster": 3 })
+    );
+    assert_eq!(
+        limits(&["--no-cluster-cap"]),
+        serde_json::json!({ "per_node": 2, "cluster": null })
+    );
+    let out = migrator(&[
+        "--endpoint",
+        &s.ep,
+        "migration",
+        "limits",
+        "--per-node",
+        "0",
+    ]);
+    assert!(stderr(&out).contains("a limit of 0"), "{}", stderr(&out));
     for name in ["g1", "g2", "g3"] {
         let out = migrator(&["--endpoint", &s.ep, "vm", "stop", name]);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -705,7 +674,7 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
 
     // One boot throughout: the guest was never restarted.
     let boots: std::collections::HashSet<String> = (1..=3)
-        .flat_map(|n| agent_lines(&s.serial(n)))
+        .flat_map(|n| common::agent_lines(&s.serial(n)))
         .map(|(b, _)| b)
         .collect();
     assert_eq!(boots.len(), 1, "{boots:?}");
@@ -715,7 +684,9 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_two_migrations_at_once_on_four_nodes_and_a_third_queues() {
-    let Some(guest) = guest() else { return };
+    let Some(guest) = common::test_guest() else {
+        return;
+    };
     let mut cluster = Cluster::new(4);
     let root = cluster.tmp.path().to_path_buf();
     common::shared_image(&root, 256 << 20, 1..=4);

@@ -6,61 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use common::{Cluster, migrator, stderr, stdout, wait_until};
-
-/// QEMU and the test guest's directory, or `None` after a skip line.
-fn guest() -> Option<PathBuf> {
-    let qemu = std::process::Command::new("sh")
-        .args(["-c", "command -v qemu-system-x86_64"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !qemu {
-        eprintln!("skip: qemu-system-x86_64 is not installed (scripts/install-deps installs it)");
-        return None;
-    }
-    let dir = std::env::var_os("CSVD_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/csvd-guest"));
-    if !dir.join("vmlinuz").is_file() {
-        eprintln!(
-            "skip: no test guest in {} (run scripts/build-guest)",
-            dir.display()
-        );
-        return None;
-    }
-    Some(dir)
-}
-
-/// One record the guest's agent wrote: (boot id, sequence number, counter).
-fn record(block: &[u8]) -> Option<(u64, u64, u64)> {
-    if &block[..8] != b"CSVDSEQ1" {
-        return None;
-    }
-    let word = |i: usize| u64::from_le_bytes(block[i..i + 8].try_into().unwrap());
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in &block[..40] {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h == word(40)).then(|| (word(8), word(16), word(24)))
-}
-
-/// The agent's records on the LUN, read from the shared device (its first 1024 blocks).
-fn records(image: &Path, disk: &csvd_raft::volume::DiskRecord) -> Vec<(u64, u64, u64)> {
-    let mut out = Vec::new();
-    for slot in 0..1024u64 {
-        let pieces = disk.map(slot * 4096, 4096).expect("within the LUN");
-        let (at, _) = pieces[0];
-        if let Some(r) = record(&common::device_block(image, at)) {
-            out.push(r);
-        }
-    }
-    out.sort_by_key(|r| r.1);
-    out
-}
 
 fn vm_json(endpoint: &str, name: &str) -> serde_json::Value {
     let out = migrator(&["--endpoint", endpoint, "--json", "vm", "show", name]);
@@ -78,7 +27,9 @@ fn qemu_pid(node_dir: &Path, vm: &str) -> i32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_vm_lifecycle_on_a_lun() {
-    let Some(guest) = guest() else { return };
+    let Some(guest) = common::test_guest() else {
+        return;
+    };
     let mut cluster = Cluster::new(3);
     let root = cluster.tmp.path().to_path_buf();
     let image = common::shared_image(&root, 256 << 20, 1..=3);
@@ -177,7 +128,7 @@ async fn test_vm_lifecycle_on_a_lun() {
         || {
             let (image, disk) = (image.clone(), disk.clone());
             async move {
-                let r = records(&image, &disk);
+                let r = common::guest_records(&image, &disk);
                 (r.len() >= 20).then_some(r)
             }
         },

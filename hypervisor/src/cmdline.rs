@@ -191,28 +191,6 @@ pub fn qemu_args(spec: &LaunchSpec) -> Vec<String> {
     a
 }
 
-/// A locally administered unicast MAC (QEMU's 52:54:00 prefix) derived from `seed`.
-pub fn mac_from(seed: &[u8]) -> String {
-    // FNV-1a: stable across releases, unlike std's hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in seed {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    let b = h.to_be_bytes();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[5], b[6], b[7])
-}
-
-/// Whether `mac` is six colon-separated hex octets, unicast.
-pub fn valid_mac(mac: &str) -> bool {
-    let octets: Vec<&str> = mac.split(':').collect();
-    octets.len() == 6
-        && octets
-            .iter()
-            .all(|o| o.len() == 2 && o.chars().all(|c| c.is_ascii_hexdigit()))
-        && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 1 == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -371,25 +349,5 @@ mod tests {
                 .collect()
         };
         assert_eq!(ids(&qemu_args(&src)), ids(&qemu_args(&dst)));
-    }
-
-    #[test]
-    fn test_mac_from_is_stable_and_valid() {
-        let a = mac_from(b"vm-uuid/0");
-        assert_eq!(a, mac_from(b"vm-uuid/0"));
-        assert_ne!(a, mac_from(b"vm-uuid/1"));
-        assert!(a.starts_with("52:54:00:"));
-        assert!(valid_mac(&a), "{a}");
-    }
-
-    #[test]
-    fn test_valid_mac() {
-        assert!(valid_mac("52:54:00:ab:cd:ef"));
-        assert!(valid_mac("02:00:00:00:00:01"));
-        assert!(!valid_mac("01:00:5e:00:00:01"), "multicast");
-        assert!(!valid_mac("52:54:00:ab:cd"));
-        assert!(!valid_mac("52:54:00:ab:cd:eg"));
-        assert!(!valid_mac("5254.00ab.cdef"));
-        assert!(!valid_mac(""));
     }
 }

@@ -98,6 +98,18 @@ pub enum MigrationCmd {
         /// Migration id or VM name.
         migration: String,
     },
+    /// Show or set how many migrations run at once (the rest queue in order).
+    Limits {
+        /// Migrations a node takes part in at once, as source or destination (default 1).
+        #[arg(long)]
+        per_node: Option<u32>,
+        /// Migrations in the whole cluster at once.
+        #[arg(long, conflicts_with = "no_cluster_cap")]
+        cluster: Option<u32>,
+        /// Remove the cluster-wide cap.
+        #[arg(long)]
+        no_cluster_cap: bool,
+    },
 }
 
 /// `migrator vm ...`

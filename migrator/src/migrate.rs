@@ -476,6 +476,41 @@ pub async fn run(
             }
             Ok(out.trim_end().to_string())
         }
+        MigrationCmd::Limits {
+            per_node,
+            cluster,
+            no_cluster_cap,
+        } => {
+            let mut limits = state.migration_limits;
+            let change = per_node.is_some() || cluster.is_some() || *no_cluster_cap;
+            if let Some(n) = per_node {
+                limits.per_node = *n;
+            }
+            if let Some(c) = cluster {
+                limits.cluster = Some(*c);
+            }
+            if *no_cluster_cap {
+                limits.cluster = None;
+            }
+            if change {
+                client
+                    .write(Command::SetMigrationLimits {
+                        limits,
+                        now_ms: csvd_raft::node::now_ms(),
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(if as_json {
+                json(&limits)
+            } else {
+                format!(
+                    "per node: {}\ncluster:  {}",
+                    limits.per_node,
+                    limits.cluster.map_or("no cap".into(), |c| c.to_string())
+                )
+            })
+        }
         MigrationCmd::Cancel { migration } => {
             let m = find_migration(&state, migration)?;
             client

@@ -324,9 +324,8 @@ pub async fn run(client: &mut ClusterClient, cmd: &VmCmd, as_json: bool) -> Resu
             let mut nic_specs = Vec::new();
             for (i, n) in nics.iter().enumerate() {
                 let (switch, mac) = parse_nic(n)?;
-                let mac = mac.unwrap_or_else(|| {
-                    csvd_hypervisor::cmdline::mac_from(format!("{id}/{i}").as_bytes())
-                });
+                let mac =
+                    mac.unwrap_or_else(|| csvd_raft::vm::mac_from(format!("{id}/{i}").as_bytes()));
                 nic_specs.push(NicSpec { switch, mac });
             }
             let boot = match kernel {

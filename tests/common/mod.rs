@@ -477,3 +477,73 @@ pub async fn lun_cluster(
     .await;
     (cluster, format!("iqn.2025-11.org.csvd:{cluster_id}"), lun)
 }
+
+/// The test guest's directory (scripts/build-guest), when QEMU and the guest are there;
+/// otherwise `None` after a skip line.
+pub fn test_guest() -> Option<PathBuf> {
+    let qemu = Command::new("sh")
+        .args(["-c", "command -v qemu-system-x86_64"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !qemu {
+        eprintln!("skip: qemu-system-x86_64 is not installed (scripts/install-deps installs it)");
+        return None;
+    }
+    let dir = std::env::var_os("CSVD_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/csvd-guest"));
+    if !dir.join("vmlinuz").is_file() {
+        eprintln!(
+            "skip: no test guest in {} (run scripts/build-guest)",
+            dir.display()
+        );
+        return None;
+    }
+    Some(dir)
+}
+
+/// One sequence record of the test guest's agent: (boot id, sequence number, counter), if
+/// `block` holds one with a valid checksum (layout in guest/agent.c).
+pub fn guest_record(block: &[u8]) -> Option<(u64, u64, u64)> {
+    if block.len() < 48 || &block[..8] != b"CSVDSEQ1" {
+        return None;
+    }
+    let word = |i: usize| u64::from_le_bytes(block[i..i + 8].try_into().unwrap());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in &block[..40] {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h == word(40)).then(|| (word(8), word(16), word(24)))
+}
+
+/// The agent's records on a LUN (its first 1024 blocks, read from the shared device),
+/// sorted by sequence number.
+pub fn guest_records(image: &Path, disk: &csvd_raft::volume::DiskRecord) -> Vec<(u64, u64, u64)> {
+    let mut out: Vec<(u64, u64, u64)> = (0..1024u64)
+        .filter_map(|slot| {
+            let (at, _) = disk.map(slot * 4096, 4096).expect("within the LUN")[0];
+            guest_record(&device_block(image, at))
+        })
+        .collect();
+    out.sort_by_key(|r| r.1);
+    out
+}
+
+/// (boot id, counter) of each line the agent printed in a serial log, in order.
+pub fn agent_lines(log: &Path) -> Vec<(String, u64)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("csvd-agent boot=")?;
+            let boot = rest.split_whitespace().next()?.to_string();
+            let counter = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("counter="))?
+                .parse()
+                .ok()?;
+            Some((boot, counter))
+        })
+        .collect()
+}
