@@ -82,38 +82,10 @@ impl Setup {
 /// and writing records to its LUN.
 async fn setup(append: &str) -> Option<Setup> {
     let guest = common::test_guest()?;
-    let mut cluster = Cluster::new(3);
-    let root = cluster.tmp.path().to_path_buf();
-    let image = common::shared_image(&root, 256 << 20, 1..=3);
-    cluster
-        .start_initialized_each(|id| {
-            vec![
-                "--devices".into(),
-                root.join(format!("paths/n{id}/*.img"))
-                    .display()
-                    .to_string(),
-                "--accel".into(),
-                "tcg".into(),
-            ]
-        })
-        .await;
+    let (cluster, _, lun) =
+        common::lun_cluster_with(256 << 20, "64M", "disk1", &["--accel", "tcg"]).await;
+    let image = cluster.tmp.path().join("shared.img");
     let ep = cluster.nodes[0].endpoint();
-    common::create_volume(&ep, &root.join("paths/n1/shared.img"), "vol");
-    let lun = common::create_lun(&ep, "vol", "64M", "disk1");
-    let c = cluster.nodes[0].client();
-    wait_until(
-        "every node direct on the volume",
-        Duration::from_secs(30),
-        || {
-            let mut c = c.clone();
-            async move {
-                let s = c.state().await.ok()?;
-                let v = s.volumes.values().next()?;
-                (v.nodes.len() == 3).then_some(())
-            }
-        },
-    )
-    .await;
     let kernel = guest.join("vmlinuz");
     let initrd = guest.join("initrd.img");
     let out = migrator(&[

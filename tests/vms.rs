@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Cluster, migrator, stderr, stdout, wait_until};
+use common::{migrator, stderr, stdout, wait_until};
 
 fn vm_json(endpoint: &str, name: &str) -> serde_json::Value {
     let out = migrator(&["--endpoint", endpoint, "--json", "vm", "show", name]);
@@ -30,24 +30,10 @@ async fn test_vm_lifecycle_on_a_lun() {
     let Some(guest) = common::test_guest() else {
         return;
     };
-    let mut cluster = Cluster::new(3);
-    let root = cluster.tmp.path().to_path_buf();
-    let image = common::shared_image(&root, 256 << 20, 1..=3);
-    cluster
-        .start_initialized_each(|id| {
-            vec![
-                "--devices".into(),
-                root.join(format!("paths/n{id}/*.img"))
-                    .display()
-                    .to_string(),
-                "--accel".into(),
-                "tcg".into(),
-            ]
-        })
-        .await;
+    let (mut cluster, _, lun) =
+        common::lun_cluster_with(256 << 20, "64M", "disk1", &["--accel", "tcg"]).await;
+    let image = cluster.tmp.path().join("shared.img");
     let ep = cluster.nodes[0].endpoint();
-    common::create_volume(&ep, &root.join("paths/n1/shared.img"), "vol");
-    let lun = common::create_lun(&ep, "vol", "64M", "disk1");
     let kernel = guest.join("vmlinuz");
     let initrd = guest.join("initrd.img");
     let create = |name: &str, memory: &str, extra: &[&str]| {

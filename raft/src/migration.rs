@@ -590,30 +590,15 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::PROTOCOL_VERSION;
-    use crate::command::{Command, Request};
+    use crate::command::Command;
     use crate::state::NodeSpec;
     use crate::vm::{VmBoot, VmSpec};
     use crate::volume::{ALLOCATION_UNIT, IoMode};
 
-    fn apply(s: &mut ClusterState, cmd: Command) -> Result<Outcome, ApplyError> {
-        s.apply(&Request::new(cmd))
-    }
+    use crate::vm::tests::apply;
 
     fn node(id: NodeId, switches: &[&str]) -> NodeSpec {
-        NodeSpec {
-            id,
-            grpc_addr: format!("127.0.0.1:{}", 7000 + id),
-            iscsi_addr: format!("127.0.0.1:{}", 3260 + id),
-            migration_addr: format!("127.0.0.1:{}", 8000 + id),
-            io_addr: format!("127.0.0.1:{}", 9000 + id),
-            cpu_model: "cpu".into(),
-            cpu_flags: vec!["sse2".into()],
-            switches: switches.iter().map(|s| s.to_string()).collect(),
-            memory_bytes: 4 << 30,
-            version: "0.1.0".into(),
-            protocol_version: PROTOCOL_VERSION,
-        }
+        crate::vm::tests::node(id, switches, 4)
     }
 
     /// Four nodes (node 4 without the "lan" switch), a volume every node reaches, a disk per

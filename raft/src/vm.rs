@@ -560,13 +560,14 @@ impl ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::command::{Command, Request};
     use crate::state::NodeSpec;
     use crate::{PROTOCOL_VERSION, volume::ALLOCATION_UNIT};
 
-    fn node(id: NodeId, switches: &[&str], memory_gib: u64) -> NodeSpec {
+    /// A node of the test clusters (here and in the migration tests).
+    pub(crate) fn node(id: NodeId, switches: &[&str], memory_gib: u64) -> NodeSpec {
         NodeSpec {
             id,
             grpc_addr: format!("127.0.0.1:{}", 7000 + id),
@@ -582,7 +583,7 @@ mod tests {
         }
     }
 
-    fn apply(s: &mut ClusterState, cmd: Command) -> Result<Outcome, ApplyError> {
+    pub(crate) fn apply(s: &mut ClusterState, cmd: Command) -> Result<Outcome, ApplyError> {
         s.apply(&Request::new(cmd))
     }
 

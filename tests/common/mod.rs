@@ -445,13 +445,26 @@ pub async fn lun_cluster(
     lun_size: &str,
     lun_name: &str,
 ) -> (Cluster, String, u64) {
+    lun_cluster_with(device_bytes, lun_size, lun_name, &[]).await
+}
+
+/// Like [`lun_cluster`], each node started with `extra` flags too. The shared device is
+/// `cluster.tmp/shared.img`.
+pub async fn lun_cluster_with(
+    device_bytes: u64,
+    lun_size: &str,
+    lun_name: &str,
+    extra: &[&str],
+) -> (Cluster, String, u64) {
     let mut cluster = Cluster::new(3);
     let root = cluster.tmp.path().to_path_buf();
     shared_image(&root, device_bytes, 1..=3);
     let cluster_id = cluster
         .start_initialized_each(|id| {
             let glob = root.join(format!("paths/n{id}/*.img"));
-            vec!["--devices".into(), glob.display().to_string()]
+            let mut args = vec!["--devices".to_string(), glob.display().to_string()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            args
         })
         .await;
     let endpoint = cluster.nodes[0].endpoint();
