@@ -178,9 +178,22 @@ pub async fn decide(
     }
 }
 
+/// A short-lived QEMU that must not outlive this process even if it is killed: started
+/// through util-linux's `setpriv --pdeathsig KILL` where it is installed.
+fn helper_qemu(qemu: &Path) -> tokio::process::Command {
+    let setpriv = Path::new("/usr/bin/setpriv");
+    if setpriv.is_file() {
+        let mut cmd = tokio::process::Command::new(setpriv);
+        cmd.args(["--pdeathsig", "KILL", "--"]).arg(qemu);
+        cmd
+    } else {
+        tokio::process::Command::new(qemu)
+    }
+}
+
 /// The probe's QEMU: a small machine that ends on a panic or the debug-exit port.
 fn probe_command(qemu: &Path, accel: Accel) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(qemu);
+    let mut cmd = helper_qemu(qemu);
     let cpu = match accel {
         Accel::Kvm => "host",
         Accel::Tcg => "max",
@@ -268,7 +281,7 @@ pub async fn runnable_cpu_models(qemu: &Path, accel: Accel) -> Result<Vec<String
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let sock = dir.join("qmp.sock");
     let result = async {
-        let _child = tokio::process::Command::new(qemu)
+        let _child = helper_qemu(qemu)
             .args([
                 "-machine",
                 "none",
