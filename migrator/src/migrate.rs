@@ -144,12 +144,7 @@ pub async fn follow(
     let tty = std::io::stderr().is_terminal();
     let mut last: Option<String> = None;
     loop {
-        let state = client.state().await.map_err(|e| e.to_string())?;
-        let m = state
-            .migrations
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| format!("migration {id} is gone"))?;
+        let m = fetch(client, id).await?;
         let line = if as_json {
             serde_json::to_string(&event(&m)).unwrap_or_default()
         } else {
@@ -383,18 +378,23 @@ pub async fn drain(
     }
 }
 
+/// Reads migration `id`'s record.
+async fn fetch(client: &mut ClusterClient, id: MigrationId) -> Result<MigrationRecord, String> {
+    let state = client.state().await.map_err(|e| e.to_string())?;
+    state
+        .migrations
+        .get(&id)
+        .cloned()
+        .ok_or_else(|| format!("migration {id} is gone"))
+}
+
 /// Waits for migration `id` to end, without printing.
 async fn follow_quiet(
     client: &mut ClusterClient,
     id: MigrationId,
 ) -> Result<MigrationRecord, String> {
     loop {
-        let state = client.state().await.map_err(|e| e.to_string())?;
-        let m = state
-            .migrations
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| format!("migration {id} is gone"))?;
+        let m = fetch(client, id).await?;
         if m.phase.is_terminal() {
             return Ok(m);
         }
