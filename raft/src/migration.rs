@@ -299,8 +299,24 @@ impl ClusterState {
         }
         // Switches and memory, as for a VM defined there.
         self.check_vm_fits(&v.spec, vm, dest)?;
+        // The accelerator: a guest's state moves only between QEMUs that run it the same
+        // way (KVM's and TCG's processor state differ).
+        let accel = v
+            .runtime
+            .as_ref()
+            .filter(|r| r.state == VmState::Running && matches!(r.detail.as_str(), "kvm" | "tcg"))
+            .map(|r| r.detail.as_str());
+        if let (Some(accel), Some(cpu)) = (accel, self.node_cpus.get(&dest))
+            && cpu.accel != accel
+        {
+            return Err(precondition(format!(
+                "node {dest} runs guests under {}, but VM {:?} runs under {accel} on node {}: \
+                 its processor state cannot move between accelerators",
+                cpu.accel, v.name, v.owner
+            )));
+        }
         // The processor: a VM that sees the host's processor needs the same one there.
-        let accel_kvm = v.runtime.as_ref().is_some_and(|r| r.detail == "kvm");
+        let accel_kvm = accel == Some("kvm");
         if accel_kvm && v.spec.cpu == "host" {
             let src = &self.nodes[&v.owner].spec;
             let missing: Vec<&str> = src
@@ -887,6 +903,34 @@ mod tests {
         let e = start(&mut s, 1, 2).unwrap_err().to_string();
         assert!(
             e.contains("node 2's processor cannot run VM \"vm1\"'s CPU model Skylake-Server"),
+            "{e}"
+        );
+        assert!(start(&mut s, 1, 3).is_ok());
+    }
+
+    #[test]
+    fn test_a_guest_stays_with_its_accelerator() {
+        let mut s = cluster(1);
+        let id = Uuid::from_u128(101);
+        let report = |detail: &str| Command::ReportVm {
+            id,
+            node: 1,
+            state: VmState::Running,
+            detail: detail.into(),
+            restarts: 0,
+            at_ms: 2,
+        };
+        apply(&mut s, report("tcg")).unwrap();
+        for (node, accel) in [(2, "kvm"), (3, "tcg")] {
+            let cpu = crate::vm::NodeCpu {
+                accel: accel.into(),
+                models: vec![],
+            };
+            apply(&mut s, Command::ReportNodeCpu { node, cpu }).unwrap();
+        }
+        let e = start(&mut s, 1, 2).unwrap_err().to_string();
+        assert!(
+            e.contains("node 2 runs guests under kvm, but VM \"vm1\" runs under tcg on node 1"),
             "{e}"
         );
         assert!(start(&mut s, 1, 3).is_ok());
