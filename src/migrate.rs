@@ -27,6 +27,9 @@ use serde_json::json;
 const POLL: Duration = Duration::from_millis(100);
 /// How often the source records progress in the cluster state.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// A copy that sends nothing for this long is given up (the migration network is cut, or
+/// the destination stopped reading); QEMU alone would wait for TCP to time out.
+pub const STALL: Duration = Duration::from_secs(10);
 /// The bandwidth QEMU may use when the operator sets none: no cap worth the name (QEMU's
 /// own default is 128 MiB/s).
 const UNCAPPED_BYTES_PER_SEC: u64 = 100 << 30;
@@ -36,6 +39,7 @@ pub fn qemu_settings(p: &MigrationParams) -> (serde_json::Value, serde_json::Val
     let caps = json!([
         { "capability": "events", "state": true },
         { "capability": "auto-converge", "state": p.policy == MigrationPolicy::AutoConverge },
+        { "capability": "postcopy-ram", "state": p.policy == MigrationPolicy::Postcopy },
     ]);
     let params = json!({
         "max-bandwidth": p.bandwidth_mibps.map_or(UNCAPPED_BYTES_PER_SEC, |m| m << 20),
@@ -236,6 +240,10 @@ pub async fn drive_source(
     let mut last_report = Instant::now();
     let mut events = inst.qmp.events();
     let mut cancelling = false;
+    // Why this node cancelled the copy itself, when it did.
+    let mut stalled: Option<String> = None;
+    let mut last_sent = (0u64, Instant::now());
+    let postcopy = m.params.policy == MigrationPolicy::Postcopy;
     let info = loop {
         // QEMU announces each change of the migration's status (the `events` capability):
         // the end of the copy is seen at once, not at the next poll.
@@ -253,6 +261,20 @@ pub async fn drive_source(
         };
         match info.status.as_deref() {
             Some("completed") => break info,
+            // Post-copy: after the first pass over memory the guest leaves the source. It is
+            // paused here first, so that the switchover is committed before it runs there.
+            Some("active")
+                if postcopy
+                    && !cancelling
+                    && info.ram.as_ref().is_some_and(|r| r.dirty_sync_count >= 2) =>
+            {
+                if let Err(e) = inst.qmp.stop().await {
+                    fail(format!("source: cannot pause the guest: {e}")).await;
+                    let _ = inst.qmp.execute("migrate_cancel", None).await;
+                    return SourceEnd::Stayed;
+                }
+                break info;
+            }
             Some("failed") => {
                 let why = info
                     .error_desc
@@ -264,10 +286,28 @@ pub async fn drive_source(
             }
             Some("cancelled") => {
                 resume_here(&inst).await;
-                let _ = give_up(&node, id, MigrationPhase::Cancelled, None).await;
+                match stalled {
+                    Some(why) => fail(why).await,
+                    None => {
+                        let _ = give_up(&node, id, MigrationPhase::Cancelled, None).await;
+                    }
+                }
                 return SourceEnd::Stayed;
             }
             _ => {}
+        }
+        let sent = info.ram.as_ref().map_or(0, |r| r.transferred);
+        if sent != last_sent.0 {
+            last_sent = (sent, Instant::now());
+        } else if !cancelling && last_sent.1.elapsed() >= STALL {
+            cancelling = true;
+            let why = format!(
+                "the copy stalled: nothing sent to {dest_addr} for {} s (migration network cut?)",
+                STALL.as_secs()
+            );
+            tracing::warn!(migration = id, "{why}; cancelling the copy");
+            stalled = Some(why);
+            let _ = inst.qmp.execute("migrate_cancel", None).await;
         }
         let record = node.local_view().state.migrations.get(&id).cloned();
         if !cancelling
@@ -290,17 +330,20 @@ pub async fn drive_source(
             });
         }
     };
-    // QEMU completed: the guest is paused here for good unless the switchover fails.
+    // QEMU completed, or (post-copy) the guest was paused for the switch: the guest is
+    // paused here for good unless the switchover fails.
     let switchover_at = now_ms();
+    let completed = info.status.as_deref() == Some("completed");
     let commit = write(
         &node,
         Command::CommitMigration {
             id,
             // A quick migration's guest stood still from the start of the copy.
-            qemu_downtime_ms: if m.params.policy == MigrationPolicy::Quick {
-                started.elapsed().as_millis() as u64
-            } else {
-                info.downtime.unwrap_or(0)
+            qemu_downtime_ms: match m.params.policy {
+                MigrationPolicy::Quick => started.elapsed().as_millis() as u64,
+                // Paused just now; the destination counts the rest.
+                _ if !completed => 0,
+                _ => info.downtime.unwrap_or(0),
             },
             switchover_at_ms: switchover_at,
         },
@@ -350,6 +393,9 @@ pub async fn drive_source(
             }
         }
     };
+    if moved && !completed {
+        finish_postcopy(&inst, id).await;
+    }
     if moved {
         tracing::info!(
             migration = id,
@@ -374,25 +420,94 @@ pub async fn drive_source(
         }
         SourceEnd::Moved
     } else {
+        if !completed {
+            let _ = inst.qmp.execute("migrate_cancel", None).await;
+        }
         resume_here(&inst).await;
         SourceEnd::Stayed
     }
 }
 
-/// The destination resumes the guest after the commit and ends the migration.
+/// After a post-copy switchover is committed: lets the guest go to the destination and
+/// serves the pages it still lacks until QEMU has sent them all.
+async fn finish_postcopy(inst: &Instance, id: MigrationId) {
+    match inst.qmp.execute("migrate-start-postcopy", None).await {
+        Ok(_) => tracing::info!(
+            migration = id,
+            "post-copy: the guest runs on the destination"
+        ),
+        // The paused guest's last pass may have completed the copy meanwhile.
+        Err(e) => tracing::info!(migration = id, error = %e, "post-copy not started"),
+    }
+    let mut events = inst.qmp.events();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = migration_event(&mut events) => {}
+        }
+        match inst.qmp.query_migrate().await.map(|i| i.status) {
+            Ok(Some(s)) if s == "completed" => return,
+            Ok(Some(s)) if matches!(s.as_str(), "failed" | "postcopy-paused" | "cancelled") => {
+                tracing::error!(
+                    migration = id,
+                    status = %s,
+                    "post-copy broke off before the last page was sent: the destination restarts the guest"
+                );
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(migration = id, error = %e, "the source QEMU ended during post-copy");
+                return;
+            }
+        }
+    }
+}
+
+/// The destination's part after the commit: resumes the guest, says it runs (with
+/// `report_running`, once QEMU runs it), waits for a post-copy's last page, and ends the
+/// migration with its total time and downtime. An error means the guest cannot run here
+/// from the state it received; the caller ends the migration as failed.
 pub async fn resume_destination(
     node: &MetaNode,
-    qmp: &Qmp,
+    inst: &Instance,
     m: &MigrationRecord,
+    report_running: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
+    let qmp = &inst.qmp;
+    // While the state still loads, `cont` only tells QEMU to run the guest once it has.
     qmp.cont()
         .await
         .map_err(|e| format!("cannot resume the guest: {e}"))?;
-    let now = now_ms();
+    let deadline = Instant::now() + RESUME_TIMEOUT;
+    loop {
+        match qmp.query_status().await {
+            Ok(RunState::Running) => break,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            Ok(state) => {
+                return Err(format!(
+                    "the guest did not run within {} s of the switchover (QEMU: {state:?})",
+                    RESUME_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("QEMU ended before the guest ran: {e}")),
+        }
+    }
+    let resumed = now_ms();
+    report_running.await;
+    if m.params.policy == MigrationPolicy::Postcopy {
+        wait_last_page(inst).await?;
+    }
     let qemu = m.qemu_downtime_ms.unwrap_or(0);
-    // From the source's pause to now: QEMU's own downtime, plus the commit and resume that
-    // followed the source's completion (node clocks are assumed to agree, as NTP keeps them).
-    let downtime = qemu + m.switchover_at_ms.map_or(0, |at| now.saturating_sub(at));
+    // From the source's pause to the guest running here: QEMU's own downtime, plus the
+    // commit and resume that followed the source's completion (node clocks are assumed to
+    // agree, as NTP keeps them).
+    let downtime = qemu
+        + m.switchover_at_ms
+            .map_or(0, |at| resumed.saturating_sub(at));
+    let now = now_ms();
     let total = m.started_at_ms.map(|s| now.saturating_sub(s));
     let _ = write(
         node,
@@ -408,6 +523,32 @@ pub async fn resume_destination(
     )
     .await;
     Ok(())
+}
+
+/// How long the destination waits for its guest to run after the commit.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until a post-copy destination has every page of the guest's memory.
+async fn wait_last_page(inst: &Instance) -> Result<(), String> {
+    let mut events = inst.qmp.events();
+    loop {
+        match inst.qmp.query_migrate().await {
+            Ok(info) => match info.status.as_deref() {
+                Some("completed") | None => return Ok(()),
+                Some(s @ ("failed" | "postcopy-paused" | "cancelled")) => {
+                    return Err(format!(
+                        "post-copy broke off ({s}) before every page arrived from the source"
+                    ));
+                }
+                _ => {}
+            },
+            Err(e) => return Err(format!("QEMU ended during post-copy: {e}")),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            _ = migration_event(&mut events) => {}
+        }
+    }
 }
 
 #[cfg(test)]

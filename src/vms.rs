@@ -329,11 +329,14 @@ impl Agent {
                         ..
                     }
                 ) && state.vms.get(id).is_none_or(|v| v.owner != me)
-                    // The source of a migration stops its QEMU itself after the switchover.
-                    && !state
-                        .migrations
-                        .values()
-                        .any(|m| m.vm == **id && m.source == me && self.sending.contains(&m.id))
+                    // The source of a migration stops its QEMU itself after the switchover;
+                    // until a post-copy ends, the source's QEMU serves the destination's pages
+                    // (also when this daemon restarted meanwhile).
+                    && !state.migrations.values().any(|m| {
+                        m.vm == **id
+                            && m.source == me
+                            && (self.sending.contains(&m.id) || !m.phase.is_terminal())
+                    })
             })
             .map(|(id, _)| *id)
             .collect();
@@ -756,7 +759,9 @@ impl Agent {
                     MigrationPhase::Committed => self.resume_here(&m).await,
                     p if p.is_terminal() => {
                         // Failed or cancelled before the switchover: this copy goes away.
-                        if let Some(Slot::Incoming { inst, .. }) = self.slots.remove(&m.vm) {
+                        if matches!(self.slots.get(&m.vm), Some(Slot::Incoming { migration, .. }) if *migration == m.id)
+                            && let Some(Slot::Incoming { inst, .. }) = self.slots.remove(&m.vm)
+                        {
                             tracing::info!(vm = %m.vm, migration = m.id, "migration ended: stopping the destination QEMU");
                             let nics = state
                                 .vms
@@ -803,38 +808,56 @@ impl Agent {
         }
     }
 
-    /// The switchover of `m` is committed: the VM is this node's; resume it.
+    /// The switchover of `m` is committed: the VM is this node's; resume it (in the
+    /// background: a post-copy destination needs the source until the last page).
     async fn resume_here(&mut self, m: &MigrationRecord) {
+        if !matches!(self.slots.get(&m.vm), Some(Slot::Incoming { migration, .. }) if *migration == m.id)
+        {
+            // Resumed already (the post-copy's end is awaited in the background).
+            return;
+        }
         let Some(Slot::Incoming { inst, .. }) = self.slots.remove(&m.vm) else {
             return;
         };
-        let result = crate::migrate::resume_destination(&self.node, &inst.qmp, m).await;
         self.slots.insert(
             m.vm,
             Slot::Running {
-                inst,
+                inst: inst.clone(),
                 stopping: false,
                 restarts: 0,
             },
         );
-        match result {
-            Ok(()) => {
+        let detail = self
+            .accel
+            .as_ref()
+            .map(|d| d.accel.to_string())
+            .unwrap_or_default();
+        let (node, m, me) = (self.node.clone(), m.clone(), self.me());
+        tokio::spawn(async move {
+            let running = async {
                 tracing::info!(vm = %m.vm, migration = m.id, "migrated here: the guest runs");
-                let detail = self
-                    .accel
-                    .as_ref()
-                    .map(|d| d.accel.to_string())
-                    .unwrap_or_default();
-                self.report(m.vm, VmState::Running, detail, 0).await;
-            }
-            Err(why) => {
-                tracing::error!(vm = %m.vm, error = %why, "migrated here but cannot run");
+                let report = Command::ReportVm {
+                    id: m.vm,
+                    node: me,
+                    state: VmState::Running,
+                    detail,
+                    restarts: 0,
+                    at_ms: now_ms(),
+                };
+                if let Err(e) = node.write(report).await {
+                    tracing::debug!(vm = %m.vm, error = %e, "VM report not recorded");
+                }
+            };
+            if let Err(why) = crate::migrate::resume_destination(&node, &inst, &m, running).await {
+                tracing::error!(vm = %m.vm, error = %why, "migrated here but cannot run: restarting the guest from its disk");
                 let _ = crate::migrate::write(
-                    &self.node,
+                    &node,
                     Command::FinishMigration {
                         id: m.id,
                         phase: MigrationPhase::Failed,
-                        error: Some(why),
+                        error: Some(format!(
+                            "{why}; the guest was restarted from its disk on node {me}"
+                        )),
                         total_ms: None,
                         downtime_ms: None,
                         now_ms: now_ms(),
@@ -842,8 +865,10 @@ impl Agent {
                     },
                 )
                 .await;
+                // Its end reads as a crash; the restart policy boots the guest afresh here.
+                inst.kill().await;
             }
-        }
+        });
     }
 
     /// The VM whose destination QEMU for `migration` runs here.

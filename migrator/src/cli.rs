@@ -70,8 +70,11 @@ pub enum Noun {
         /// The longest pause QEMU may take at switchover, in ms (default 300).
         #[arg(long)]
         downtime_ms: Option<u64>,
-        /// precopy; auto-converge (throttles a guest that dirties memory too fast); or quick
-        /// (pauses the guest, then copies: always finishes, the guest stands still meanwhile).
+        /// precopy; postcopy (after one pass over memory the guest moves and fetches the
+        /// pages it still lacks from the source: always finishes, but the guest is lost if
+        /// either node fails before the last page arrives); auto-converge (throttles a guest
+        /// that dirties memory too fast); or quick (pauses the guest, then copies: always
+        /// finishes, the guest stands still meanwhile).
         #[arg(long, default_value = "precopy", value_parser = crate::migrate::parse_policy)]
         policy: csvd_raft::migration::MigrationPolicy,
         /// Return once the migration is recorded (it runs, or queues, in the cluster).

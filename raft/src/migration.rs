@@ -40,6 +40,12 @@ pub enum MigrationPolicy {
     Precopy,
     /// Pre-copy that throttles the guest's vCPUs when memory is dirtied faster than it is sent.
     AutoConverge,
+    /// One pre-copy pass, then the switchover: the guest runs on the destination, which
+    /// fetches the pages it still lacks from the source. It always finishes and its downtime
+    /// does not grow with the dirty rate, but until the last page arrives the guest needs
+    /// both nodes: the switchover is committed before the guest leaves the source, and a
+    /// failure after it restarts the guest from its disk on the destination.
+    Postcopy,
     /// Quick migration, for guests that cannot be moved live: the guest is paused first and
     /// its whole state copied while it stands still; it always finishes, and the downtime is
     /// the copy's duration.
@@ -51,6 +57,7 @@ impl MigrationPolicy {
         match self {
             MigrationPolicy::Precopy => "precopy",
             MigrationPolicy::AutoConverge => "auto-converge",
+            MigrationPolicy::Postcopy => "postcopy",
             MigrationPolicy::Quick => "quick",
         }
     }
