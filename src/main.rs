@@ -6,6 +6,7 @@ mod console;
 mod host;
 mod iscsi;
 mod migrate;
+mod saved_state;
 mod shared;
 mod vms;
 mod volumes;
@@ -218,7 +219,7 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
     }
 
     let agents = node.spawn_agents();
-    let shared_agents = shared::spawn(node.clone(), csv, config.devices.clone());
+    let shared_agents = shared::spawn(node.clone(), csv.clone(), config.devices.clone());
     let vm_agent = vms::spawn(
         node.clone(),
         vms::VmHostConfig {
@@ -228,6 +229,7 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
             accel: config.accel,
             probe_kernel: config.probe_kernel.clone(),
             iscsi_addr,
+            csv,
         },
     );
     let mut removed = node.removed();

@@ -19,8 +19,11 @@ use csvd_raft::migration::{
     MigrationRecord,
 };
 use csvd_raft::node::now_ms;
+use csvd_raft::volume::DiskId;
 use csvd_raft::{ApplyError, MetaNode};
 use serde_json::json;
+
+use crate::shared::Shared;
 
 /// How often the source asks QEMU how the copy goes, besides on each of QEMU's MIGRATION
 /// events.
@@ -62,9 +65,14 @@ async fn configure(qmp: &Qmp, p: &MigrationParams) -> Result<(), String> {
     Ok(())
 }
 
-/// The destination's QEMU (started with `-incoming defer -S`) listens on `listen`.
+/// The destination's QEMU (started with `-incoming defer -S`) listens on `listen` (a quick
+/// migration's state comes from the shared volume instead, after the switchover: see
+/// [`restore_from_volume`]).
 pub async fn listen_incoming(qmp: &Qmp, m: &MigrationRecord, listen: &str) -> Result<(), String> {
     configure(qmp, &m.params).await?;
+    if m.params.policy == MigrationPolicy::Quick {
+        return Ok(());
+    }
     qmp.execute(
         "migrate-incoming",
         Some(json!({ "uri": format!("tcp:{listen}") })),
@@ -166,9 +174,92 @@ async fn resume_here(inst: &Instance) {
     }
 }
 
+/// The run directory of `inst` (its sockets live there).
+fn run_dir(inst: &Instance) -> std::path::PathBuf {
+    inst.paths
+        .qmp
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The saved-state disk of quick migration `m` and its size.
+fn state_disk(node: &MetaNode, m: &MigrationRecord) -> Result<(DiskId, u64), String> {
+    let disk = m
+        .state_disk
+        .ok_or("the migration has no saved-state disk")?;
+    let size = node
+        .local_view()
+        .state
+        .disks
+        .get(&disk)
+        .map(|d| d.size_bytes)
+        .ok_or_else(|| format!("the saved-state disk {disk} is gone"))?;
+    Ok((disk, size))
+}
+
+/// Starts saving the (paused) guest of quick migration `m` into its disk on the shared
+/// volume: returns the URI for QEMU's `migrate` and the task that copies the stream.
+fn start_saving(
+    node: &MetaNode,
+    csv: &Shared,
+    inst: &Instance,
+    m: &MigrationRecord,
+) -> Result<(String, tokio::task::JoinHandle<Result<u64, String>>), String> {
+    let (disk, size) = state_disk(node, m)?;
+    let sock = run_dir(inst).join("save.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .map_err(|e| format!("cannot listen on {}: {e}", sock.display()))?;
+    let (csv, id) = (csv.clone(), m.id);
+    let task = tokio::spawn(async move {
+        let accepted = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await;
+        let _ = std::fs::remove_file(&sock);
+        let (stream, _) = accepted
+            .map_err(|_| "QEMU did not connect to save the guest".to_string())?
+            .map_err(|e| format!("accepting QEMU's saved state: {e}"))?;
+        crate::saved_state::save(&csv, disk, size, id, stream).await
+    });
+    Ok((
+        format!("unix:{}", run_dir(inst).join("save.sock").display()),
+        task,
+    ))
+}
+
+/// The destination's part of a quick migration after the switchover: QEMU (waiting with
+/// `-incoming defer`) loads the guest that the source saved on the shared volume.
+pub async fn restore_from_volume(
+    node: &MetaNode,
+    csv: &Shared,
+    inst: &Instance,
+    m: &MigrationRecord,
+) -> Result<(), String> {
+    let (disk, size) = state_disk(node, m)?;
+    let sock = run_dir(inst).join("restore.sock");
+    let _ = std::fs::remove_file(&sock);
+    inst.qmp
+        .execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("unix:{}", sock.display()) })),
+        )
+        .await
+        .map_err(|e| format!("QEMU cannot take the saved state: {e}"))?;
+    let stream = tokio::net::UnixStream::connect(&sock)
+        .await
+        .map_err(|e| format!("cannot reach QEMU at {}: {e}", sock.display()))?;
+    let bytes = crate::saved_state::restore(csv, disk, size, m.id, stream).await?;
+    tracing::info!(
+        migration = m.id,
+        bytes,
+        "restored the guest from the shared volume"
+    );
+    Ok(())
+}
+
 /// Runs the source's part of migration `m` (which is `ready`) on `inst`.
 pub async fn drive_source(
     node: MetaNode,
+    csv: Shared,
     inst: Instance,
     m: MigrationRecord,
     dest_addr: String,
@@ -182,6 +273,8 @@ pub async fn drive_source(
         }
     };
     let started = Instant::now();
+    // A quick migration's copy of the stream into the shared volume.
+    let mut saving: Option<tokio::task::JoinHandle<Result<u64, String>>> = None;
     if m.phase == MigrationPhase::Copying {
         // This daemon restarted while its QEMU was sending: take up where it stands.
         let status = inst.qmp.query_migrate().await.ok().and_then(|i| i.status);
@@ -209,22 +302,36 @@ pub async fn drive_source(
             fail(format!("source: {e}")).await;
             return SourceEnd::Stayed;
         }
-        if m.params.policy == MigrationPolicy::Quick
-            && let Err(e) = inst.qmp.stop().await
-        {
-            fail(format!("source: cannot pause the guest: {e}")).await;
-            return SourceEnd::Stayed;
-        }
+        let uri = if m.params.policy == MigrationPolicy::Quick {
+            // The guest stands still from here on; its state goes to the shared volume.
+            if let Err(e) = inst.qmp.stop().await {
+                fail(format!("source: cannot pause the guest: {e}")).await;
+                return SourceEnd::Stayed;
+            }
+            match start_saving(&node, &csv, &inst, &m) {
+                Ok((uri, task)) => {
+                    saving = Some(task);
+                    uri
+                }
+                Err(e) => {
+                    resume_here(&inst).await;
+                    fail(format!("source: {e}")).await;
+                    return SourceEnd::Stayed;
+                }
+            }
+        } else {
+            format!("tcp:{dest_addr}")
+        };
         if let Err(e) = inst
             .qmp
-            .execute(
-                "migrate",
-                Some(json!({ "uri": format!("tcp:{dest_addr}") })),
-            )
+            .execute("migrate", Some(json!({ "uri": uri })))
             .await
         {
+            if let Some(t) = saving.take() {
+                t.abort();
+            }
             resume_here(&inst).await;
-            fail(format!("source: cannot send to {dest_addr}: {e}")).await;
+            fail(format!("source: cannot send to {uri}: {e}")).await;
             return SourceEnd::Stayed;
         }
     }
@@ -280,11 +387,17 @@ pub async fn drive_source(
                     .error_desc
                     .clone()
                     .unwrap_or_else(|| "QEMU reported a failure".into());
+                if let Some(t) = saving.take() {
+                    t.abort();
+                }
                 resume_here(&inst).await;
                 fail(format!("copy failed: {why}")).await;
                 return SourceEnd::Stayed;
             }
             Some("cancelled") => {
+                if let Some(t) = saving.take() {
+                    t.abort();
+                }
                 resume_here(&inst).await;
                 match stalled {
                     Some(why) => fail(why).await,
@@ -301,10 +414,17 @@ pub async fn drive_source(
             last_sent = (sent, Instant::now());
         } else if !cancelling && last_sent.1.elapsed() >= STALL {
             cancelling = true;
-            let why = format!(
-                "the copy stalled: nothing sent to {dest_addr} for {} s (migration network cut?)",
-                STALL.as_secs()
-            );
+            let why = if m.params.policy == MigrationPolicy::Quick {
+                format!(
+                    "the copy stalled: nothing saved to the shared volume for {} s",
+                    STALL.as_secs()
+                )
+            } else {
+                format!(
+                    "the copy stalled: nothing sent to {dest_addr} for {} s (migration network cut?)",
+                    STALL.as_secs()
+                )
+            };
             tracing::warn!(migration = id, "{why}; cancelling the copy");
             stalled = Some(why);
             let _ = inst.qmp.execute("migrate_cancel", None).await;
@@ -330,6 +450,28 @@ pub async fn drive_source(
             });
         }
     };
+    // A quick migration's state must be on the volume, whole, before the switchover.
+    if let Some(t) = saving.take() {
+        match t.await {
+            Ok(Ok(bytes)) => {
+                tracing::info!(
+                    migration = id,
+                    bytes,
+                    "saved the guest to the shared volume"
+                )
+            }
+            Ok(Err(e)) => {
+                resume_here(&inst).await;
+                fail(format!("source: {e}")).await;
+                return SourceEnd::Stayed;
+            }
+            Err(e) => {
+                resume_here(&inst).await;
+                fail(format!("source: saving the guest ended: {e}")).await;
+                return SourceEnd::Stayed;
+            }
+        }
+    }
     // QEMU completed, or (post-copy) the guest was paused for the switch: the guest is
     // paused here for good unless the switchover fails.
     let switchover_at = now_ms();
@@ -483,6 +625,17 @@ pub async fn resume_destination(
     loop {
         match qmp.query_status().await {
             Ok(RunState::Running) => break,
+            // Loaded but paused: QEMU gives the guest the run state it had on the source, and
+            // a quick migration's guest was saved paused, whatever `cont` said meanwhile.
+            Ok(RunState::Paused) if Instant::now() < deadline => {
+                tracing::info!(
+                    migration = m.id,
+                    "the guest is loaded but paused: resuming it"
+                );
+                qmp.cont()
+                    .await
+                    .map_err(|e| format!("cannot resume the guest: {e}"))?;
+            }
             Ok(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(2)).await
             }

@@ -45,6 +45,8 @@ pub struct VmHostConfig {
     pub probe_kernel: Option<PathBuf>,
     /// This node's iSCSI portal; the node's guests reach their disks through it.
     pub iscsi_addr: SocketAddr,
+    /// The shared volumes (a quick migration saves and restores guests there).
+    pub csv: crate::shared::Shared,
 }
 
 /// The run directory of a VM's QEMU on this node.
@@ -796,9 +798,10 @@ impl Agent {
                 let tx = self.events.clone();
                 let addr = dest.spec.migration_addr.clone();
                 let migration = m.clone();
+                let csv = self.cfg.csv.clone();
                 tracing::info!(vm = %m.vm, migration = m.id, to = m.dest, "sending the VM");
                 tokio::spawn(async move {
-                    let end = crate::migrate::drive_source(node, inst, migration, addr).await;
+                    let end = crate::migrate::drive_source(node, csv, inst, migration, addr).await;
                     let _ = tx.send(Event::Sent {
                         migration: m.id,
                         end,
@@ -833,6 +836,7 @@ impl Agent {
             .map(|d| d.accel.to_string())
             .unwrap_or_default();
         let (node, m, me) = (self.node.clone(), m.clone(), self.me());
+        let csv = self.cfg.csv.clone();
         tokio::spawn(async move {
             let running = async {
                 tracing::info!(vm = %m.vm, migration = m.id, "migrated here: the guest runs");
@@ -848,7 +852,13 @@ impl Agent {
                     tracing::debug!(vm = %m.vm, error = %e, "VM report not recorded");
                 }
             };
-            if let Err(why) = crate::migrate::resume_destination(&node, &inst, &m, running).await {
+            let resumed = async {
+                if m.state_disk.is_some() {
+                    crate::migrate::restore_from_volume(&node, &csv, &inst, &m).await?;
+                }
+                crate::migrate::resume_destination(&node, &inst, &m, running).await
+            };
+            if let Err(why) = resumed.await {
                 tracing::error!(vm = %m.vm, error = %why, "migrated here but cannot run: restarting the guest from its disk");
                 let _ = crate::migrate::write(
                     &node,

@@ -2,8 +2,10 @@
 //! guest's agent keeps a counter and writes sequence records to its LUN while `migrator
 //! migrate` moves it between nodes. The counter continues across the switch (no reboot),
 //! the records on the shared volume stay contiguous, the downtime is reported. A cancelled
-//! migration and one whose destination QEMU is killed leave the VM running on its source.
-//! Skips with a clear line when QEMU or the test guest (scripts/build-guest) is missing.
+//! migration, one whose destination QEMU is killed, and one whose migration network is cut
+//! (nftables drops the destination's migration port) leave the VM running on its source.
+//! Skips with a clear line when QEMU, the test guest (scripts/build-guest) or, for the cut,
+//! a working `nft` is missing.
 
 mod common;
 
@@ -83,7 +85,8 @@ impl Setup {
 async fn setup(append: &str) -> Option<Setup> {
     let guest = common::test_guest()?;
     let (cluster, _, lun) =
-        common::lun_cluster_with(256 << 20, "64M", "disk1", &["--accel", "tcg"]).await;
+        // Room on the volume for a quick migration's saved state besides the LUN.
+        common::lun_cluster_with(512 << 20, "64M", "disk1", &["--accel", "tcg"]).await;
     let image = cluster.tmp.path().join("shared.img");
     let ep = cluster.nodes[0].endpoint();
     let kernel = guest.join("vmlinuz");
@@ -359,6 +362,25 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
     assert!(ok, "{err} {last}");
     assert_eq!(s.vm()["owner"], 3);
     assert!(last["downtime_ms"].as_u64().unwrap() > 0, "{last}");
+    // And under post-copy at a bandwidth that pre-copy alone could never converge at (the
+    // guest dirties 32 MiB every 50 ms): after one pass the guest moves and fetches the rest.
+    let (ok, last, err) = s.migrate(1, &["--policy", "postcopy", "--bandwidth", "32"]);
+    assert!(ok, "{err} {last}");
+    assert_eq!(last["outcome"], "completed", "{last}");
+    assert_eq!(s.vm()["owner"], 1);
+    let on_3 = common::agent_lines(&s.serial(3))
+        .last()
+        .map(|l| l.1)
+        .unwrap();
+    wait_until(
+        "the guest's counter on node 1 again",
+        Duration::from_secs(60),
+        || {
+            let last = common::agent_lines(&s.serial(1)).last().map(|l| l.1);
+            async move { last.is_some_and(|c| c > on_3 + 5).then_some(()) }
+        },
+    )
+    .await;
     let boots: std::collections::HashSet<String> = (1..=3)
         .flat_map(|n| common::agent_lines(&s.serial(n)))
         .map(|(b, _)| b)
@@ -737,7 +759,8 @@ async fn test_two_migrations_at_once_on_four_nodes_and_a_third_queues() {
             "show",
             &id.to_string(),
         ]);
-        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()
+        // A refused read (a busy machine, a leader change) counts as "not yet".
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap_or_default()
     };
     // Both copy at the same time while c waits.
     wait_until("two copies at once", Duration::from_secs(60), || {
@@ -773,4 +796,385 @@ async fn test_two_migrations_at_once_on_four_nodes_and_a_third_queues() {
         let out = migrator(&["--endpoint", &ep, "vm", "stop", name]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
+}
+
+/// Whether `nft` works here (installed, nf_tables in the kernel, allowed to change rules);
+/// otherwise prints a skip line.
+fn nft_usable() -> bool {
+    match std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+    {
+        Err(e) => {
+            eprintln!("skip: cannot run nft ({e}): scripts/install-deps installs nftables");
+            false
+        }
+        Ok(o) if !o.status.success() => {
+            eprintln!(
+                "skip: nft cannot list tables (a kernel without nf_tables, or not root): {}",
+                stderr(&o).trim()
+            );
+            false
+        }
+        Ok(_) => true,
+    }
+}
+
+/// Runs `nft -f -` on `script`; returns its output.
+fn nft_script(script: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nft");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// The prefix of the nftables tables [`NetCut`] creates: `<prefix><test pid>_<port>`.
+const CUT_TABLE_PREFIX: &str = "csvd_test_cut_";
+
+/// A network cut: every TCP packet to and from one address (here a node's migration address)
+/// is dropped, in an nftables table of its own that is deleted on drop. Only that address's
+/// traffic stops: Raft, the API and iSCSI use other ports. The packets are dropped where they
+/// arrive (the input hook; loopback traffic passes it once) so that, as with a cut cable,
+/// the sender's stack sees no error: its data just never gets an answer.
+struct NetCut {
+    table: String,
+}
+
+impl NetCut {
+    fn new(addr: &str) -> NetCut {
+        let addr: std::net::SocketAddr = addr.parse().expect("an IP address and port");
+        forget_stale_cuts();
+        let table = format!("{CUT_TABLE_PREFIX}{}_{}", std::process::id(), addr.port());
+        let (family, ip, port) = (
+            if addr.is_ipv4() { "ip" } else { "ip6" },
+            addr.ip(),
+            addr.port(),
+        );
+        let script = format!(
+            "table inet {table} {{\n\
+             \tchain input {{\n\
+             \t\ttype filter hook input priority filter; policy accept;\n\
+             \t\t{family} daddr {ip} tcp dport {port} counter drop\n\
+             \t\t{family} saddr {ip} tcp sport {port} counter drop\n\
+             \t}}\n\
+             }}\n"
+        );
+        let out = nft_script(&script);
+        assert!(
+            out.status.success(),
+            "cannot add the cut: {}\n{script}",
+            stderr(&out)
+        );
+        NetCut { table }
+    }
+
+    /// The table's rules as `nft` lists them, if the table exists.
+    fn listing(table: &str) -> Option<String> {
+        let out = std::process::Command::new("nft")
+            .args(["list", "table", "inet", table])
+            .output()
+            .ok()?;
+        out.status.success().then(|| stdout(&out))
+    }
+
+    /// How many packets the cut dropped so far.
+    fn dropped_packets(&self) -> u64 {
+        let listing = Self::listing(&self.table).expect("the cut's table exists");
+        let words: Vec<&str> = listing.split_whitespace().collect();
+        words
+            .windows(2)
+            .filter(|w| w[0] == "packets")
+            .filter_map(|w| w[1].parse::<u64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for NetCut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .status();
+    }
+}
+
+/// Deletes the cut tables of test processes that are gone (killed before their guard's
+/// drop): a stale rule would silently cut the port of whichever later test gets it.
+fn forget_stale_cuts() {
+    let Ok(out) = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+    else {
+        return;
+    };
+    for line in stdout(&out).lines() {
+        let Some(table) = line.strip_prefix("table inet ") else {
+            continue;
+        };
+        let Some(pid) = table
+            .strip_prefix(CUT_TABLE_PREFIX)
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", table])
+                .status();
+        }
+    }
+}
+
+/// The live QEMU processes of g1 on this machine, as the ids of the nodes whose data dirs
+/// their command lines name (0: none of the cluster's), sorted.
+fn qemu_nodes(s: &Setup) -> Vec<u64> {
+    let needle = format!("/vms/{}/", s.vm_id);
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // A zombie's command line reads empty.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !cmdline.contains("qemu-system") || !cmdline.contains(&needle) {
+            continue;
+        }
+        let node = s
+            .cluster
+            .nodes
+            .iter()
+            .find(|n| cmdline.contains(&format!("{}{needle}", n.dir.display())))
+            .map_or(0, |n| n.id);
+        out.push(node);
+    }
+    out.sort();
+    out
+}
+
+/// Milliseconds since the epoch on this machine's clock (the nodes' clock too).
+fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_network_cut_mid_copy_leaves_the_guest_on_its_source() {
+    if !ensure_bridge() {
+        eprintln!("skip: cannot create the bridge lan (needs root)");
+        return;
+    }
+    if !nft_usable() {
+        return;
+    }
+    // A busy guest and a 4 MiB/s cap: the copy lasts long enough to be cut in the middle.
+    let Some(s) = setup("console=ttyS0 quiet panic=-1 csvd.period_ms=50 csvd.dirty_mib=32").await
+    else {
+        return;
+    };
+    let dest_addr = s.cluster.nodes[1].migration.clone();
+    let show = |id: u64| {
+        let out = migrator(&[
+            "--endpoint",
+            &s.ep,
+            "--json",
+            "migration",
+            "show",
+            &id.to_string(),
+        ]);
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap_or_default()
+    };
+    let out = migrator(&[
+        "--endpoint",
+        &s.ep,
+        "--json",
+        "migrate",
+        "g1",
+        "--to",
+        "2",
+        "--bandwidth",
+        "4",
+        "--no-wait",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = v["migration"].as_u64().unwrap();
+    let sent = wait_until(
+        "the copy to send some bytes",
+        Duration::from_secs(60),
+        || {
+            let m = show(id);
+            async move {
+                let sent = m["progress"]["transferred_bytes"].as_u64().unwrap_or(0);
+                (m["phase"] == "copying" && sent > 0).then_some(sent)
+            }
+        },
+    )
+    .await;
+    let (boot, at_cut) = common::agent_lines(&s.serial(1))
+        .last()
+        .cloned()
+        .expect("agent lines before the cut");
+
+    // Cut the migration network: node 2's migration address is unreachable from now on.
+    let cut_at_ms = epoch_ms();
+    let cut = NetCut::new(&dest_addr);
+    let failed = wait_until(
+        "the stalled copy to be given up",
+        Duration::from_secs(90),
+        || {
+            let m = show(id);
+            let done =
+                ["completed", "failed", "cancelled"].contains(&m["phase"].as_str().unwrap_or(""));
+            async move { done.then_some(m) }
+        },
+    )
+    .await;
+    assert_eq!(failed["phase"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap_or("");
+    assert!(
+        error.starts_with("the copy stalled") && error.contains(&dest_addr),
+        "{failed}"
+    );
+    let finished = failed["finished_at_ms"].as_u64().expect("an end time");
+    // Given up for a stall: no sooner than the stall limit after the cut (less the poll and
+    // rate-limit granularity of the last sends before it).
+    assert!(
+        finished + 1_000 >= cut_at_ms + 10_000,
+        "failed {} ms after the cut: {failed}",
+        finished.saturating_sub(cut_at_ms)
+    );
+    // The cut is what stopped the copy: it dropped the migration stream's packets.
+    let dropped = cut.dropped_packets();
+    assert!(dropped > 0, "the cut dropped no packet");
+    eprintln!(
+        "cut after {sent} bytes sent; failed {} ms after the cut; {dropped} packets dropped",
+        finished.saturating_sub(cut_at_ms)
+    );
+
+    // The VM stays node 1's and runs there; the destination's paused QEMU is gone.
+    let ep = s.ep.clone();
+    wait_until("g1 running on node 1", Duration::from_secs(30), || {
+        let out = migrator(&["--endpoint", &ep, "--json", "vm", "show", "g1"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        async move { (v["owner"] == 1 && v["state"] == "running").then_some(()) }
+    })
+    .await;
+    wait_until("one QEMU for g1, node 1's", Duration::from_secs(30), || {
+        let q = qemu_nodes(&s);
+        async move { (q == vec![1]).then_some(()) }
+    })
+    .await;
+    assert!(s.qemu_alive(1) && !s.qemu_alive(2));
+
+    // The guest ran through the stall (precopy never paused it) and runs on after it: the
+    // same boot, its counter going on, one line per period.
+    let at_failure = common::agent_lines(&s.serial(1)).last().unwrap().1;
+    assert!(
+        at_failure > at_cut,
+        "the guest made no progress during the stall ({at_cut} then {at_failure})"
+    );
+    let serial = s.serial(1);
+    wait_until(
+        "the guest to go on after the failure",
+        Duration::from_secs(30),
+        || {
+            let now = common::agent_lines(&serial).last().map_or(0, |l| l.1);
+            async move { (now > at_failure + 20).then_some(()) }
+        },
+    )
+    .await;
+    let lines = common::agent_lines(&serial);
+    assert!(lines.iter().all(|(b, _)| *b == boot), "one boot: {boot}");
+    for w in lines.windows(2) {
+        assert_eq!(w[1].1, w[0].1 + 1, "the counter goes on one by one");
+    }
+    // The records on the shared volume: that boot, no gap, written after the failure too.
+    let disk = s.cluster.nodes[0].client().state().await.unwrap().disks[&s.lun].clone();
+    let recs = common::guest_records(&s.image, &disk);
+    assert!(recs.len() >= 100, "{} records", recs.len());
+    let boot_id = u64::from_str_radix(&boot, 16).unwrap();
+    assert!(recs.iter().all(|r| r.0 == boot_id), "one boot on the disk");
+    for w in recs.windows(2) {
+        assert_eq!(w[1].1, w[0].1 + 1, "contiguous sequence numbers");
+    }
+    assert!(recs.last().unwrap().2 > at_failure, "{:?}", recs.last());
+
+    // With node 2's migration network still cut, a quick migration moves the guest there
+    // all the same: its state goes through the shared volume.
+    let (ok, last, err) = s.migrate(2, &["--policy", "quick"]);
+    assert!(ok, "{err} {last}");
+    assert_eq!(last["outcome"], "completed", "{last}");
+    let ep = s.ep.clone();
+    wait_until("g1 running on node 2", Duration::from_secs(30), || {
+        let out = migrator(&["--endpoint", &ep, "--json", "vm", "show", "g1"]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        // Node 2's own report, not the source's last one.
+        let mine = v["runtime"]["node"] == 2;
+        async move { (v["owner"] == 2 && mine && v["state"] == "running").then_some(()) }
+    })
+    .await;
+    wait_until("one QEMU for g1, node 2's", Duration::from_secs(30), || {
+        let q = qemu_nodes(&s);
+        async move { (q == vec![2]).then_some(()) }
+    })
+    .await;
+    wait_until(
+        "the guest's agent on node 2",
+        Duration::from_secs(60),
+        || {
+            let n = common::agent_lines(&s.serial(2)).len();
+            async move { (n >= 10).then_some(()) }
+        },
+    )
+    .await;
+    let before = common::agent_lines(&s.serial(1));
+    let after = common::agent_lines(&s.serial(2));
+    assert_eq!(after[0].0, boot, "same boot on the destination");
+    assert_eq!(
+        after[0].1,
+        before.last().unwrap().1 + 1,
+        "the counter continues: {:?} then {:?}",
+        before.last(),
+        after.first()
+    );
+    // The saved state's disk went with the migration.
+    let state = s.cluster.nodes[0].client().state().await.unwrap();
+    assert!(
+        state.disks.values().all(|d| !d.name.ends_with(".state")),
+        "{:?}",
+        state.disks.values().map(|d| &d.name).collect::<Vec<_>>()
+    );
+
+    // The cut removed, the guest goes back over the network: nothing was left wedged.
+    let table = cut.table.clone();
+    drop(cut);
+    assert!(NetCut::listing(&table).is_none(), "the cut's table is gone");
+    let (ok, last, err) = s.migrate(1, &["--policy", "auto-converge"]);
+    assert!(ok, "{err} {last}");
+    assert_eq!(last["outcome"], "completed", "{last}");
+    assert_eq!(s.vm()["owner"], 1);
+    wait_until("one QEMU for g1, node 1's", Duration::from_secs(30), || {
+        let q = qemu_nodes(&s);
+        async move { (q == vec![1]).then_some(()) }
+    })
+    .await;
+    let out = migrator(&["--endpoint", &s.ep, "vm", "stop", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }

@@ -25,9 +25,21 @@ use crate::NodeId;
 use crate::command::Outcome;
 use crate::state::{ApplyError, ClusterState, NodeAdminState};
 use crate::vm::{VmDesired, VmState};
+use crate::volume::{ALLOCATION_UNIT, DiskId};
 
 /// A migration's id (never reused).
 pub type MigrationId = u64;
+
+/// Room a quick migration's saved state gets beyond the guest's memory (device state,
+/// the header).
+pub const STATE_HEADROOM_MIB: u64 = 64;
+/// The only initiator a saved-state disk lists: none has it, so no portal shows the disk.
+pub const STATE_DISK_INITIATOR: &str = "iqn.2025-11.org.csvd:internal.saved-state";
+
+/// The name of quick migration `id`'s saved-state disk.
+pub fn state_disk_name(id: MigrationId) -> String {
+    format!("migration-{id}.state")
+}
 
 /// Default downtime QEMU aims for at switchover, in milliseconds.
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
@@ -167,6 +179,11 @@ pub struct MigrationRecord {
     /// The source's clock when its QEMU completed (paused for good), ms since the epoch.
     #[serde(default)]
     pub switchover_at_ms: Option<u64>,
+    /// A quick migration's saved state: a disk on the VM's (first disk's) volume, made at
+    /// admission and deleted when the migration ends. The source saves the paused guest
+    /// into it, the destination restores from it.
+    #[serde(default)]
+    pub state_disk: Option<DiskId>,
     /// From admission to the guest running on the destination.
     #[serde(default)]
     pub total_ms: Option<u64>,
@@ -254,12 +271,72 @@ impl ClusterState {
                 let m = &self.migrations[&id];
                 (m.source, m.dest)
             };
-            if self.may_admit(source, dest)
-                && let Some(m) = self.migrations.get_mut(&id)
-            {
+            if !self.may_admit(source, dest) {
+                continue;
+            }
+            let state_disk = match self.make_state_disk(id) {
+                Ok(disk) => disk,
+                Err(e) => {
+                    if let Some(m) = self.migrations.get_mut(&id) {
+                        m.phase = MigrationPhase::Failed;
+                        m.error = Some(e.to_string());
+                        m.finished_at_ms = Some(now_ms);
+                    }
+                    continue;
+                }
+            };
+            if let Some(m) = self.migrations.get_mut(&id) {
                 m.phase = MigrationPhase::Preparing;
                 m.started_at_ms = Some(now_ms);
+                m.state_disk = state_disk;
             }
+        }
+    }
+
+    /// Where a quick migration of `vm` saves the guest: the volume of its first disk, and
+    /// the size the state needs (the guest's memory and room for device state).
+    fn state_disk_place(&self, vm: Uuid) -> Result<(Uuid, u64), ApplyError> {
+        let v = self.vms.get(&vm).ok_or(ApplyError::UnknownVm { id: vm })?;
+        let disk = v
+            .spec
+            .disks
+            .first()
+            .and_then(|d| self.disks.get(d))
+            .ok_or_else(|| {
+                precondition(format!(
+                    "VM {:?} has no disk: a quick migration saves the guest to its disk's volume",
+                    v.name
+                ))
+            })?;
+        let bytes = ((v.spec.memory_mib + STATE_HEADROOM_MIB) << 20).div_ceil(ALLOCATION_UNIT)
+            * ALLOCATION_UNIT;
+        Ok((disk.volume, bytes))
+    }
+
+    /// Carves the saved-state disk of quick migration `id` (none for other policies).
+    fn make_state_disk(&mut self, id: MigrationId) -> Result<Option<DiskId>, ApplyError> {
+        let m = &self.migrations[&id];
+        if m.params.policy != MigrationPolicy::Quick {
+            return Ok(None);
+        }
+        let (volume, bytes) = self.state_disk_place(m.vm)?;
+        let name = state_disk_name(id);
+        let made = self.create_disk(&name, volume, bytes, 4096).map_err(|e| {
+            precondition(format!(
+                "no room for the quick migration's saved state: {e}"
+            ))
+        })?;
+        match made {
+            Outcome::Created { id: disk } => {
+                // No initiator is ever shown this disk; only csvd reads and writes it.
+                if let Some(d) = self.disks.get_mut(&disk) {
+                    d.allowed_initiators = vec![STATE_DISK_INITIATOR.into()];
+                }
+                Ok(Some(disk))
+            }
+            other => Err(precondition(format!(
+                "the saved-state disk was not made: {other:?}"
+            ))),
         }
     }
 
@@ -403,6 +480,17 @@ impl ClusterState {
             return Err(invalid("bandwidth", "0 MiB/s would never finish"));
         }
         self.check_migration(vm, dest)?;
+        if params.policy == MigrationPolicy::Quick {
+            let (volume, bytes) = self.state_disk_place(vm)?;
+            let free = self.volume_free_bytes(volume);
+            if free < bytes {
+                return Err(precondition(format!(
+                    "a quick migration saves the guest to volume {volume}, which has {} MiB free; it needs {} MiB",
+                    free >> 20,
+                    bytes >> 20
+                )));
+            }
+        }
         let v = &self.vms[&vm];
         let id = self.next_migration_id.max(1);
         self.next_migration_id = id + 1;
@@ -421,6 +509,7 @@ impl ClusterState {
             switchover_at_ms: None,
             total_ms: None,
             downtime_ms: None,
+            state_disk: None,
             created_at_ms: now_ms,
             started_at_ms: None,
             finished_at_ms: None,
@@ -563,6 +652,9 @@ impl ClusterState {
         m.total_ms = total_ms;
         m.downtime_ms = downtime_ms;
         m.finished_at_ms = Some(now_ms);
+        if let Some(disk) = m.state_disk.take() {
+            let _ = self.delete_disk(disk);
+        }
         self.admit_queued(now_ms);
         Ok(Outcome::Applied)
     }
@@ -913,6 +1005,77 @@ mod tests {
             "{e}"
         );
         assert!(start(&mut s, 1, 3).is_ok());
+    }
+
+    #[test]
+    fn test_quick_migration_saves_the_guest_to_a_disk_on_its_volume() {
+        let mut s = cluster(3);
+        let quick = MigrationParams {
+            policy: MigrationPolicy::Quick,
+            ..params()
+        };
+        let start_quick = |s: &mut ClusterState, vm: u128| {
+            apply(
+                s,
+                Command::StartMigration {
+                    vm: Uuid::from_u128(100 + vm),
+                    dest: 2,
+                    params: quick.clone(),
+                    now_ms: 10,
+                },
+            )
+        };
+        let a = match start_quick(&mut s, 1).unwrap() {
+            Outcome::Created { id } => id,
+            other => panic!("{other:?}"),
+        };
+        let disk = s.migrations[&a].state_disk.expect("a saved-state disk");
+        let d = &s.disks[&disk];
+        assert_eq!(d.name, "migration-1.state");
+        // The guest's 256 MiB and room for device state, on the VM's volume.
+        assert_eq!(d.size_bytes, (256 + STATE_HEADROOM_MIB) << 20);
+        assert_eq!(d.volume, Uuid::from_u128(77));
+        assert_eq!(d.allowed_initiators, vec![STATE_DISK_INITIATOR.to_string()]);
+        let e = apply(&mut s, Command::DeleteDisk { id: disk })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("holds the saved state of migration 1"), "{e}");
+        // A second one from the same node queues, without a disk yet.
+        let b = match start_quick(&mut s, 2).unwrap() {
+            Outcome::Created { id } => id,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.migrations[&b].phase, MigrationPhase::Queued);
+        assert_eq!(s.migrations[&b].state_disk, None);
+        // The volume fills up meanwhile.
+        let free = s.volume_free_bytes(Uuid::from_u128(77));
+        apply(
+            &mut s,
+            Command::CreateDisk {
+                name: "big".into(),
+                volume: Uuid::from_u128(77),
+                size_bytes: free - 200 * ALLOCATION_UNIT,
+                block_size: None,
+            },
+        )
+        .unwrap();
+        // The first ends: its disk goes; the second cannot get one (the first one's space
+        // is free only once every node has seen the deletion) and fails with the reason.
+        finish(&mut s, a, MigrationPhase::Failed, false).unwrap();
+        assert!(!s.disks.contains_key(&disk));
+        assert_eq!(s.migrations[&a].state_disk, None);
+        let m = &s.migrations[&b];
+        assert_eq!(m.phase, MigrationPhase::Failed);
+        assert!(
+            m.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("no room for the quick migration's saved state"),
+            "{m:?}"
+        );
+        // Refused up front when the room is not there.
+        let e = start_quick(&mut s, 3).unwrap_err().to_string();
+        assert!(e.contains("MiB free; it needs 320 MiB"), "{e}");
     }
 
     #[test]

@@ -369,22 +369,15 @@ impl ClusterState {
                         ),
                     });
                 }
-                let disk = self
-                    .disks
-                    .remove(id)
-                    .ok_or(ApplyError::UnknownDisk { id: *id })?;
-                self.reservations.remove(id);
-                if let Some(v) = self.volumes.get_mut(&disk.volume) {
-                    v.epoch += 1;
-                    let epoch = v.epoch;
-                    v.pending_free.extend(
-                        disk.extents
-                            .iter()
-                            .map(|&extent| PendingFree { epoch, extent }),
-                    );
+                if let Some(m) = self.migrations.values().find(|m| m.state_disk == Some(*id)) {
+                    return Err(ApplyError::PreconditionFailed {
+                        reason: format!(
+                            "disk {id} holds the saved state of migration {} (VM {:?}): it goes away when the migration ends",
+                            m.id, m.vm_name
+                        ),
+                    });
                 }
-                self.release_freed(disk.volume);
-                Ok(Outcome::Applied)
+                self.delete_disk(*id)
             }
             Command::ReportVolume {
                 volume,
@@ -701,6 +694,16 @@ impl ClusterState {
             .map_or(0, |v| v.pending_free.iter().map(|p| p.extent.len).sum())
     }
 
+    /// Bytes of `volume` a new disk can have now.
+    pub fn volume_free_bytes(&self, volume: Uuid) -> u64 {
+        self.volumes.get(&volume).map_or(0, |vol| {
+            free_gaps(vol, &used_extents(&self.disks, vol))
+                .iter()
+                .map(|g| g.1)
+                .sum()
+        })
+    }
+
     fn register_volume(&mut self, v: VolumeRecord) -> Result<Outcome, ApplyError> {
         validate_name("volume name", &v.name)?;
         if v.id.is_nil() {
@@ -739,7 +742,7 @@ impl ClusterState {
         Ok(Outcome::Applied)
     }
 
-    fn create_disk(
+    pub(crate) fn create_disk(
         &mut self,
         name: &str,
         volume: Uuid,
@@ -785,6 +788,27 @@ impl ClusterState {
             v.epoch += 1;
         }
         Ok(Outcome::Created { id })
+    }
+
+    /// Removes disk `id`; its space becomes free once every node has acknowledged the
+    /// deletion's epoch.
+    pub(crate) fn delete_disk(&mut self, id: DiskId) -> Result<Outcome, ApplyError> {
+        let disk = self
+            .disks
+            .remove(&id)
+            .ok_or(ApplyError::UnknownDisk { id })?;
+        self.reservations.remove(&id);
+        if let Some(v) = self.volumes.get_mut(&disk.volume) {
+            v.epoch += 1;
+            let epoch = v.epoch;
+            v.pending_free.extend(
+                disk.extents
+                    .iter()
+                    .map(|&extent| PendingFree { epoch, extent }),
+            );
+        }
+        self.release_freed(disk.volume);
+        Ok(Outcome::Applied)
     }
 
     fn resize_disk(&mut self, id: DiskId, size_bytes: u64) -> Result<Outcome, ApplyError> {
