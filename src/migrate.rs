@@ -650,8 +650,11 @@ pub async fn resume_destination(
     }
     let resumed = now_ms();
     report_running.await;
+    // The migration's total ends with the guest running here, or with a post-copy's last page.
+    let mut ended = resumed;
     if m.params.policy == MigrationPolicy::Postcopy {
         wait_last_page(inst).await?;
+        ended = now_ms();
     }
     let qemu = m.qemu_downtime_ms.unwrap_or(0);
     // From the source's pause to the guest running here: QEMU's own downtime, plus the
@@ -661,7 +664,7 @@ pub async fn resume_destination(
         + m.switchover_at_ms
             .map_or(0, |at| resumed.saturating_sub(at));
     let now = now_ms();
-    let total = m.started_at_ms.map(|s| now.saturating_sub(s));
+    let total = m.started_at_ms.map(|s| ended.saturating_sub(s));
     let _ = write(
         node,
         Command::FinishMigration {

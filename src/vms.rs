@@ -180,6 +180,14 @@ impl Agent {
         self.cfg.node_id
     }
 
+    /// The accelerator this node's guests run under, as reports name it.
+    fn accel_name(&self) -> String {
+        self.accel
+            .as_ref()
+            .map(|d| d.accel.to_string())
+            .unwrap_or_default()
+    }
+
     /// Reports what this node's guests run on, for `cluster-baseline` and migration checks;
     /// true once recorded (or when there is nothing to report).
     async fn report_cpu(&mut self) -> bool {
@@ -191,8 +199,9 @@ impl Agent {
             match accel::runnable_cpu_models(&self.cfg.qemu, accel).await {
                 Ok(models) => self.cpu_models = Some(models),
                 Err(e) => {
+                    // The accelerator still counts for migrations; no named model does.
                     tracing::warn!(error = %e, "cannot list the CPU models QEMU runs here");
-                    return true;
+                    self.cpu_models = Some(Vec::new());
                 }
             }
         }
@@ -295,14 +304,66 @@ impl Agent {
             if vm.desired == VmDesired::Stopped {
                 self.given_up.remove(&vm.id);
             }
+            // What this node last said of the guest.
+            let reported = vm
+                .runtime
+                .as_ref()
+                .filter(|r| r.node == me)
+                .map(|r| r.state);
             match (vm.desired, self.slots.get_mut(&vm.id)) {
-                (VmDesired::Running, None) if !self.given_up.contains(&vm.id) => {
+                (VmDesired::Running | VmDesired::Paused, None)
+                    if !self.given_up.contains(&vm.id) =>
+                {
+                    // A paused VM starts running and is paused by the next pass.
                     self.start(state, vm, 0).await;
+                }
+                (
+                    VmDesired::Paused,
+                    Some(Slot::Running {
+                        inst,
+                        stopping: false,
+                        restarts,
+                    }),
+                ) if reported == Some(VmState::Running) => {
+                    let (inst, restarts) = (inst.clone(), *restarts);
+                    match inst.qmp.stop().await {
+                        Ok(()) => {
+                            tracing::info!(vm = %vm.id, "guest paused");
+                            self.report(vm.id, VmState::Paused, self.accel_name(), restarts)
+                                .await;
+                        }
+                        Err(e) => tracing::warn!(vm = %vm.id, error = %e, "cannot pause the guest"),
+                    }
+                }
+                (
+                    VmDesired::Running,
+                    Some(Slot::Running {
+                        inst,
+                        stopping: false,
+                        restarts,
+                    }),
+                ) if reported == Some(VmState::Paused) => {
+                    let (inst, restarts) = (inst.clone(), *restarts);
+                    match inst.qmp.cont().await {
+                        Ok(()) => {
+                            tracing::info!(vm = %vm.id, "guest resumed");
+                            self.report(vm.id, VmState::Running, self.accel_name(), restarts)
+                                .await;
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %vm.id, error = %e, "cannot resume the guest")
+                        }
+                    }
                 }
                 (VmDesired::Stopped, Some(Slot::Running { inst, stopping, .. })) if !*stopping => {
                     *stopping = true;
                     let (inst, tx, id) = (inst.clone(), self.events.clone(), vm.id);
+                    let paused = reported == Some(VmState::Paused);
                     tokio::spawn(async move {
+                        // A paused guest cannot answer the power button.
+                        if paused {
+                            let _ = inst.qmp.cont().await;
+                        }
                         let how = inst.shutdown(SHUTDOWN_GRACE).await;
                         let _ = tx.send(Event::ShutDown { id, how });
                     });
@@ -439,11 +500,7 @@ impl Agent {
                         restarts,
                     },
                 );
-                let detail = self
-                    .accel
-                    .as_ref()
-                    .map(|d| d.accel.to_string())
-                    .unwrap_or_default();
+                let detail = self.accel_name();
                 self.report(id, VmState::Running, detail, restarts).await;
             }
             Event::Started {
@@ -550,11 +607,7 @@ impl Agent {
             )
             .await;
             tokio::time::sleep(Duration::from_millis(500 * u64::from(n))).await;
-            if let Some(vm) = state
-                .vms
-                .get(&id)
-                .filter(|v| v.desired == VmDesired::Running)
-            {
+            if let Some(vm) = state.vms.get(&id).filter(|v| v.desired.wants_qemu()) {
                 let vm = vm.clone();
                 self.start(&state, &vm, n).await;
             }
@@ -830,11 +883,7 @@ impl Agent {
                 restarts: 0,
             },
         );
-        let detail = self
-            .accel
-            .as_ref()
-            .map(|d| d.accel.to_string())
-            .unwrap_or_default();
+        let detail = self.accel_name();
         let (node, m, me) = (self.node.clone(), m.clone(), self.me());
         let csv = self.cfg.csv.clone();
         tokio::spawn(async move {

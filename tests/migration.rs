@@ -57,6 +57,24 @@ impl Setup {
             })
     }
 
+    /// Asserts that the guest went on from node `from`'s console to node `to`'s without a
+    /// restart (same boot, the counter one past the last one there); returns the boot id.
+    fn continues_on(&self, from: u64, to: u64) -> String {
+        let before = common::agent_lines(&self.serial(from));
+        let after = common::agent_lines(&self.serial(to));
+        let (boot, last_there) = before.last().unwrap().clone();
+        assert_eq!(after[0].0, boot, "same boot on the destination");
+        assert_eq!(
+            after[0].1,
+            last_there + 1,
+            "the counter continues: {:?} then {:?}",
+            before.last(),
+            after.first()
+        );
+        assert!(after.iter().all(|(b, _)| *b == boot));
+        boot
+    }
+
     /// Runs `migrator --json migrate g1 --to N ARGS`; returns (success, last JSON line, stderr).
     fn migrate(&self, to: u64, args: &[&str]) -> (bool, serde_json::Value, String) {
         let to = to.to_string();
@@ -138,24 +156,9 @@ async fn setup(append: &str) -> Option<Setup> {
     Some(s)
 }
 
-/// A bridge named `lan` for the VMs' NICs (the nodes declare the switch `lan`).
-fn ensure_bridge() -> bool {
-    if Path::new("/sys/class/net/lan/bridge").is_dir() {
-        return true;
-    }
-    std::process::Command::new("ip")
-        .args(["link", "add", "lan", "type", "bridge"])
-        .status()
-        .is_ok_and(|s| s.success())
-        && std::process::Command::new("ip")
-            .args(["link", "set", "lan", "up"])
-            .status()
-            .is_ok_and(|s| s.success())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_migrate_a_writing_guest_there_and_back() {
-    if !ensure_bridge() {
+    if !common::ensure_bridge() {
         eprintln!("skip: cannot create the bridge lan (needs root)");
         return;
     }
@@ -195,18 +198,7 @@ async fn test_migrate_a_writing_guest_there_and_back() {
         },
     )
     .await;
-    let before = common::agent_lines(&s.serial(1));
-    let after = common::agent_lines(&s.serial(2));
-    let (boot, last_there) = before.last().unwrap().clone();
-    assert_eq!(after[0].0, boot, "same boot on the destination");
-    assert_eq!(
-        after[0].1,
-        last_there + 1,
-        "the counter continues: {:?} then {:?}",
-        before.last(),
-        after.first()
-    );
-    assert!(after.iter().all(|(b, _)| *b == boot));
+    s.continues_on(1, 2);
 
     // And back, with the default downtime limit.
     let (ok, last, err) = s.migrate(1, &[]);
@@ -238,7 +230,7 @@ async fn test_migrate_a_writing_guest_there_and_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
-    if !ensure_bridge() {
+    if !common::ensure_bridge() {
         eprintln!("skip: cannot create the bridge lan (needs root)");
         return;
     }
@@ -392,7 +384,7 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_drain_moves_every_vm_one_at_a_time() {
-    if !ensure_bridge() {
+    if !common::ensure_bridge() {
         eprintln!("skip: cannot create the bridge lan (needs root)");
         return;
     }
@@ -558,7 +550,7 @@ async fn wait_ended(s: &Setup, id: u64) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
-    if !ensure_bridge() {
+    if !common::ensure_bridge() {
         eprintln!("skip: cannot create the bridge lan (needs root)");
         return;
     }
@@ -976,7 +968,7 @@ fn epoch_ms() -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_network_cut_mid_copy_leaves_the_guest_on_its_source() {
-    if !ensure_bridge() {
+    if !common::ensure_bridge() {
         eprintln!("skip: cannot create the bridge lan (needs root)");
         return;
     }
@@ -1144,16 +1136,7 @@ async fn test_network_cut_mid_copy_leaves_the_guest_on_its_source() {
         },
     )
     .await;
-    let before = common::agent_lines(&s.serial(1));
-    let after = common::agent_lines(&s.serial(2));
-    assert_eq!(after[0].0, boot, "same boot on the destination");
-    assert_eq!(
-        after[0].1,
-        before.last().unwrap().1 + 1,
-        "the counter continues: {:?} then {:?}",
-        before.last(),
-        after.first()
-    );
+    assert_eq!(s.continues_on(1, 2), boot, "same boot on the destination");
     // The saved state's disk went with the migration.
     let state = s.cluster.nodes[0].client().state().await.unwrap();
     assert!(

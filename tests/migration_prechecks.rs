@@ -16,25 +16,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{Cluster, Node, migrator, stderr, stdout, wait_until};
-
-/// A bridge named `lan` for the VM's NIC (the nodes that have the switch declare `lan`).
-fn ensure_bridge() -> bool {
-    if Path::new("/sys/class/net/lan/bridge").is_dir() {
-        return true;
-    }
-    std::process::Command::new("ip")
-        .args(["link", "add", "lan", "type", "bridge"])
-        .status()
-        .is_ok_and(|s| s.success())
-        && std::process::Command::new("ip")
-            .args(["link", "set", "lan", "up"])
-            .status()
-            .is_ok_and(|s| s.success())
-}
 
 /// Whether QEMU could use KVM here at all: `/dev/kvm` opens for reading and writing.
 fn kvm_device() -> Result<(), String> {
@@ -84,21 +69,7 @@ async fn start_cluster(cluster: &mut Cluster, extra: impl Fn(u64) -> Vec<String>
         let mine = extra(n.id);
         start_node(n, Some(&join), &mine);
     }
-    let want = cluster.nodes.len();
-    let voters = csvd_raft::node::desired_voters(want);
-    wait_until("all nodes to be members", Duration::from_secs(60), || {
-        let mut c = c.clone();
-        async move {
-            let s = c.status().await.ok()?;
-            let v = s
-                .members
-                .iter()
-                .filter(|m| m.role == csvd_raft::api::Role::Voter)
-                .count();
-            (s.members.len() == want && v == voters && s.leader.is_some()).then_some(())
-        }
-    })
-    .await;
+    cluster.wait_members().await;
 }
 
 /// `migrator --endpoint EP --json ARGS`, which must succeed; its output as JSON.
@@ -231,7 +202,7 @@ impl Setup {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_migrate_is_refused_before_anything_starts() {
-    if !ensure_bridge() {
+    if !common::ensure_bridge() {
         eprintln!("skip: cannot create the bridge lan (needs root)");
         return;
     }

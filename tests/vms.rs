@@ -150,6 +150,43 @@ async fn test_vm_lifecycle_on_a_lun() {
         "the history comes first: {text}"
     );
 
+    // Paused: the guest's processors stop (its counter stands still) while QEMU stays; it
+    // does not migrate; resumed, it goes on from where it stood.
+    let pid = qemu_pid(&node2, &id);
+    let out = migrator(&["--endpoint", &ep, "vm", "pause", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = vm_json(&ep, "g1");
+    assert_eq!(v["state"], "paused", "{v}");
+    assert_eq!(v["desired"], "paused", "{v}");
+    let still = common::agent_lines(&serial);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        common::agent_lines(&serial),
+        still,
+        "a paused guest prints nothing"
+    );
+    let out = migrator(&["--endpoint", &ep, "migrate", "g1", "--to", "1"]);
+    assert!(
+        stderr(&out).contains("is paused: resume it"),
+        "{}",
+        stderr(&out)
+    );
+    let out = migrator(&["--endpoint", &ep, "vm", "resume", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(vm_json(&ep, "g1")["state"], "running");
+    let on = wait_until("the resumed guest's agent", Duration::from_secs(30), || {
+        let lines = common::agent_lines(&serial);
+        let n = still.len();
+        async move { (lines.len() > n).then_some(lines) }
+    })
+    .await;
+    let (last, next) = (&still[still.len() - 1], &on[still.len()]);
+    assert_eq!(next.0, last.0, "same boot");
+    assert_eq!(next.1, last.1 + 1, "the counter goes on");
+    assert_eq!(qemu_pid(&node2, &id), pid, "the same QEMU");
+    let out = migrator(&["--endpoint", &ep, "vm", "resume", "g1"]);
+    assert!(stderr(&out).contains("is not paused"), "{}", stderr(&out));
+
     // QEMU crashes: node 2 starts it again and counts the restart.
     let pid = qemu_pid(&node2, &id);
     let killed = std::process::Command::new("kill")

@@ -167,6 +167,23 @@ pub enum VmCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Pause a running VM: its processors stop, its memory and devices stay (the guest
+    /// does not notice, apart from the time that passed).
+    Pause {
+        /// VM name or id.
+        vm: String,
+        /// Return once the request is recorded.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM name or id.
+        vm: String,
+        /// Return once the request is recorded.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Shut a VM down (ACPI power button; QEMU is stopped if the guest does not power off
     /// within 30 s) and wait until it is stopped.
     Stop {

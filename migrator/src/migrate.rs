@@ -307,6 +307,11 @@ pub async fn drain(
                 Ok(_) => moved_cold.push(format!("{} -> node {dest}", v.name)),
                 Err(e) => problems.push(format!("{}: {e}", v.name)),
             }
+        } else if v.desired == VmDesired::Paused {
+            problems.push(format!(
+                "{}: it is paused; resume it (it then moves live) or stop it, and drain again",
+                v.name
+            ));
         } else {
             problems.push(format!(
                 "{}: it is starting or stopping; drain again when it settles",

@@ -389,10 +389,7 @@ pub async fn run(client: &mut ClusterClient, cmd: &VmCmd, as_json: bool) -> Resu
                     v.name.clone(),
                     format!("node {}", v.owner),
                     state_of(v).to_string(),
-                    match v.desired {
-                        VmDesired::Running => "running".into(),
-                        VmDesired::Stopped => "stopped".into(),
-                    },
+                    v.desired.as_str().into(),
                     v.spec.vcpus.to_string(),
                     human(v.spec.memory_mib << 20),
                     v.spec.disks.len().to_string(),
@@ -408,10 +405,24 @@ pub async fn run(client: &mut ClusterClient, cmd: &VmCmd, as_json: bool) -> Resu
             }
             Ok(render(&state, v))
         }
-        VmCmd::Start { vm, no_wait } | VmCmd::Stop { vm, no_wait } => {
+        VmCmd::Start { vm, no_wait }
+        | VmCmd::Stop { vm, no_wait }
+        | VmCmd::Pause { vm, no_wait }
+        | VmCmd::Resume { vm, no_wait } => {
             let v = find_vm(&state, vm)?;
             let (desired, wanted, verb) = match cmd {
                 VmCmd::Start { .. } => (VmDesired::Running, VmState::Running, "started"),
+                VmCmd::Pause { .. } => (VmDesired::Paused, VmState::Paused, "paused"),
+                VmCmd::Resume { .. } => {
+                    if v.desired != VmDesired::Paused {
+                        return Err(format!(
+                            "VM {} is not paused (it is meant to be {})",
+                            v.name,
+                            v.desired.as_str()
+                        ));
+                    }
+                    (VmDesired::Running, VmState::Running, "resumed")
+                }
                 _ => (VmDesired::Stopped, VmState::Stopped, "stopped"),
             };
             client
@@ -469,10 +480,7 @@ fn render(state: &ClusterState, v: &VmRecord) -> String {
         v.id,
         v.owner,
         state_of(v),
-        match v.desired {
-            VmDesired::Running => "running",
-            VmDesired::Stopped => "stopped",
-        },
+        v.desired.as_str(),
         v.spec.vcpus,
         human(v.spec.memory_mib << 20),
         v.spec.cpu,

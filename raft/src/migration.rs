@@ -349,6 +349,12 @@ impl ClusterState {
                 v.name
             )));
         }
+        if v.desired == VmDesired::Paused {
+            return Err(precondition(format!(
+                "VM {:?} is paused: resume it to migrate it",
+                v.name
+            )));
+        }
         let running = v.desired == VmDesired::Running
             && v.runtime
                 .as_ref()

@@ -83,7 +83,24 @@ pub enum VmBoot {
 #[serde(rename_all = "snake_case")]
 pub enum VmDesired {
     Running,
+    /// QEMU runs with the guest's processors stopped; its memory stays allocated.
+    Paused,
     Stopped,
+}
+
+impl VmDesired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmDesired::Running => "running",
+            VmDesired::Paused => "paused",
+            VmDesired::Stopped => "stopped",
+        }
+    }
+
+    /// Whether the VM should have a QEMU (running or paused).
+    pub fn wants_qemu(self) -> bool {
+        self != VmDesired::Stopped
+    }
 }
 
 /// What the owner reports about its VM's QEMU.
@@ -265,9 +282,7 @@ impl ClusterState {
         self.vms
             .values()
             .filter(|v| {
-                Some(v.id) != except
-                    && v.desired == VmDesired::Running
-                    && (v.owner == node || incoming(v))
+                Some(v.id) != except && v.desired.wants_qemu() && (v.owner == node || incoming(v))
             })
             .map(|v| v.spec.memory_mib)
             .sum()
@@ -482,7 +497,13 @@ impl ClusterState {
                 m.phase.as_str()
             )));
         }
-        if desired == VmDesired::Running {
+        if desired == VmDesired::Paused && vm.desired == VmDesired::Stopped {
+            return Err(precondition(format!(
+                "VM {:?} is stopped: only a started VM pauses",
+                vm.name
+            )));
+        }
+        if desired == VmDesired::Running && vm.desired == VmDesired::Stopped {
             let (spec, owner) = (vm.spec.clone(), vm.owner);
             self.validate_vm_spec(&spec, id)?;
             self.check_vm_fits(&spec, id, owner)?;
@@ -812,6 +833,23 @@ pub(crate) mod tests {
         assert!(e.contains("not enough memory on node 2"), "{e}");
         assert!(e.contains("2048 MiB of 3584 MiB usable"), "{e}");
         assert_eq!(s.committed_memory_mib(2, None), 2048);
+        // A paused VM keeps its memory; only a started one pauses.
+        let desire = |s: &mut ClusterState, id, desired| {
+            apply(
+                s,
+                Command::SetVmDesired {
+                    id: Uuid::from_u128(id),
+                    desired,
+                },
+            )
+        };
+        assert_eq!(desire(&mut s, 10, VmDesired::Paused), Ok(Outcome::Applied));
+        assert_eq!(s.committed_memory_mib(2, None), 2048);
+        let e = reason(start(&mut s, 11).unwrap_err());
+        assert!(e.contains("not enough memory on node 2"), "{e}");
+        let e = reason(desire(&mut s, 11, VmDesired::Paused).unwrap_err());
+        assert!(e.contains("is stopped: only a started VM pauses"), "{e}");
+        assert_eq!(desire(&mut s, 10, VmDesired::Running), Ok(Outcome::Applied));
         // Stopping "a" frees its memory for "b".
         apply(
             &mut s,

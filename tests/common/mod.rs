@@ -307,6 +307,14 @@ impl Cluster {
             let mine: Vec<&str> = mine.iter().map(String::as_str).collect();
             n.start_fresh(Some(&join), &mine);
         }
+        self.wait_members().await;
+        let _ = &mut c;
+        cluster_id
+    }
+
+    /// Waits until every node is a member, as many voters as desired, with one leader.
+    pub async fn wait_members(&self) {
+        let c = self.nodes[0].client();
         let want = self.nodes.len();
         let voters = csvd_raft::node::desired_voters(want);
         wait_until("all nodes to be members", Duration::from_secs(60), || {
@@ -322,8 +330,6 @@ impl Cluster {
             }
         })
         .await;
-        let _ = &mut c;
-        cluster_id
     }
 
     /// Waits for a leader seen from `via`; returns (leader id, status).
@@ -559,4 +565,20 @@ pub fn agent_lines(log: &Path) -> Vec<(String, u64)> {
             Some((boot, counter))
         })
         .collect()
+}
+
+/// A bridge named `lan` for test VMs' NICs (test nodes declare the switch `lan`); false when
+/// it cannot be made (not root).
+pub fn ensure_bridge() -> bool {
+    if Path::new("/sys/class/net/lan/bridge").is_dir() {
+        return true;
+    }
+    std::process::Command::new("ip")
+        .args(["link", "add", "lan", "type", "bridge"])
+        .status()
+        .is_ok_and(|s| s.success())
+        && std::process::Command::new("ip")
+            .args(["link", "set", "lan", "up"])
+            .status()
+            .is_ok_and(|s| s.success())
 }
