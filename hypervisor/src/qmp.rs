@@ -1437,9 +1437,11 @@ mod tests {
     #[tokio::test]
     async fn test_qmp_timeout_mid_write_closes_connection() {
         const BIG: usize = 4 << 20;
+        let (timed_out, wait) = tokio::sync::oneshot::channel::<()>();
         let (_dir, path, server) = serve(|mut fake| async move {
-            // Read nothing while the client's write is stuck on a full socket buffer.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Read nothing while the client's write is stuck on a full socket buffer, until
+            // its timeout has passed (however late a loaded machine runs the timer).
+            let _ = wait.await;
             let mut rest = Vec::new();
             fake.reader.read_to_end(&mut rest).await.unwrap();
             assert!(rest.len() < BIG, "the whole command went out");
@@ -1450,6 +1452,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, QmpError::Timeout { .. }), "{err:?}");
+        let _ = timed_out.send(());
         // Half a command is on the wire: the stream cannot be framed any more.
         assert!(qmp.is_closed());
         within(qmp.closed()).await;
