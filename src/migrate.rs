@@ -143,9 +143,17 @@ fn progress(info: &MigrationInfo, elapsed: Duration) -> MigrationProgress {
 pub async fn migration_event(
     events: &mut tokio::sync::broadcast::Receiver<csvd_hypervisor::qmp::QmpEvent>,
 ) {
+    event(events, "MIGRATION").await
+}
+
+/// Waits for QEMU's next event `name` (or forever once the connection is gone).
+async fn event(
+    events: &mut tokio::sync::broadcast::Receiver<csvd_hypervisor::qmp::QmpEvent>,
+    name: &str,
+) {
     loop {
         match events.recv().await {
-            Ok(e) if e.name == "MIGRATION" => return,
+            Ok(e) if e.name == name => return,
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                 std::future::pending::<()>().await;
@@ -294,6 +302,16 @@ pub async fn drive_source(
         if !sending {
             resume_here(&inst).await;
             fail(format!("source: QEMU is not sending (status {status:?})")).await;
+            return SourceEnd::Stayed;
+        }
+        if m.params.policy == MigrationPolicy::Quick {
+            // The copy onto the volume died with the earlier daemon: the saved state is not
+            // known to be whole, so the guest stays here.
+            if status.as_deref() != Some("completed") {
+                let _ = inst.qmp.execute("migrate_cancel", None).await;
+            }
+            resume_here(&inst).await;
+            fail("source: the daemon restarted while saving the guest".into()).await;
             return SourceEnd::Stayed;
         }
         tracing::info!(migration = id, ?status, "taking up a migration under way");
@@ -476,6 +494,13 @@ pub async fn drive_source(
     // paused here for good unless the switchover fails.
     let switchover_at = now_ms();
     let completed = info.status.as_deref() == Some("completed");
+    tracing::info!(
+        migration = id,
+        completed,
+        qemu_total_ms = info.total_time,
+        qemu_downtime_ms = info.downtime,
+        "copy done: committing the switchover"
+    );
     let commit = write(
         &node,
         Command::CommitMigration {
@@ -617,12 +642,21 @@ pub async fn resume_destination(
     report_running: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let qmp = &inst.qmp;
+    let mut events = qmp.events();
     // While the state still loads, `cont` only tells QEMU to run the guest once it has.
     qmp.cont()
         .await
         .map_err(|e| format!("cannot resume the guest: {e}"))?;
     let deadline = Instant::now() + RESUME_TIMEOUT;
+    let mut first = true;
     loop {
+        // QEMU announces the guest's start (RESUME); the poll is the fallback.
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = event(&mut events, "RESUME") => {}
+            }
+        }
         match qmp.query_status().await {
             Ok(RunState::Running) => break,
             // Loaded but paused: QEMU gives the guest the run state it had on the source, and
@@ -636,9 +670,7 @@ pub async fn resume_destination(
                     .await
                     .map_err(|e| format!("cannot resume the guest: {e}"))?;
             }
-            Ok(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(2)).await
-            }
+            Ok(_) if Instant::now() < deadline => {}
             Ok(state) => {
                 return Err(format!(
                     "the guest did not run within {} s of the switchover (QEMU: {state:?})",

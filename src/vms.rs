@@ -527,6 +527,20 @@ impl Agent {
             Event::Sent { migration, end } => {
                 self.sending.remove(&migration);
                 tracing::info!(migration, ?end, "sending ended");
+                // The source stopped its QEMU itself: its end is neither a crash nor a stray.
+                let vm = self
+                    .node
+                    .local_view()
+                    .state
+                    .migrations
+                    .get(&migration)
+                    .map(|m| m.vm);
+                if end == crate::migrate::SourceEnd::Moved
+                    && let Some(Slot::Running { stopping, .. }) =
+                        vm.and_then(|vm| self.slots.get_mut(&vm))
+                {
+                    *stopping = true;
+                }
             }
         }
     }
@@ -1006,6 +1020,7 @@ impl Agent {
         self.receiving.remove(&migration);
         match result {
             Ok(inst) => {
+                tracing::info!(vm = %id, migration, "listening for the VM's state");
                 self.watch(id, &inst);
                 self.slots.insert(id, Slot::Incoming { inst, migration });
                 let _ = crate::migrate::write(

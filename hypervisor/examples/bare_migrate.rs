@@ -9,9 +9,9 @@
 //! {"run":1,"total_ms":512,"downtime_ms":41,"qemu_downtime_ms":38}
 //! ```
 //!
-//! `total_ms` runs from starting the destination QEMU to the guest running there;
-//! `downtime_ms` is QEMU's downtime plus the time from the source's completion to the
-//! destination's `cont`, as csvd measures it.
+//! `total_ms` runs from starting the destination QEMU to the guest running there (QEMU's
+//! run state after `cont`); `downtime_ms` is QEMU's downtime plus the time from the source's
+//! completion to then, as csvd measures it.
 //!
 //! ```sh
 //! cargo run --release -p csvd-hypervisor --example bare_migrate -- \
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use csvd_hypervisor::accel::Accel;
 use csvd_hypervisor::cmdline::{Boot, DiskAttach, LaunchSpec};
 use csvd_hypervisor::process::Instance;
+use csvd_hypervisor::qmp::RunState;
 use serde_json::json;
 
 fn usage() -> ! {
@@ -146,6 +147,11 @@ async fn main() {
         };
         let completed = Instant::now();
         dst.qmp.cont().await.unwrap();
+        // Resumed when QEMU says the guest runs (the state may still be loading), as csvd
+        // measures it.
+        while dst.qmp.query_status().await.unwrap() != RunState::Running {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let resumed = Instant::now();
         let qemu_downtime = info.downtime.unwrap_or(0);
         let downtime_ms = qemu_downtime + (resumed - completed).as_millis() as u64;
