@@ -31,8 +31,9 @@ const POLL: Duration = Duration::from_millis(100);
 /// How often the source records progress in the cluster state.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// A copy that sends nothing for this long is given up (the migration network is cut, or
-/// the destination stopped reading); QEMU alone would wait for TCP to time out.
-pub const STALL: Duration = Duration::from_secs(10);
+/// the destination stopped reading); QEMU alone would wait for TCP to time out. Long
+/// enough that a destination starved of CPU for a while is not taken for a cut one.
+pub const STALL: Duration = Duration::from_secs(20);
 /// The bandwidth QEMU may use when the operator sets none: no cap worth the name (QEMU's
 /// own default is 128 MiB/s).
 const UNCAPPED_BYTES_PER_SEC: u64 = 100 << 30;

@@ -57,9 +57,20 @@ impl Setup {
             })
     }
 
-    /// Asserts that the guest went on from node `from`'s console to node `to`'s without a
-    /// restart (same boot, the counter one past the last one there); returns the boot id.
-    fn continues_on(&self, from: u64, to: u64) -> String {
+    /// Waits for the guest's agent on node `to`, then asserts that the guest went on from
+    /// node `from`'s console to node `to`'s without a restart (same boot, the counter one
+    /// past the last one there); returns the boot id.
+    async fn continues_on(&self, from: u64, to: u64) -> String {
+        let serial = self.serial(to);
+        wait_until(
+            &format!("the guest's agent on node {to}"),
+            Duration::from_secs(60),
+            || {
+                let n = common::agent_lines(&serial).len();
+                async move { (n >= 10).then_some(()) }
+            },
+        )
+        .await;
         let before = common::agent_lines(&self.serial(from));
         let after = common::agent_lines(&self.serial(to));
         let (boot, last_there) = before.last().unwrap().clone();
@@ -75,8 +86,8 @@ impl Setup {
         boot
     }
 
-    /// Runs `migrator --json migrate g1 --to N ARGS`; returns (success, last JSON line, stderr).
-    fn migrate(&self, to: u64, args: &[&str]) -> (bool, serde_json::Value, String) {
+    /// `migrator --json migrate g1 --to N ARGS`.
+    fn migrate_output(&self, to: u64, args: &[&str]) -> std::process::Output {
         let to = to.to_string();
         let mut a = vec![
             "--endpoint",
@@ -88,7 +99,21 @@ impl Setup {
             &to,
         ];
         a.extend_from_slice(args);
-        let out = migrator(&a);
+        migrator(&a)
+    }
+
+    /// Starts `migrate g1 --to N` capped at 4 MiB/s, so that the copy lasts, without
+    /// waiting; returns the migration's id.
+    fn start_slow(&self, to: u64) -> u64 {
+        let out = self.migrate_output(to, &["--bandwidth", "4", "--no-wait"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        v["migration"].as_u64().unwrap()
+    }
+
+    /// Runs `migrator --json migrate g1 --to N ARGS`; returns (success, last JSON line, stderr).
+    fn migrate(&self, to: u64, args: &[&str]) -> (bool, serde_json::Value, String) {
+        let out = self.migrate_output(to, args);
         let last = stdout(&out)
             .lines()
             .last()
@@ -102,35 +127,20 @@ impl Setup {
 /// and writing records to its LUN.
 async fn setup(append: &str) -> Option<Setup> {
     let guest = common::test_guest()?;
+    // Room on the volume for a quick migration's saved state besides the LUN.
     let (cluster, _, lun) =
-        // Room on the volume for a quick migration's saved state besides the LUN.
         common::lun_cluster_with(512 << 20, "64M", "disk1", &["--accel", "tcg"]).await;
     let image = cluster.tmp.path().join("shared.img");
     let ep = cluster.nodes[0].endpoint();
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initrd.img");
-    let out = migrator(&[
-        "--endpoint",
+    let out = common::create_guest_vm(
         &ep,
-        "--json",
-        "vm",
-        "create",
+        &guest,
         "g1",
-        "--memory",
         "128",
-        "--disk",
-        "disk1",
-        "--nic",
-        "lan",
-        "--node",
         "1",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--append",
         append,
-    ]);
+        &["--disk", "disk1", "--nic", "lan"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     let vm_id = v["id"].as_str().unwrap().to_string();
@@ -189,16 +199,7 @@ async fn test_migrate_a_writing_guest_there_and_back() {
     assert!(s.qemu_alive(2));
 
     // The guest did not restart: same boot, and the counter goes on from where it was.
-    wait_until(
-        "the guest's agent on node 2",
-        Duration::from_secs(60),
-        || {
-            let n = common::agent_lines(&s.serial(2)).len();
-            async move { (n >= 10).then_some(()) }
-        },
-    )
-    .await;
-    s.continues_on(1, 2);
+    s.continues_on(1, 2).await;
 
     // And back, with the default downtime limit.
     let (ok, last, err) = s.migrate(1, &[]);
@@ -246,18 +247,7 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
     };
 
     // Cancel mid-copy.
-    let out = migrator(&[
-        "--endpoint",
-        &s.ep,
-        "migrate",
-        "g1",
-        "--to",
-        "2",
-        "--bandwidth",
-        "4",
-        "--no-wait",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    s.start_slow(2);
     wait_until("the copy", Duration::from_secs(60), || {
         let c = copying(&s);
         async move { c.then_some(()) }
@@ -292,18 +282,7 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
     );
 
     // The destination QEMU is killed mid-copy.
-    let out = migrator(&[
-        "--endpoint",
-        &s.ep,
-        "migrate",
-        "g1",
-        "--to",
-        "3",
-        "--bandwidth",
-        "4",
-        "--no-wait",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    s.start_slow(3);
     wait_until("the copy", Duration::from_secs(60), || {
         let c = copying(&s);
         async move { c.then_some(()) }
@@ -393,25 +372,16 @@ async fn test_drain_moves_every_vm_one_at_a_time() {
     };
     let guest = common::test_guest().unwrap();
     let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initrd.img");
     for name in ["g2", "g3"] {
-        let out = migrator(&[
-            "--endpoint",
+        let out = common::create_guest_vm(
             &s.ep,
-            "vm",
-            "create",
+            &guest,
             name,
-            "--memory",
             "96",
-            "--node",
             "1",
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
             "console=ttyS0 quiet panic=-1",
-        ]);
+            &[],
+        );
         assert!(out.status.success(), "{}", stderr(&out));
         let out = migrator(&["--endpoint", &s.ep, "vm", "start", name]);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -689,27 +659,10 @@ async fn test_two_migrations_at_once_on_four_nodes_and_a_third_queues() {
         })
         .await;
     let ep = cluster.nodes[0].endpoint();
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initrd.img");
     // a on node 1, b on node 3, c on node 1: each copy is slowed down to take seconds.
     for (name, node) in [("a", "1"), ("b", "3"), ("c", "1")] {
-        let out = migrator(&[
-            "--endpoint",
-            &ep,
-            "vm",
-            "create",
-            name,
-            "--memory",
-            "128",
-            "--node",
-            node,
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            "console=ttyS0 quiet panic=-1 csvd.dirty_mib=16",
-        ]);
+        let append = "console=ttyS0 quiet panic=-1 csvd.dirty_mib=16";
+        let out = common::create_guest_vm(&ep, &guest, name, "128", node, append, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         let out = migrator(&["--endpoint", &ep, "vm", "start", name]);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -992,21 +945,7 @@ async fn test_network_cut_mid_copy_leaves_the_guest_on_its_source() {
         ]);
         serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap_or_default()
     };
-    let out = migrator(&[
-        "--endpoint",
-        &s.ep,
-        "--json",
-        "migrate",
-        "g1",
-        "--to",
-        "2",
-        "--bandwidth",
-        "4",
-        "--no-wait",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
-    let id = v["migration"].as_u64().unwrap();
+    let id = s.start_slow(2);
     let sent = wait_until(
         "the copy to send some bytes",
         Duration::from_secs(60),
@@ -1048,7 +987,7 @@ async fn test_network_cut_mid_copy_leaves_the_guest_on_its_source() {
     // Given up for a stall: no sooner than the stall limit after the cut (less the poll and
     // rate-limit granularity of the last sends before it).
     assert!(
-        finished + 1_000 >= cut_at_ms + 10_000,
+        finished + 1_000 >= cut_at_ms + 20_000,
         "failed {} ms after the cut: {failed}",
         finished.saturating_sub(cut_at_ms)
     );
@@ -1094,7 +1033,9 @@ async fn test_network_cut_mid_copy_leaves_the_guest_on_its_source() {
     .await;
     let lines = common::agent_lines(&serial);
     assert!(lines.iter().all(|(b, _)| *b == boot), "one boot: {boot}");
-    for w in lines.windows(2) {
+    // From the cut on (a line printed during boot can be garbled by the kernel's own
+    // console messages; the disk records below cover the whole run).
+    for w in lines.windows(2).filter(|w| w[0].1 >= at_cut) {
         assert_eq!(w[1].1, w[0].1 + 1, "the counter goes on one by one");
     }
     // The records on the shared volume: that boot, no gap, written after the failure too.
@@ -1127,16 +1068,11 @@ async fn test_network_cut_mid_copy_leaves_the_guest_on_its_source() {
         async move { (q == vec![2]).then_some(()) }
     })
     .await;
-    wait_until(
-        "the guest's agent on node 2",
-        Duration::from_secs(60),
-        || {
-            let n = common::agent_lines(&s.serial(2)).len();
-            async move { (n >= 10).then_some(()) }
-        },
-    )
-    .await;
-    assert_eq!(s.continues_on(1, 2), boot, "same boot on the destination");
+    assert_eq!(
+        s.continues_on(1, 2).await,
+        boot,
+        "same boot on the destination"
+    );
     // The saved state's disk went with the migration.
     let state = s.cluster.nodes[0].client().state().await.unwrap();
     assert!(

@@ -272,28 +272,11 @@ async fn test_migrate_is_refused_before_anything_starts() {
     }
 
     // g1: the test guest, 128 MiB, one NIC on `lan`, running on node 1 under TCG.
-    let kernel = guest.join("vmlinuz");
-    let initrd = guest.join("initrd.img");
     let create = |name: &str, memory: &str, node: &str, nic: Option<&str>, append: &str| {
-        let mut args = vec![
-            "vm",
-            "create",
-            name,
-            "--memory",
-            memory,
-            "--node",
-            node,
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--initrd",
-            initrd.to_str().unwrap(),
-            "--append",
-            append,
-        ];
-        if let Some(nic) = nic {
-            args.extend(["--nic", nic]);
-        }
-        json(&ep, &args)
+        let extra = nic.map(|n| vec!["--nic", n]).unwrap_or_default();
+        let out = common::create_guest_vm(&ep, &guest, name, memory, node, append, &extra);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()
     };
     let v = create(
         "g1",

@@ -582,3 +582,38 @@ pub fn ensure_bridge() -> bool {
             .status()
             .is_ok_and(|s| s.success())
 }
+
+/// `migrator --endpoint EP --json vm create NAME --memory MIB --node N` booting the test guest
+/// in `guest` (its kernel and initramfs, with `append`), plus `extra` flags.
+pub fn create_guest_vm(
+    ep: &str,
+    guest: &Path,
+    name: &str,
+    memory: &str,
+    node: &str,
+    append: &str,
+    extra: &[&str],
+) -> Output {
+    let kernel = guest.join("vmlinuz");
+    let initrd = guest.join("initrd.img");
+    let mut args = vec![
+        "--endpoint",
+        ep,
+        "--json",
+        "vm",
+        "create",
+        name,
+        "--memory",
+        memory,
+        "--node",
+        node,
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--append",
+        append,
+    ];
+    args.extend_from_slice(extra);
+    migrator(&args)
+}
