@@ -828,9 +828,7 @@ impl Agent {
                     MigrationPhase::Committed => self.resume_here(&m).await,
                     p if p.is_terminal() => {
                         // Failed or cancelled before the switchover: this copy goes away.
-                        if matches!(self.slots.get(&m.vm), Some(Slot::Incoming { migration, .. }) if *migration == m.id)
-                            && let Some(Slot::Incoming { inst, .. }) = self.slots.remove(&m.vm)
-                        {
+                        if let Some(inst) = self.take_incoming(m.vm, m.id) {
                             tracing::info!(vm = %m.vm, migration = m.id, "migration ended: stopping the destination QEMU");
                             let nics = state
                                 .vms
@@ -881,12 +879,8 @@ impl Agent {
     /// The switchover of `m` is committed: the VM is this node's; resume it (in the
     /// background: a post-copy destination needs the source until the last page).
     async fn resume_here(&mut self, m: &MigrationRecord) {
-        if !matches!(self.slots.get(&m.vm), Some(Slot::Incoming { migration, .. }) if *migration == m.id)
-        {
-            // Resumed already (the post-copy's end is awaited in the background).
-            return;
-        }
-        let Some(Slot::Incoming { inst, .. }) = self.slots.remove(&m.vm) else {
+        // None: resumed already (a post-copy's end is awaited in the background).
+        let Some(inst) = self.take_incoming(m.vm, m.id) else {
             return;
         };
         self.slots.insert(
@@ -942,6 +936,18 @@ impl Agent {
                 inst.kill().await;
             }
         });
+    }
+
+    /// Takes `vm`'s slot if it holds the destination QEMU of `migration`, and only then.
+    fn take_incoming(&mut self, vm: Uuid, migration: MigrationId) -> Option<Instance> {
+        match self.slots.get(&vm) {
+            Some(Slot::Incoming { migration: m, .. }) if *m == migration => {}
+            _ => return None,
+        }
+        match self.slots.remove(&vm) {
+            Some(Slot::Incoming { inst, .. }) => Some(inst),
+            _ => None,
+        }
     }
 
     /// The VM whose destination QEMU for `migration` runs here.
