@@ -312,24 +312,45 @@ impl Cluster {
         cluster_id
     }
 
-    /// Waits until every node is a member, as many voters as desired, with one leader.
+    /// Waits until every node is a member, as many voters as desired, with one leader;
+    /// panics after 60 s with the last status and the end of every node's log.
     pub async fn wait_members(&self) {
-        let c = self.nodes[0].client();
+        let mut c = self.nodes[0].client();
         let want = self.nodes.len();
         let voters = csvd_raft::node::desired_voters(want);
-        wait_until("all nodes to be members", Duration::from_secs(60), || {
-            let mut c = c.clone();
-            async move {
-                let s = c.status().await.ok()?;
-                let v = s
-                    .members
-                    .iter()
-                    .filter(|m| m.role == csvd_raft::api::Role::Voter)
-                    .count();
-                (s.members.len() == want && v == voters && s.leader.is_some()).then_some(())
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut last = String::new();
+        while std::time::Instant::now() < deadline {
+            match c.status().await {
+                Ok(s) => {
+                    let v = s
+                        .members
+                        .iter()
+                        .filter(|m| m.role == csvd_raft::api::Role::Voter)
+                        .count();
+                    if s.members.len() == want && v == voters && s.leader.is_some() {
+                        return;
+                    }
+                    last = format!("{s:?}");
+                }
+                Err(e) => last = e.to_string(),
             }
-        })
-        .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let logs: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let log = n.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- node {} ({}):\n{}", n.id, n.grpc, tail.join("\n"))
+            })
+            .collect();
+        panic!(
+            "timed out after 60s waiting for all nodes to be members; last status: {last}\n{}",
+            logs.join("\n")
+        );
     }
 
     /// Waits for a leader seen from `via`; returns (leader id, status).
