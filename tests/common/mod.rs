@@ -34,24 +34,37 @@ pub fn bin(name: &str) -> PathBuf {
 /// A free TCP port on 127.0.0.1, below the kernel's ephemeral range (32768 and up): a port
 /// taken from that range is free only until the next outgoing connection or `bind(0)` of any
 /// process reuses it, which made concurrent cluster tests start nodes on each other's ports.
+///
+/// Test processes run side by side and a node binds its ports only when it starts, seconds
+/// after they were chosen; so the ports are handed out in turn from a counter that all test
+/// processes share (a file under the temporary directory, locked while it is read and
+/// advanced). Two tests never get the same port until 12000 have been handed out.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = u64::from(std::process::id())
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        .wrapping_add(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.subsec_nanos().into())
-                .unwrap_or(0),
-        );
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = 20_000 + (seed.wrapping_add(n.wrapping_mul(7919)) % 12_000) as u16;
+    use std::io::{Read, Seek, Write};
+    let path = std::env::temp_dir().join("csvd-test-ports");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .unwrap();
+    f.lock().unwrap();
+    let mut text = String::new();
+    f.read_to_string(&mut text).unwrap();
+    let mut next: u32 = text.trim().parse().unwrap_or(0);
+    let port = loop {
+        let port = 20_000 + (next % 12_000) as u16;
+        next = next.wrapping_add(1);
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+            break port;
         }
-    }
+    };
+    f.set_len(0).unwrap();
+    f.rewind().unwrap();
+    write!(f, "{next}").unwrap();
+    // Unlocked when `f` closes.
+    port
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or panics after `timeout` naming `what`.
