@@ -498,19 +498,25 @@ async fn wait_copying(s: &Setup) -> u64 {
     .await
 }
 
+/// `migrator --json migration show ID` through `ep`; a refused read (a busy machine, a leader
+/// change) reads as an empty record, "not yet" to the callers' waits.
+fn migration_json(ep: &str, id: u64) -> serde_json::Value {
+    let out = migrator(&[
+        "--endpoint",
+        ep,
+        "--json",
+        "migration",
+        "show",
+        &id.to_string(),
+    ]);
+    serde_json::from_str(&stdout(&out)).unwrap_or_default()
+}
+
 /// Waits until migration `id` ends; returns its record.
 async fn wait_ended(s: &Setup, id: u64) -> serde_json::Value {
     let ep = s.ep.clone();
     wait_until("the migration to end", Duration::from_secs(120), || {
-        let out = migrator(&[
-            "--endpoint",
-            &ep,
-            "--json",
-            "migration",
-            "show",
-            &id.to_string(),
-        ]);
-        let m: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        let m = migration_json(&ep, id);
         let done =
             ["completed", "failed", "cancelled"].contains(&m["phase"].as_str().unwrap_or(""));
         async move { done.then_some(m) }
@@ -695,18 +701,7 @@ async fn test_two_migrations_at_once_on_four_nodes_and_a_third_queues() {
         (pa.as_str(), pb.as_str(), pc.as_str()),
         ("preparing", "preparing", "queued")
     );
-    let show = |id: u64| {
-        let out = migrator(&[
-            "--endpoint",
-            &ep,
-            "--json",
-            "migration",
-            "show",
-            &id.to_string(),
-        ]);
-        // A refused read (a busy machine, a leader change) counts as "not yet".
-        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap_or_default()
-    };
+    let show = |id: u64| migration_json(&ep, id);
     // Both copy at the same time while c waits.
     wait_until("two copies at once", Duration::from_secs(60), || {
         let (a, b, c) = (show(ma), show(mb), show(mc));
@@ -934,17 +929,7 @@ async fn test_network_cut_mid_copy_leaves_the_guest_on_its_source() {
         return;
     };
     let dest_addr = s.cluster.nodes[1].migration.clone();
-    let show = |id: u64| {
-        let out = migrator(&[
-            "--endpoint",
-            &s.ep,
-            "--json",
-            "migration",
-            "show",
-            &id.to_string(),
-        ]);
-        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap_or_default()
-    };
+    let show = |id: u64| migration_json(&s.ep, id);
     let id = s.start_slow(2);
     let sent = wait_until(
         "the copy to send some bytes",
