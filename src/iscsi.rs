@@ -481,15 +481,9 @@ impl CsvBackend {
                 return true;
             };
             let now = csvd_raft::node::now_ms();
-            let down_after = csvd_raft::node::DOWN_AFTER.as_millis() as u64;
-            vol.nodes.iter().all(|(id, n)| {
-                let alive = state
-                    .nodes
-                    .get(id)
-                    .and_then(|r| r.last_heartbeat_ms)
-                    .is_some_and(|hb| now.saturating_sub(hb) < down_after);
-                !alive || n.acked_epoch >= vol.epoch
-            })
+            vol.nodes
+                .iter()
+                .all(|(id, n)| !state.node_up(*id, now) || n.acked_epoch >= vol.epoch)
         };
         let waited = tokio::time::timeout(ADOPT_WAIT, async {
             loop {

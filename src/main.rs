@@ -232,6 +232,7 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
             csv,
         },
     );
+    let migration_watchdog = migrate::spawn_watchdog(node.clone());
     let mut removed = node.removed();
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -242,6 +243,7 @@ async fn run(config: Config, effective: config::FileConfig) -> Result<(), String
     }
     // Guests keep running: a restarted csvd adopts them.
     vm_agent.abort();
+    migration_watchdog.abort();
     for a in shared_agents {
         a.abort();
     }

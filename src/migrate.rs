@@ -172,6 +172,34 @@ pub enum SourceEnd {
     Stayed,
 }
 
+/// On the Raft leader, every [`csvd_raft::node::AGENT_INTERVAL`]: ends as failed each
+/// migration stranded by a node that went down before the switchover (see
+/// [`csvd_raft::ClusterState::stranded_migrations`]). Its source, if up, sees the failure,
+/// cancels the copy and resumes the guest; a destination that comes back stops its QEMU.
+/// Without this a migration whose other node died would hold both nodes' migration slots,
+/// and its VM, for good (a saved-state disk with them).
+pub fn spawn_watchdog(node: MetaNode) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(csvd_raft::node::AGENT_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if node.current_leader() != Some(node.id()) {
+                continue;
+            }
+            let now = now_ms();
+            let stranded = node.local_view().state.stranded_migrations(now);
+            for (id, why) in stranded {
+                tracing::warn!(migration = id, reason = %why, "ending a stranded migration");
+                match give_up(&node, id, MigrationPhase::Failed, Some(why)).await {
+                    Ok(()) | Err(Some(_)) => {}
+                    Err(None) => break,
+                }
+            }
+        }
+    })
+}
+
 /// Resumes the guest here if QEMU paused it (after a completed copy whose switchover did not
 /// happen).
 async fn resume_here(inst: &Instance) {

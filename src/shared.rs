@@ -11,7 +11,7 @@
 //!   `redirected(no_device_path)`; the next good probe returns it to direct).
 //! - **reports**: the node's mode, path and adopted epoch per volume go to Raft when they change.
 //! - **coordinator failover** (on the Raft leader): a volume whose coordinator was removed, has
-//!   not heartbeated for [`DOWN_AFTER`], or reports no device path gets a new coordinator among
+//!   not heartbeated for [`DOWN_AFTER`](csvd_raft::node::DOWN_AFTER), or reports no device path gets a new coordinator among
 //!   the nodes that have a path. `DOWN_AFTER` (10 s) is longer than [`LEASE`] (5 s) plus the
 //!   heartbeat interval (2 s), so an unreachable coordinator has stopped its own I/O before
 //!   another node takes over.
@@ -26,7 +26,7 @@ use csvd_csv_fs::node::CsvNode;
 use csvd_csv_fs::scan;
 use csvd_raft::ClusterState;
 use csvd_raft::command::Command;
-use csvd_raft::node::{DOWN_AFTER, MetaNode, now_ms};
+use csvd_raft::node::{MetaNode, now_ms};
 use csvd_raft::volume::IoMode;
 
 /// How long one successful quorum read allows I/O.
@@ -205,14 +205,7 @@ async fn report(node: &MetaNode, csv: &Shared, state: &ClusterState) {
 /// On the leader: moves the coordinator role off nodes that are gone or have no device path.
 async fn failover(node: &MetaNode, state: &ClusterState) {
     let now = now_ms();
-    let down_ms = DOWN_AFTER.as_millis() as u64;
-    let up = |id: &u64| {
-        state
-            .nodes
-            .get(id)
-            .and_then(|n| n.last_heartbeat_ms)
-            .is_some_and(|t| now.saturating_sub(t) <= down_ms)
-    };
+    let up = |id: &u64| state.node_up(*id, now);
     for (vid, vol) in &state.volumes {
         let c = vol.coordinator;
         let reason = if !state.nodes.contains_key(&c) {
@@ -284,6 +277,6 @@ mod tests {
     #[test]
     fn test_timing_invariant() {
         // A coordinator that lost the quorum stops I/O before another node takes over.
-        assert!(LEASE + csvd_raft::node::AGENT_INTERVAL < DOWN_AFTER);
+        assert!(LEASE + csvd_raft::node::AGENT_INTERVAL < csvd_raft::node::DOWN_AFTER);
     }
 }

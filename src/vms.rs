@@ -804,6 +804,21 @@ async fn remove_taps(nics: &[NicAttach]) {
     }
 }
 
+/// Whether migration `migration` is still `preparing` by the leader's (linearizable) view.
+async fn still_preparing(node: &MetaNode, migration: MigrationId) -> Result<(), String> {
+    let state = node
+        .read_state()
+        .await
+        .map_err(|e| format!("cannot confirm the migration with the leader: {e}"))?;
+    match state.migrations.get(&migration).map(|m| m.phase) {
+        Some(MigrationPhase::Preparing) => Ok(()),
+        phase => Err(format!(
+            "the migration is {} by the leader's view",
+            phase.map_or("gone", MigrationPhase::as_str)
+        )),
+    }
+}
+
 /// Live migrations: this node as source or destination (see [`crate::migrate`]).
 impl Agent {
     /// This node's part in migrations: start a destination, send from a source, resume
@@ -991,9 +1006,10 @@ impl Agent {
         self.slots.insert(id, Slot::Starting);
         let qemu = self.cfg.qemu.clone();
         let record = m.clone();
+        let node = self.node.clone();
         tracing::info!(vm = %id, migration, from = m.source, "receiving a VM");
         tokio::spawn(async move {
-            let result = async {
+            let start = async {
                 prepare_nics(&spec.nics).await?;
                 let inst = Instance::start(&qemu, &spec, START_TIMEOUT)
                     .await
@@ -1003,8 +1019,18 @@ impl Agent {
                     return Err(e);
                 }
                 Ok(inst)
-            }
-            .await;
+            };
+            // This node's view may be stale (it was cut off or frozen while the migration
+            // ended): the leader confirms the migration still waits for this node, while
+            // QEMU starts.
+            let (result, confirmed) = tokio::join!(start, still_preparing(&node, migration));
+            let result = match (result, confirmed) {
+                (Ok(inst), Err(why)) => {
+                    inst.kill().await;
+                    Err(why)
+                }
+                (result, _) => result,
+            };
             if result.is_err() {
                 remove_taps(&spec.nics).await;
             }

@@ -8,6 +8,12 @@
 //!   runs under TCG. Needs a usable `/dev/kvm`; without one this case alone is skipped, with
 //!   a line saying so.
 //!
+//! Then node 3 goes down (its daemon frozen with SIGSTOP, so it stops heartbeating) right
+//! after a migration to it was admitted: the Raft leader ends that stranded migration as
+//! failed once node 3 counts as down, and a new migration to node 3 is refused because it is
+//! down; the guest runs on in node 1's QEMU throughout. Once thawed, node 3 runs no QEMU for
+//! the guest.
+//!
 //! After each refusal: no migration record exists, no QEMU runs (nor ran: no run directory)
 //! for the VM on the destination, and the guest still runs on node 1 in the same QEMU. At the
 //! end, with node 3's big VM stopped, the same migration to node 3 goes through, so the
@@ -79,6 +85,14 @@ fn json(ep: &str, args: &[&str]) -> serde_json::Value {
     let out = migrator(&a);
     assert!(out.status.success(), "{args:?}: {}", stderr(&out));
     serde_json::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+/// `migrator --endpoint EP --json ARGS`: its output as JSON, or `None` if it failed.
+fn try_json(ep: &str, args: &[&str]) -> Option<serde_json::Value> {
+    let mut a = vec!["--endpoint", ep, "--json"];
+    a.extend_from_slice(args);
+    let out = migrator(&a);
+    out.status.success().then(|| serde_json::from_str(&stdout(&out)).ok())?
 }
 
 /// Processes whose command line names `needle` (the VM's uuid is QEMU's `-uuid`): (pid,
@@ -359,10 +373,101 @@ async fn test_migrate_is_refused_before_anything_starts() {
         s.assert_nothing_started(4, pid).await;
     }
 
-    // With big stopped, the same migration to node 3 goes through, and shows where the checks
-    // above would have seen it: a record, a run directory on node 3, g1 owned there.
     let out = migrator(&["--endpoint", &ep, "vm", "stop", "big"]);
     assert!(out.status.success(), "{}", stderr(&out));
+
+    // 4. Node 3 goes down just after a migration to it was admitted.
+    let node3 = s.cluster.nodes[2].child.as_ref().unwrap().id().to_string();
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &node3])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} {node3}");
+    };
+    signal("-STOP");
+    let out = migrator(&[
+        "--endpoint",
+        &ep,
+        "--json",
+        "migrate",
+        "g1",
+        "--to",
+        "3",
+        "--no-wait",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let stranded: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let stranded_id = stranded["migration"].as_u64().unwrap().to_string();
+    let failed = wait_until(
+        "the leader to end the migration to the frozen node 3",
+        Duration::from_secs(60),
+        || {
+            // (A transient error while leadership moves is retried.)
+            let m = try_json(&ep, &["migration", "show", &stranded_id]);
+            async move { m.filter(|m| m["phase"] != "preparing") }
+        },
+    )
+    .await;
+    assert_eq!(failed["phase"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the destination (node 3) went down during the preparing phase"),
+        "{failed}"
+    );
+    // Down now: refused up front.
+    let err = s.refused(3);
+    assert!(
+        err.contains("node 3 (the destination) is down: no heartbeat in the last 10 s"),
+        "{err}"
+    );
+    assert_eq!(s.source_pid(), pid, "the same QEMU on node 1");
+    let v = json(&ep, &["vm", "show", "g1"]);
+    assert_eq!(
+        (&v["owner"], &v["state"]),
+        (&1.into(), &"running".into()),
+        "{v}"
+    );
+    // Thawed, node 3 sees the migration ended and starts nothing for it.
+    signal("-CONT");
+    wait_until("node 3 to be up again", Duration::from_secs(60), || {
+        // (Thawed, node 3 may call an election: a transient error is retried.)
+        let members = try_json(&ep, &["node", "list"]);
+        async move {
+            members?
+                .as_array()?
+                .iter()
+                .any(|m| m["id"] == 3 && m["state"] == "up")
+                .then_some(())
+        }
+    })
+    .await;
+    // (Its first look may be at its stale view, which still shows the migration preparing:
+    // the leader's answer stops any QEMU it starts for it.)
+    let dir3 = s.dir(3).display().to_string();
+    let vm_id = s.vm_id.clone();
+    wait_until("no QEMU for g1 on node 3", Duration::from_secs(30), || {
+        let on3 = processes_naming(&vm_id)
+            .into_iter()
+            .filter(|(_, cmd)| cmd.contains(&dir3))
+            .count();
+        async move { (on3 == 0).then_some(()) }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let on3: Vec<_> = processes_naming(&s.vm_id)
+        .into_iter()
+        .filter(|(_, cmd)| cmd.contains(&dir3))
+        .collect();
+    assert!(on3.is_empty(), "node 3 runs a QEMU for g1: {on3:#?}");
+    assert_eq!(
+        json(&ep, &["migration", "show", &stranded_id])["phase"],
+        "failed"
+    );
+    assert_eq!(s.source_pid(), pid, "the same QEMU on node 1");
+
+    // The same migration to node 3 now goes through, and shows where the checks above would
+    // have seen it: a record, a run directory on node 3, g1 owned there.
     let out = migrator(&["--endpoint", &ep, "--json", "migrate", "g1", "--to", "3"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let list = json(&ep, &["migration", "list"]);
@@ -372,9 +477,10 @@ async fn test_migrate_is_refused_before_anything_starts() {
         .iter()
         .filter(|m| m["vm_name"] == "g1")
         .collect();
-    assert_eq!(records.len(), 1, "{list}");
-    assert_eq!(records[0]["phase"], "completed", "{list}");
-    assert_eq!(records[0]["dest"], 3, "{list}");
+    assert_eq!(records.len(), 2, "{list}");
+    assert_eq!(records[0]["phase"], "failed", "{list}");
+    assert_eq!(records[1]["phase"], "completed", "{list}");
+    assert_eq!(records[1]["dest"], 3, "{list}");
     assert!(s.run_dir(3).join("qemu.pid").is_file());
     let v = json(&ep, &["vm", "show", "g1"]);
     assert_eq!(

@@ -89,8 +89,10 @@ fn absolute(flag: &str, p: &Path) -> Result<String, String> {
 /// needs and the most memory left for it.
 pub fn place(state: &ClusterState, spec: &VmSpec) -> Result<u64, String> {
     let mut best: Option<(u64, u64)> = None;
+    let now = csvd_raft::node::now_ms();
     for (id, n) in &state.nodes {
         if n.admin_state != NodeAdminState::Active
+            || !state.node_up(*id, now)
             || !spec
                 .nics
                 .iter()
@@ -106,7 +108,7 @@ pub fn place(state: &ClusterState, spec: &VmSpec) -> Result<u64, String> {
     }
     best.map(|(id, _)| id).ok_or_else(|| {
         format!(
-            "no active node has {} MiB free{}",
+            "no node that is up and active has {} MiB free{}",
             spec.memory_mib,
             if spec.nics.is_empty() {
                 String::new()

@@ -238,6 +238,32 @@ impl ClusterState {
             .find(|m| m.vm == vm && !m.phase.is_terminal())
     }
 
+    /// Migrations that cannot go on because a node they need is down (by `now_ms`): before
+    /// the switchover, the source or the destination. Each with the reason to record as its
+    /// failure. A committed migration is left to its destination, which finishes it when it
+    /// is back (the VM is that node's).
+    pub fn stranded_migrations(&self, now_ms: u64) -> Vec<(MigrationId, String)> {
+        self.migrations
+            .values()
+            .filter(|m| !m.phase.is_terminal() && m.phase != MigrationPhase::Committed)
+            .filter_map(|m| {
+                let down = [(m.source, "source"), (m.dest, "destination")]
+                    .into_iter()
+                    .find(|(n, _)| !self.node_up(*n, now_ms))?;
+                Some((
+                    m.id,
+                    format!(
+                        "the {} (node {}) went down during the {} phase: no heartbeat in the last {} s",
+                        down.1,
+                        down.0,
+                        m.phase.as_str(),
+                        crate::node::DOWN_AFTER.as_secs()
+                    ),
+                ))
+            })
+            .collect()
+    }
+
     /// Active migrations `node` takes part in.
     pub fn active_migrations_of(&self, node: NodeId) -> usize {
         self.migrations
@@ -341,7 +367,8 @@ impl ClusterState {
     }
 
     /// The checks a migration of `vm` to `dest` must pass before anything starts.
-    pub fn check_migration(&self, vm: Uuid, dest: NodeId) -> Result<(), ApplyError> {
+    /// `now_ms` is the proposer's clock, against which the nodes' heartbeats are read.
+    pub fn check_migration(&self, vm: Uuid, dest: NodeId, now_ms: u64) -> Result<(), ApplyError> {
         let v = self.vms.get(&vm).ok_or(ApplyError::UnknownVm { id: vm })?;
         if v.owner == dest {
             return Err(precondition(format!(
@@ -386,6 +413,14 @@ impl ClusterState {
             return Err(precondition(format!(
                 "node {dest} is draining: it takes no VMs"
             )));
+        }
+        for (n, role) in [(dest, "the destination"), (v.owner, "the VM's owner")] {
+            if !self.node_up(n, now_ms) {
+                return Err(precondition(format!(
+                    "node {n} ({role}) is down: no heartbeat in the last {} s",
+                    crate::node::DOWN_AFTER.as_secs()
+                )));
+            }
         }
         // Switches and memory, as for a VM defined there.
         self.check_vm_fits(&v.spec, vm, dest)?;
@@ -485,7 +520,7 @@ impl ClusterState {
         if params.bandwidth_mibps == Some(0) {
             return Err(invalid("bandwidth", "0 MiB/s would never finish"));
         }
-        self.check_migration(vm, dest)?;
+        self.check_migration(vm, dest, now_ms)?;
         if params.policy == MigrationPolicy::Quick {
             let (volume, bytes) = self.state_disk_place(vm)?;
             let free = self.volume_free_bytes(volume);
@@ -1318,5 +1353,157 @@ mod tests {
         );
         assert_eq!(s.migrations[&id].phase, MigrationPhase::Completed);
         assert!(s.open_migration(vm).is_none());
+    }
+
+    #[test]
+    fn test_migration_to_or_from_a_down_node_is_refused() {
+        let mut s = cluster(2);
+        let down = crate::node::DOWN_AFTER.as_millis() as u64;
+        for n in [1, 3] {
+            apply(
+                &mut s,
+                Command::Heartbeat {
+                    id: n,
+                    at_ms: 5_000,
+                },
+            )
+            .unwrap();
+        }
+        let at = |s: &mut ClusterState, dest: NodeId, now_ms: u64| {
+            apply(
+                s,
+                Command::StartMigration {
+                    vm: Uuid::from_u128(101),
+                    dest,
+                    params: params(),
+                    now_ms,
+                },
+            )
+        };
+        // Node 2 last heartbeat at 1: down by 5_000 + DOWN_AFTER.
+        match at(&mut s, 2, 5_000 + down) {
+            Err(ApplyError::PreconditionFailed { reason }) => {
+                assert!(
+                    reason.contains("node 2 (the destination) is down"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(s.migrations.is_empty());
+        // Node 3 heartbeated at 5_000: up until DOWN_AFTER later, and the owner (1) too.
+        assert!(matches!(
+            at(&mut s, 3, 5_000 + down),
+            Ok(Outcome::Created { .. })
+        ));
+        // The owner down: refused, with the owner named.
+        let mut s = cluster(1);
+        apply(
+            &mut s,
+            Command::Heartbeat {
+                id: 2,
+                at_ms: 5_000 + down,
+            },
+        )
+        .unwrap();
+        match at(&mut s, 2, 5_000 + down) {
+            Err(ApplyError::PreconditionFailed { reason }) => {
+                assert!(
+                    reason.contains("node 1 (the VM's owner) is down"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn test_stranded_migrations_are_the_uncommitted_ones_with_a_down_node() {
+        let mut s = cluster(3);
+        let down = crate::node::DOWN_AFTER.as_millis() as u64;
+        // Preparing (to 2), queued behind it (to 3: node 1 is busy), and one committed (to 2).
+        let preparing = start(&mut s, 1, 2).unwrap();
+        let queued = start(&mut s, 2, 3).unwrap();
+        assert_eq!(s.migrations[&queued].phase, MigrationPhase::Queued);
+        assert!(s.stranded_migrations(10).is_empty());
+        // Everyone heartbeats except node 2.
+        for n in [1, 3, 4] {
+            apply(
+                &mut s,
+                Command::Heartbeat {
+                    id: n,
+                    at_ms: 2 * down,
+                },
+            )
+            .unwrap();
+        }
+        let stranded = s.stranded_migrations(2 * down);
+        assert_eq!(stranded.len(), 1, "{stranded:?}");
+        assert_eq!(stranded[0].0, preparing);
+        assert!(
+            stranded[0]
+                .1
+                .contains("destination (node 2) went down during the preparing phase"),
+            "{}",
+            stranded[0].1
+        );
+        // Recorded as failed, the queued one is admitted; node 1 then goes down too.
+        apply(
+            &mut s,
+            Command::FinishMigration {
+                id: preparing,
+                phase: MigrationPhase::Failed,
+                error: Some(stranded[0].1.clone()),
+                total_ms: None,
+                downtime_ms: None,
+                now_ms: 2 * down,
+                committed: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.migrations[&queued].phase, MigrationPhase::Preparing);
+        for n in [3, 4] {
+            apply(
+                &mut s,
+                Command::Heartbeat {
+                    id: n,
+                    at_ms: 4 * down,
+                },
+            )
+            .unwrap();
+        }
+        let stranded = s.stranded_migrations(4 * down);
+        assert_eq!(stranded.len(), 1);
+        assert_eq!(stranded[0].0, queued);
+        assert!(
+            stranded[0].1.contains("source (node 1)"),
+            "{}",
+            stranded[0].1
+        );
+        // A committed migration is its destination's to finish, down or not.
+        for (from, to) in [
+            (MigrationPhase::Preparing, MigrationPhase::Ready),
+            (MigrationPhase::Ready, MigrationPhase::Copying),
+        ] {
+            apply(
+                &mut s,
+                Command::AdvanceMigration {
+                    id: queued,
+                    from,
+                    to,
+                },
+            )
+            .unwrap();
+        }
+        apply(
+            &mut s,
+            Command::CommitMigration {
+                id: queued,
+                qemu_downtime_ms: 1,
+                switchover_at_ms: 4 * down,
+            },
+        )
+        .unwrap();
+        assert!(s.stranded_migrations(8 * down).is_empty());
     }
 }

@@ -608,7 +608,7 @@ impl MetaNode {
             let state = match rec {
                 None => "joining",
                 Some(r) if r.admin_state == NodeAdminState::Draining => "draining",
-                Some(_) if age.is_some_and(|a| a <= DOWN_AFTER.as_millis() as u64) => "up",
+                Some(_) if view.state.node_up(*id, now) => "up",
                 Some(_) => "down",
             };
             let spec = rec
@@ -743,13 +743,7 @@ impl MetaNode {
                     .get(&id)
                     .and_then(|m| m.as_ref())
                     .is_some_and(|m| m.index + 100 >= last);
-            let alive = id == me
-                || view
-                    .state
-                    .nodes
-                    .get(&id)
-                    .and_then(|n| n.last_heartbeat_ms)
-                    .is_some_and(|t| now.saturating_sub(t) <= DOWN_AFTER.as_millis() as u64);
+            let alive = id == me || view.state.node_up(id, now);
             caught_up && alive
         };
         let plan = plan_voters(&voters, &learners, me, ready);

@@ -244,6 +244,15 @@ pub enum ApplyError {
 }
 
 impl ClusterState {
+    /// Whether node `id` committed a heartbeat within [`crate::node::DOWN_AFTER`] of `now_ms`
+    /// (node clocks are assumed to agree, as NTP keeps them).
+    pub fn node_up(&self, id: NodeId, now_ms: u64) -> bool {
+        self.nodes
+            .get(&id)
+            .and_then(|n| n.last_heartbeat_ms)
+            .is_some_and(|t| now_ms.saturating_sub(t) <= crate::node::DOWN_AFTER.as_millis() as u64)
+    }
+
     /// Applies one log entry's request. On error the state is unchanged.
     pub fn apply(&mut self, req: &Request) -> Result<Outcome, ApplyError> {
         if req.v > COMMAND_VERSION || req.v == 0 {
