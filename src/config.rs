@@ -68,6 +68,10 @@ pub struct Flags {
     /// by default one per CPU).
     #[arg(long)]
     pub iscsi_threads: Option<usize>,
+    /// The daemon's scheduling niceness, -20 to 19 (default -10: Raft, the I/O lease and
+    /// the iSCSI target stay responsive next to busy guests, whose QEMUs run at 0).
+    #[arg(long, allow_hyphen_values = true)]
+    pub nice: Option<i32>,
     /// The QEMU system emulator guests run in (a path, or a name looked up in PATH).
     #[arg(long)]
     pub qemu: Option<String>,
@@ -113,6 +117,8 @@ pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iscsi_threads: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub nice: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub qemu: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub accel: Option<String>,
@@ -130,6 +136,9 @@ pub enum LogFormat {
 }
 
 /// The validated configuration a node runs with.
+/// The daemon's default niceness: above the guests (0), like a cluster stack's daemons.
+pub const DEFAULT_NICE: i32 = -10;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub node_id: u64,
@@ -146,6 +155,7 @@ pub struct Config {
     pub log_format: LogFormat,
     pub snapshot_every_entries: u64,
     pub iscsi_threads: usize,
+    pub nice: i32,
     pub qemu: PathBuf,
     pub accel: csvd_hypervisor::accel::AccelChoice,
     pub probe_kernel: Option<PathBuf>,
@@ -215,6 +225,7 @@ impl Flags {
             log_format,
             snapshot_every_entries,
             iscsi_threads,
+            nice,
             qemu,
             accel,
             probe_kernel
@@ -270,6 +281,7 @@ fn fill_missing(mut new: FileConfig, old: FileConfig) -> FileConfig {
         log_format,
         snapshot_every_entries,
         iscsi_threads,
+        nice,
         qemu,
         accel,
         probe_kernel
@@ -369,6 +381,16 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
             ));
         }
     };
+    let nice = match f.nice {
+        None => DEFAULT_NICE,
+        Some(n @ -20..=19) => n,
+        Some(n) => {
+            return Err(ConfigError::new(
+                source,
+                format!("key `nice`: {n} is not between -20 and 19"),
+            ));
+        }
+    };
     let accel = match f.accel.as_deref() {
         None => csvd_hypervisor::accel::AccelChoice::Auto,
         Some(v) => v
@@ -421,6 +443,7 @@ pub fn validate(source: &str, f: &FileConfig) -> Result<Config, ConfigError> {
         log_format,
         snapshot_every_entries,
         iscsi_threads,
+        nice,
         qemu,
         accel,
         probe_kernel: f.probe_kernel.clone(),
@@ -569,7 +592,20 @@ mod tests {
                 },
                 "key `iscsi_threads`: 0 is not between 1 and 256",
             ),
+            (
+                FileConfig {
+                    nice: Some(-21),
+                    ..base.clone()
+                },
+                "key `nice`: -21 is not between -20 and 19",
+            ),
         ];
+        assert_eq!(validate("f", &base).unwrap().nice, DEFAULT_NICE);
+        let five = FileConfig {
+            nice: Some(5),
+            ..base.clone()
+        };
+        assert_eq!(validate("f", &five).unwrap().nice, 5);
         let threads = validate("f", &base).unwrap().iscsi_threads;
         assert!(
             threads >= 1,

@@ -42,6 +42,8 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
+    // Before any thread starts: they all inherit it.
+    set_niceness(config.nice);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -59,6 +61,24 @@ fn main() -> ExitCode {
             eprintln!("csvd: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Sets this thread's scheduling niceness (threads started later inherit it). The daemon
+/// runs above its guests by default, so that Raft heartbeats, the I/O lease and the iSCSI
+/// target are not queued behind busy guests' processors; QEMU is started at 0 whatever
+/// this is (see `csvd_hypervisor::process`). Without the privilege to raise it, the daemon
+/// runs on at its inherited niceness and says so.
+#[allow(unsafe_code)]
+fn set_niceness(nice: i32) {
+    // SAFETY: setpriority only changes the calling thread's scheduling attributes.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::warn!(
+            nice,
+            error = %std::io::Error::last_os_error(),
+            "cannot set the daemon's niceness; it runs at the inherited one"
+        );
     }
 }
 

@@ -144,17 +144,18 @@ fn progress(info: &MigrationInfo, elapsed: Duration) -> MigrationProgress {
 pub async fn migration_event(
     events: &mut tokio::sync::broadcast::Receiver<csvd_hypervisor::qmp::QmpEvent>,
 ) {
-    event(events, "MIGRATION").await
+    event(events, &["MIGRATION"]).await
 }
 
-/// Waits for QEMU's next event `name` (or forever once the connection is gone).
+/// Waits for QEMU's next event named one of `names` (or forever once the connection is
+/// gone).
 async fn event(
     events: &mut tokio::sync::broadcast::Receiver<csvd_hypervisor::qmp::QmpEvent>,
-    name: &str,
+    names: &[&str],
 ) {
     loop {
         match events.recv().await {
-            Ok(e) if e.name == name => return,
+            Ok(e) if names.contains(&e.name.as_str()) => return,
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                 std::future::pending::<()>().await;
@@ -201,8 +202,11 @@ pub fn spawn_watchdog(node: MetaNode) -> tokio::task::JoinHandle<()> {
 }
 
 /// Resumes the guest here if QEMU paused it (after a completed copy whose switchover did not
-/// happen).
-async fn resume_here(inst: &Instance) {
+/// happen), unless the VM was paused before its migration `m`: then it stays so.
+async fn resume_here(inst: &Instance, m: &MigrationRecord) {
+    if m.paused {
+        return;
+    }
     if let Ok(state) = inst.qmp.query_status().await
         && state != RunState::Running
         && let Err(e) = inst.qmp.cont().await
@@ -329,7 +333,7 @@ pub async fn drive_source(
             )
         );
         if !sending {
-            resume_here(&inst).await;
+            resume_here(&inst, &m).await;
             fail(format!("source: QEMU is not sending (status {status:?})")).await;
             return SourceEnd::Stayed;
         }
@@ -339,7 +343,7 @@ pub async fn drive_source(
             if status.as_deref() != Some("completed") {
                 let _ = inst.qmp.execute("migrate_cancel", None).await;
             }
-            resume_here(&inst).await;
+            resume_here(&inst, &m).await;
             fail("source: the daemon restarted while saving the guest".into()).await;
             return SourceEnd::Stayed;
         }
@@ -361,7 +365,7 @@ pub async fn drive_source(
                     uri
                 }
                 Err(e) => {
-                    resume_here(&inst).await;
+                    resume_here(&inst, &m).await;
                     fail(format!("source: {e}")).await;
                     return SourceEnd::Stayed;
                 }
@@ -377,7 +381,7 @@ pub async fn drive_source(
             if let Some(t) = saving.take() {
                 t.abort();
             }
-            resume_here(&inst).await;
+            resume_here(&inst, &m).await;
             fail(format!("source: cannot send to {uri}: {e}")).await;
             return SourceEnd::Stayed;
         }
@@ -388,6 +392,7 @@ pub async fn drive_source(
             id,
             from: MigrationPhase::Ready,
             to: MigrationPhase::Copying,
+            at_ms: Some(now_ms()),
         },
     )
     .await;
@@ -437,7 +442,7 @@ pub async fn drive_source(
                 if let Some(t) = saving.take() {
                     t.abort();
                 }
-                resume_here(&inst).await;
+                resume_here(&inst, &m).await;
                 fail(format!("copy failed: {why}")).await;
                 return SourceEnd::Stayed;
             }
@@ -445,7 +450,7 @@ pub async fn drive_source(
                 if let Some(t) = saving.take() {
                     t.abort();
                 }
-                resume_here(&inst).await;
+                resume_here(&inst, &m).await;
                 match stalled {
                     Some(why) => fail(why).await,
                     None => {
@@ -508,12 +513,12 @@ pub async fn drive_source(
                 )
             }
             Ok(Err(e)) => {
-                resume_here(&inst).await;
+                resume_here(&inst, &m).await;
                 fail(format!("source: {e}")).await;
                 return SourceEnd::Stayed;
             }
             Err(e) => {
-                resume_here(&inst).await;
+                resume_here(&inst, &m).await;
                 fail(format!("source: saving the guest ended: {e}")).await;
                 return SourceEnd::Stayed;
             }
@@ -619,7 +624,7 @@ pub async fn drive_source(
         if !completed {
             let _ = inst.qmp.execute("migrate_cancel", None).await;
         }
-        resume_here(&inst).await;
+        resume_here(&inst, &m).await;
         SourceEnd::Stayed
     }
 }
@@ -661,33 +666,40 @@ async fn finish_postcopy(inst: &Instance, id: MigrationId) {
 }
 
 /// The destination's part after the commit: resumes the guest, says it runs (with
-/// `report_running`, once QEMU runs it), waits for a post-copy's last page, and ends the
-/// migration with its total time and downtime. An error means the guest cannot run here
-/// from the state it received; the caller ends the migration as failed.
+/// `report`, once QEMU runs it), waits for a post-copy's last page, and ends the migration
+/// with its total time and downtime. A VM that was paused before it moved is only waited
+/// for until its state is loaded, and `report` then says it is paused. An error means the
+/// guest cannot run here from the state it received; the caller ends the migration as
+/// failed.
 pub async fn resume_destination(
     node: &MetaNode,
     inst: &Instance,
     m: &MigrationRecord,
-    report_running: impl std::future::Future<Output = ()>,
+    report: impl std::future::Future<Output = ()>,
 ) -> Result<(), String> {
     let qmp = &inst.qmp;
     let mut events = qmp.events();
     // While the state still loads, `cont` only tells QEMU to run the guest once it has.
-    qmp.cont()
-        .await
-        .map_err(|e| format!("cannot resume the guest: {e}"))?;
+    if !m.paused {
+        qmp.cont()
+            .await
+            .map_err(|e| format!("cannot resume the guest: {e}"))?;
+    }
     let deadline = Instant::now() + RESUME_TIMEOUT;
     let mut first = true;
     loop {
-        // QEMU announces the guest's start (RESUME); the poll is the fallback.
+        // QEMU announces the guest's start (RESUME) and the end of the load (MIGRATION);
+        // the poll is the fallback.
         if !std::mem::take(&mut first) {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-                _ = event(&mut events, "RESUME") => {}
+                _ = event(&mut events, &["RESUME", "MIGRATION"]) => {}
             }
         }
         match qmp.query_status().await {
-            Ok(RunState::Running) => break,
+            Ok(RunState::Running) if !m.paused => break,
+            // Loaded, and paused as it was on the source.
+            Ok(RunState::Paused) if m.paused => break,
             // Loaded but paused: QEMU gives the guest the run state it had on the source, and
             // a quick migration's guest was saved paused, whatever `cont` said meanwhile.
             Ok(RunState::Paused) if Instant::now() < deadline => {
@@ -702,7 +714,8 @@ pub async fn resume_destination(
             Ok(_) if Instant::now() < deadline => {}
             Ok(state) => {
                 return Err(format!(
-                    "the guest did not run within {} s of the switchover (QEMU: {state:?})",
+                    "the guest did not {} within {} s of the switchover (QEMU: {state:?})",
+                    if m.paused { "load" } else { "run" },
                     RESUME_TIMEOUT.as_secs()
                 ));
             }
@@ -710,7 +723,7 @@ pub async fn resume_destination(
         }
     }
     let resumed = now_ms();
-    report_running.await;
+    report.await;
     // The migration's total ends with the guest running here, or with a post-copy's last page.
     let mut ended = resumed;
     if m.params.policy == MigrationPolicy::Postcopy {
@@ -720,10 +733,12 @@ pub async fn resume_destination(
     let qemu = m.qemu_downtime_ms.unwrap_or(0);
     // From the source's pause to the guest running here: QEMU's own downtime, plus the
     // commit and resume that followed the source's completion (node clocks are assumed to
-    // agree, as NTP keeps them).
-    let downtime = qemu
-        + m.switchover_at_ms
-            .map_or(0, |at| resumed.saturating_sub(at));
+    // agree, as NTP keeps them). A paused guest has none: it did not run before either.
+    let downtime = (!m.paused).then(|| {
+        qemu + m
+            .switchover_at_ms
+            .map_or(0, |at| resumed.saturating_sub(at))
+    });
     let now = now_ms();
     let total = m.started_at_ms.map(|s| ended.saturating_sub(s));
     let _ = write(
@@ -733,7 +748,7 @@ pub async fn resume_destination(
             phase: MigrationPhase::Completed,
             error: None,
             total_ms: total,
-            downtime_ms: Some(downtime),
+            downtime_ms: downtime,
             now_ms: now,
             committed: true,
         },

@@ -911,11 +911,17 @@ impl Agent {
         let csv = self.cfg.csv.clone();
         tokio::spawn(async move {
             let running = async {
-                tracing::info!(vm = %m.vm, migration = m.id, "migrated here: the guest runs");
+                let state = if m.paused {
+                    tracing::info!(vm = %m.vm, migration = m.id, "migrated here: the guest is loaded, paused");
+                    VmState::Paused
+                } else {
+                    tracing::info!(vm = %m.vm, migration = m.id, "migrated here: the guest runs");
+                    VmState::Running
+                };
                 let report = Command::ReportVm {
                     id: m.vm,
                     node: me,
-                    state: VmState::Running,
+                    state,
                     detail,
                     restarts: 0,
                     at_ms: now_ms(),
@@ -1061,6 +1067,7 @@ impl Agent {
                         id: migration,
                         from: MigrationPhase::Preparing,
                         to: MigrationPhase::Ready,
+                        at_ms: Some(now_ms()),
                     },
                 )
                 .await;

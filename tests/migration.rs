@@ -187,6 +187,20 @@ async fn test_migrate_a_writing_guest_there_and_back() {
     assert!(last["total_ms"].as_u64().unwrap() > 0, "{last}");
     let downtime = last["downtime_ms"].as_u64().expect("downtime reported");
     assert!(downtime < 10_000, "{last}");
+    // The parts of the total: the destination's start, then the copy; the rest (switchover
+    // and resumption) is what remains, and holds the downtime's tail.
+    let total = last["total_ms"].as_u64().unwrap();
+    let prepare = last["prepare_ms"].as_u64().expect("prepare_ms reported");
+    let copy = last["copy_ms"].as_u64().expect("copy_ms reported");
+    assert!(prepare > 0 && copy > 0, "{last}");
+    assert!(prepare + copy <= total, "{last}");
+    let shown = stdout(&migrator(&["--endpoint", &s.ep, "migration", "show", "g1"]));
+    assert!(
+        shown.contains(&format!(
+            "total     {total} ms (destination ready {prepare} ms, copy {copy} ms"
+        )),
+        "{shown}"
+    );
     let v = s.vm();
     assert_eq!(v["owner"], 2);
     assert_eq!(v["state"], "running");
@@ -386,6 +400,9 @@ async fn test_drain_moves_every_vm_one_at_a_time() {
         let out = migrator(&["--endpoint", &s.ep, "vm", "start", name]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
+    // A paused VM moves paused.
+    let out = migrator(&["--endpoint", &s.ep, "vm", "pause", "g3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
     // A stopped VM moves too.
     let out = migrator(&[
         "--endpoint",
@@ -410,13 +427,21 @@ async fn test_drain_moves_every_vm_one_at_a_time() {
         "node 1 ends empty"
     );
     for v in state.vms.values().filter(|v| v.name != "g4") {
-        assert_eq!(
-            v.runtime.as_ref().unwrap().state,
-            csvd_raft::vm::VmState::Running,
-            "{}",
-            v.name
-        );
+        let want = if v.name == "g3" {
+            csvd_raft::vm::VmState::Paused
+        } else {
+            csvd_raft::vm::VmState::Running
+        };
+        assert_eq!(v.runtime.as_ref().unwrap().state, want, "{}", v.name);
     }
+    assert!(
+        state
+            .migrations
+            .values()
+            .any(|m| m.vm_name == "g3" && m.paused),
+        "g3 moved paused: {:?}",
+        state.migrations
+    );
     // One migration at a time on node 1: their active periods never overlap.
     let mut spans: Vec<(u64, u64)> = state
         .migrations

@@ -92,7 +92,9 @@ fn try_json(ep: &str, args: &[&str]) -> Option<serde_json::Value> {
     let mut a = vec!["--endpoint", ep, "--json"];
     a.extend_from_slice(args);
     let out = migrator(&a);
-    out.status.success().then(|| serde_json::from_str(&stdout(&out)).ok())?
+    out.status
+        .success()
+        .then(|| serde_json::from_str(&stdout(&out)).ok())?
 }
 
 /// Processes whose command line names `needle` (the VM's uuid is QEMU's `-uuid`): (pid,

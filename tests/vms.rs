@@ -31,7 +31,7 @@ async fn test_vm_lifecycle_on_a_lun() {
         return;
     };
     let (mut cluster, _, lun) =
-        common::lun_cluster_with(256 << 20, "64M", "disk1", &["--accel", "tcg"]).await;
+        common::lun_cluster_with(512 << 20, "64M", "disk1", &["--accel", "tcg"]).await;
     let image = cluster.tmp.path().join("shared.img");
     let ep = cluster.nodes[0].endpoint();
     let kernel = guest.join("vmlinuz");
@@ -150,8 +150,9 @@ async fn test_vm_lifecycle_on_a_lun() {
         "the history comes first: {text}"
     );
 
-    // Paused: the guest's processors stop (its counter stands still) while QEMU stays; it
-    // does not migrate; resumed, it goes on from where it stood.
+    // Paused: the guest's processors stop (its counter stands still) while QEMU stays. It
+    // moves paused (pre-copy to node 3, quick back to node 2; post-copy, which needs a
+    // running guest, is refused) and stays paused; resumed, it goes on from where it stood.
     let pid = qemu_pid(&node2, &id);
     let out = migrator(&["--endpoint", &ep, "vm", "pause", "g1"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -165,12 +166,60 @@ async fn test_vm_lifecycle_on_a_lun() {
         still,
         "a paused guest prints nothing"
     );
-    let out = migrator(&["--endpoint", &ep, "migrate", "g1", "--to", "1"]);
+    let out = migrator(&[
+        "--endpoint",
+        &ep,
+        "migrate",
+        "g1",
+        "--to",
+        "3",
+        "--policy",
+        "postcopy",
+    ]);
     assert!(
-        stderr(&out).contains("is paused: resume it"),
+        stderr(&out).contains("is paused: post-copy needs the guest running"),
         "{}",
         stderr(&out)
     );
+    let node3 = cluster.nodes[2].dir.clone();
+    for (to, policy) in [("3", "precopy"), ("2", "quick")] {
+        let out = migrator(&[
+            "--endpoint",
+            &ep,
+            "migrate",
+            "g1",
+            "--to",
+            to,
+            "--policy",
+            policy,
+        ]);
+        assert!(out.status.success(), "{policy}: {}", stderr(&out));
+        assert!(
+            stdout(&out).contains("(paused, as it stays)"),
+            "{}",
+            stdout(&out)
+        );
+        let v = vm_json(&ep, "g1");
+        assert_eq!(
+            (&v["owner"], &v["state"], &v["desired"]),
+            (
+                &to.parse::<u64>().unwrap().into(),
+                &"paused".into(),
+                &"paused".into()
+            ),
+            "{v}"
+        );
+    }
+    // It never ran meanwhile: nothing printed on node 3, nothing more on node 2.
+    let serial3 = node3.join("vms").join(&id).join("serial.log");
+    assert!(common::agent_lines(&serial3).is_empty());
+    assert_eq!(common::agent_lines(&serial), still);
+    assert_ne!(
+        qemu_pid(&node2, &id),
+        pid,
+        "node 2 runs the QEMU it received"
+    );
+    let pid = qemu_pid(&node2, &id);
     let out = migrator(&["--endpoint", &ep, "vm", "resume", "g1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(vm_json(&ep, "g1")["state"], "running");

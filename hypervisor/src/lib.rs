@@ -5,7 +5,7 @@
 //! - [`accel`]: KVM or TCG, decided by booting a probe guest; the minimum QEMU version.
 //! - [`cmdline`]: one guest instance's QEMU command line (iSCSI disks, QMP, console).
 //! - [`process`]: an instance's life: start daemonized, adopt, shut down, kill.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod accel;
 pub mod cmdline;

@@ -92,6 +92,26 @@ fn signal(pid: i32, sig: rustix::process::Signal) -> bool {
         .is_some_and(|p| rustix::process::kill_process(p, sig).is_ok())
 }
 
+/// Guests run at the default niceness (0), whatever their daemon's, which runs above them:
+/// `cmd` sets it between fork and exec when this thread's differs.
+#[allow(unsafe_code)]
+fn at_default_niceness(cmd: &mut tokio::process::Command) {
+    // SAFETY: getpriority only reads the calling thread's scheduling attributes.
+    if unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) } == 0 {
+        return;
+    }
+    // SAFETY: between fork and exec the hook only calls setpriority, which is
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setpriority(libc::PRIO_PROCESS, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Instance {
     /// Starts QEMU for `spec` and connects to its QMP socket, within `timeout`. A QEMU that
     /// already runs from the same run directory is an error (never two instances of one
@@ -120,12 +140,13 @@ impl Instance {
             }
         }
         // With -daemonize the command returns once the guest is set up (or has failed).
-        let out = tokio::process::Command::new(qemu)
-            .args(qemu_args(spec))
+        let mut cmd = tokio::process::Command::new(qemu);
+        cmd.args(qemu_args(spec))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output();
+            .stderr(Stdio::piped());
+        at_default_niceness(&mut cmd);
+        let out = cmd.output();
         let out = tokio::time::timeout(timeout, out)
             .await
             .map_err(|_| ProcessError::Refused(format!("no answer within {timeout:?}")))?

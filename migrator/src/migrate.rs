@@ -60,8 +60,31 @@ struct EventLine<'a> {
     total_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     downtime_ms: Option<u64>,
+    /// Of the total: from admission to the destination ready, and from then to the copy
+    /// done (the rest is the switchover and the resumption).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prepare_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    copy_ms: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+}
+
+/// How long the destination took to be ready, and then the copy, once the migration is
+/// over (node clocks are assumed to agree).
+fn phase_times(m: &MigrationRecord) -> (Option<u64>, Option<u64>) {
+    if m.total_ms.is_none() {
+        return (None, None);
+    }
+    let prepare = m
+        .ready_at_ms
+        .zip(m.started_at_ms)
+        .map(|(r, s)| r.saturating_sub(s));
+    let copy = m
+        .switchover_at_ms
+        .zip(m.ready_at_ms)
+        .map(|(c, r)| c.saturating_sub(r));
+    (prepare, copy)
 }
 
 /// Milliseconds until the copy is done at the current rate, if there is one.
@@ -73,6 +96,7 @@ fn predicted_ms(m: &MigrationRecord) -> Option<u64> {
 fn event(m: &MigrationRecord) -> EventLine<'_> {
     let p = m.progress.as_ref();
     let outcome = m.phase.is_terminal().then(|| m.phase.as_str());
+    let (prepare_ms, copy_ms) = phase_times(m);
     EventLine {
         migration: m.id,
         vm: &m.vm_name,
@@ -87,6 +111,8 @@ fn event(m: &MigrationRecord) -> EventLine<'_> {
         outcome,
         total_ms: m.total_ms,
         downtime_ms: m.downtime_ms,
+        prepare_ms,
+        copy_ms,
         error: m.error.as_deref(),
     }
 }
@@ -165,12 +191,15 @@ pub async fn follow(
             return match m.phase {
                 MigrationPhase::Completed if as_json => Ok(line),
                 MigrationPhase::Completed => Ok(format!(
-                    "VM {} moved from node {} to node {} in {} ms (downtime {} ms)",
+                    "VM {} moved from node {} to node {} in {} ms ({})",
                     m.vm_name,
                     m.source,
                     m.dest,
                     m.total_ms.unwrap_or(0),
-                    m.downtime_ms.unwrap_or(0)
+                    match m.downtime_ms {
+                        _ if m.paused => "paused, as it stays".to_string(),
+                        d => format!("downtime {} ms", d.unwrap_or(0)),
+                    }
                 )),
                 _ if as_json => {
                     println!("{line}");
@@ -275,11 +304,18 @@ pub async fn drain(
                 continue;
             }
         };
-        let running = v
-            .runtime
-            .as_ref()
-            .is_some_and(|r| r.node == node && r.state == VmState::Running);
-        if v.desired == VmDesired::Running && running {
+        // Running, or paused (it moves paused), as wanted.
+        let settled = |want: VmState| {
+            v.runtime
+                .as_ref()
+                .is_some_and(|r| r.node == node && r.state == want)
+        };
+        let live = match v.desired {
+            VmDesired::Running => settled(VmState::Running),
+            VmDesired::Paused => settled(VmState::Paused),
+            VmDesired::Stopped => false,
+        };
+        if live {
             let cmd = Command::StartMigration {
                 vm: v.id,
                 dest,
@@ -307,11 +343,6 @@ pub async fn drain(
                 Ok(_) => moved_cold.push(format!("{} -> node {dest}", v.name)),
                 Err(e) => problems.push(format!("{}: {e}", v.name)),
             }
-        } else if v.desired == VmDesired::Paused {
-            problems.push(format!(
-                "{}: it is paused; resume it (it then moves live) or stop it, and drain again",
-                v.name
-            ));
         } else {
             problems.push(format!(
                 "{}: it is starting or stopping; drain again when it settles",
@@ -460,11 +491,21 @@ pub async fn run(
                     .bandwidth_mibps
                     .map_or("uncapped".into(), |b| format!("{b} MiB/s")),
             );
+            if m.paused {
+                out.push_str("guest     paused: it moves paused and stays so\n");
+            }
             if m.phase == MigrationPhase::Copying {
                 out.push_str(&format!("progress  {}\n", progress_line(&m)));
             }
             if let Some(t) = m.total_ms {
-                out.push_str(&format!("total     {t} ms\n"));
+                out.push_str(&format!("total     {t} ms"));
+                if let (Some(p), Some(c)) = phase_times(&m) {
+                    out.push_str(&format!(
+                        " (destination ready {p} ms, copy {c} ms, switchover and resumption {} ms)",
+                        t.saturating_sub(p + c)
+                    ));
+                }
+                out.push('\n');
             }
             if let Some(d) = m.downtime_ms {
                 out.push_str(&format!(

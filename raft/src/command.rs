@@ -258,6 +258,9 @@ pub enum Command {
         from: crate::migration::MigrationPhase,
         /// The next phase.
         to: crate::migration::MigrationPhase,
+        /// The proposer's wall clock, ms since the Unix epoch (recorded for `ready`).
+        #[serde(default)]
+        at_ms: Option<u64>,
     },
     /// The source's view of the copy.
     ReportMigration {

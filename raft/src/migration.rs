@@ -176,6 +176,9 @@ pub struct MigrationRecord {
     /// QEMU's downtime at the source, recorded with the commit.
     #[serde(default)]
     pub qemu_downtime_ms: Option<u64>,
+    /// The destination's clock when it said `ready` (its QEMU up and listening).
+    #[serde(default)]
+    pub ready_at_ms: Option<u64>,
     /// The source's clock when its QEMU completed (paused for good), ms since the epoch.
     #[serde(default)]
     pub switchover_at_ms: Option<u64>,
@@ -184,7 +187,11 @@ pub struct MigrationRecord {
     /// into it, the destination restores from it.
     #[serde(default)]
     pub state_disk: Option<DiskId>,
-    /// From admission to the guest running on the destination.
+    /// The VM was paused when it was asked to move: it moves paused and stays paused on the
+    /// destination (its wanted state cannot change while it migrates).
+    #[serde(default)]
+    pub paused: bool,
+    /// From admission to the guest running (a paused VM's: loaded) on the destination.
     #[serde(default)]
     pub total_ms: Option<u64>,
     /// From the guest's pause on the source to its resumption on the destination.
@@ -376,19 +383,20 @@ impl ClusterState {
                 v.name
             )));
         }
-        if v.desired == VmDesired::Paused {
-            return Err(precondition(format!(
-                "VM {:?} is paused: resume it to migrate it",
-                v.name
-            )));
-        }
-        let running = v.desired == VmDesired::Running
-            && v.runtime
+        // A paused VM moves paused (its QEMU holds the guest, which just does not run).
+        let started = match v.desired {
+            VmDesired::Running => Some(VmState::Running),
+            VmDesired::Paused => Some(VmState::Paused),
+            VmDesired::Stopped => None,
+        };
+        let up = started.is_some_and(|want| {
+            v.runtime
                 .as_ref()
-                .is_some_and(|r| r.node == v.owner && r.state == VmState::Running);
-        if !running {
+                .is_some_and(|r| r.node == v.owner && r.state == want)
+        });
+        if !up {
             return Err(precondition(format!(
-                "VM {:?} is not running on node {}: only a running VM migrates live",
+                "VM {:?} is not running on node {}: only a running (or paused) VM migrates live",
                 v.name, v.owner
             )));
         }
@@ -429,7 +437,10 @@ impl ClusterState {
         let accel = v
             .runtime
             .as_ref()
-            .filter(|r| r.state == VmState::Running && matches!(r.detail.as_str(), "kvm" | "tcg"))
+            .filter(|r| {
+                matches!(r.state, VmState::Running | VmState::Paused)
+                    && matches!(r.detail.as_str(), "kvm" | "tcg")
+            })
             .map(|r| r.detail.as_str());
         if let (Some(accel), Some(cpu)) = (accel, self.node_cpus.get(&dest))
             && cpu.accel != accel
@@ -521,6 +532,13 @@ impl ClusterState {
             return Err(invalid("bandwidth", "0 MiB/s would never finish"));
         }
         self.check_migration(vm, dest, now_ms)?;
+        let paused = self.vms[&vm].desired == VmDesired::Paused;
+        if paused && params.policy == MigrationPolicy::Postcopy {
+            return Err(precondition(format!(
+                "VM {:?} is paused: post-copy needs the guest running on the destination to fetch its memory; use precopy or quick",
+                self.vms[&vm].name
+            )));
+        }
         if params.policy == MigrationPolicy::Quick {
             let (volume, bytes) = self.state_disk_place(vm)?;
             let free = self.volume_free_bytes(volume);
@@ -547,10 +565,12 @@ impl ClusterState {
             progress: None,
             error: None,
             qemu_downtime_ms: None,
+            ready_at_ms: None,
             switchover_at_ms: None,
             total_ms: None,
             downtime_ms: None,
             state_disk: None,
+            paused,
             created_at_ms: now_ms,
             started_at_ms: None,
             finished_at_ms: None,
@@ -573,6 +593,7 @@ impl ClusterState {
         id: MigrationId,
         from: MigrationPhase,
         to: MigrationPhase,
+        at_ms: Option<u64>,
     ) -> Result<Outcome, ApplyError> {
         let allowed = matches!(
             (from, to),
@@ -597,6 +618,9 @@ impl ClusterState {
             )));
         }
         m.phase = to;
+        if to == MigrationPhase::Ready {
+            m.ready_at_ms = at_ms;
+        }
         Ok(Outcome::Applied)
     }
 
@@ -1259,8 +1283,17 @@ mod tests {
         let mut s = cluster(1);
         let vm = Uuid::from_u128(101);
         let id = start(&mut s, 1, 2).unwrap();
-        let step =
-            |s: &mut ClusterState, from, to| apply(s, Command::AdvanceMigration { id, from, to });
+        let step = |s: &mut ClusterState, from, to| {
+            apply(
+                s,
+                Command::AdvanceMigration {
+                    id,
+                    from,
+                    to,
+                    at_ms: None,
+                },
+            )
+        };
         let commit = |s: &mut ClusterState| {
             apply(
                 s,
@@ -1491,6 +1524,7 @@ mod tests {
                     id: queued,
                     from,
                     to,
+                    at_ms: Some(4 * down),
                 },
             )
             .unwrap();
@@ -1505,5 +1539,70 @@ mod tests {
         )
         .unwrap();
         assert!(s.stranded_migrations(8 * down).is_empty());
+    }
+
+    #[test]
+    fn test_a_paused_vm_moves_paused_but_not_by_post_copy() {
+        let mut s = cluster(1);
+        let vm = Uuid::from_u128(101);
+        apply(
+            &mut s,
+            Command::SetVmDesired {
+                id: vm,
+                desired: VmDesired::Paused,
+            },
+        )
+        .unwrap();
+        // Wanted paused but still reported running: not yet.
+        let with = |s: &mut ClusterState, policy| {
+            apply(
+                s,
+                Command::StartMigration {
+                    vm,
+                    dest: 2,
+                    params: MigrationParams { policy, ..params() },
+                    now_ms: 10,
+                },
+            )
+        };
+        match with(&mut s, MigrationPolicy::Precopy) {
+            Err(ApplyError::PreconditionFailed { reason }) => {
+                assert!(reason.contains("only a running (or paused) VM"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        apply(
+            &mut s,
+            Command::ReportVm {
+                id: vm,
+                node: 1,
+                state: VmState::Paused,
+                detail: "tcg".into(),
+                restarts: 0,
+                at_ms: 2,
+            },
+        )
+        .unwrap();
+        match with(&mut s, MigrationPolicy::Postcopy) {
+            Err(ApplyError::PreconditionFailed { reason }) => {
+                assert!(reason.contains("is paused: post-copy needs"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let Ok(Outcome::Created { id }) = with(&mut s, MigrationPolicy::Precopy) else {
+            panic!("a paused VM moves by pre-copy");
+        };
+        assert!(s.migrations[&id].paused);
+        // Its wanted state holds while it moves.
+        assert!(
+            apply(
+                &mut s,
+                Command::SetVmDesired {
+                    id: vm,
+                    desired: VmDesired::Running,
+                },
+            )
+            .is_err()
+        );
     }
 }

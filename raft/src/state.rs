@@ -600,9 +600,14 @@ impl ClusterState {
                 self.require_initialized()?;
                 self.start_migration(*vm, *dest, params, *now_ms)
             }
-            Command::AdvanceMigration { id, from, to } => {
+            Command::AdvanceMigration {
+                id,
+                from,
+                to,
+                at_ms,
+            } => {
                 self.require_initialized()?;
-                self.advance_migration(*id, *from, *to)
+                self.advance_migration(*id, *from, *to, *at_ms)
             }
             Command::ReportMigration { id, progress } => {
                 self.require_initialized()?;
