@@ -6,17 +6,21 @@
 //! told to quit), and prints one JSON line per migration:
 //!
 //! ```text
-//! {"run":1,"total_ms":512,"downtime_ms":41,"qemu_downtime_ms":38}
+//! {"run":1,"total_ms":512,"downtime_ms":41,"qemu_downtime_ms":38,"start_ms":70,"copy_ms":400}
 //! ```
 //!
 //! `total_ms` runs from starting the destination QEMU to the guest running there (QEMU's
 //! run state after `cont`); `downtime_ms` is QEMU's downtime plus the time from the source's
-//! completion to then, as csvd measures it.
+//! completion to then, as csvd measures it. `start_ms` is the destination's start (QEMU up,
+//! listening), `copy_ms` from `migrate` to the completion seen.
 //!
 //! ```sh
 //! cargo run --release -p csvd-hypervisor --example bare_migrate -- \
 //!     GUEST_DIR MEMORY_MIB DIRTY_MIB RUNS DOWNTIME_MS [ISCSI_URL INITIATOR]
 //! ```
+//!
+//! With RUNS 0 it migrates once per line read on its standard input, until it ends (so that
+//! a driver can interleave these migrations with others).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -26,6 +30,7 @@ use csvd_hypervisor::cmdline::{Boot, DiskAttach, LaunchSpec};
 use csvd_hypervisor::process::Instance;
 use csvd_hypervisor::qmp::RunState;
 use serde_json::json;
+use tokio::io::AsyncBufReadExt;
 
 fn usage() -> ! {
     eprintln!(
@@ -101,7 +106,16 @@ async fn main() {
     ]});
     let params = json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": downtime });
     let port = 18_990u16;
-    for run in 1..=runs {
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    for run in 1.. {
+        let go = if runs == 0 {
+            matches!(lines.next_line().await, Ok(Some(_)))
+        } else {
+            run <= runs
+        };
+        if !go {
+            break;
+        }
         let side = if run % 2 == 1 { "b" } else { "a" };
         let t0 = Instant::now();
         let dst = Instance::start(&qemu, &spec(side, true), timeout)
@@ -120,6 +134,7 @@ async fn main() {
             .execute("migrate-incoming", Some(json!({ "uri": uri })))
             .await
             .unwrap();
+        let listening = Instant::now();
         let mut events = src.qmp.events();
         src.qmp
             .execute("migrate", Some(json!({ "uri": uri })))
@@ -162,6 +177,8 @@ async fn main() {
                 "total_ms": (resumed - t0).as_millis() as u64,
                 "downtime_ms": downtime_ms,
                 "qemu_downtime_ms": qemu_downtime,
+                "start_ms": (listening - t0).as_millis() as u64,
+                "copy_ms": (completed - listening).as_millis() as u64,
             })
         );
         if src.qmp.quit().await.is_err() || !src.wait_exit(Duration::from_secs(10)).await {
