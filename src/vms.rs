@@ -804,6 +804,11 @@ async fn remove_taps(nics: &[NicAttach]) {
     }
 }
 
+/// A destination that sees a migration admitted longer ago than this asks the leader whether
+/// it still waits before starting anything (well below [`csvd_raft::node::DOWN_AFTER`], after
+/// which the leader gives up a migration whose node is down).
+const CONFIRM_AFTER: Duration = Duration::from_secs(2);
+
 /// Whether migration `migration` is still `preparing` by the leader's (linearizable) view.
 async fn still_preparing(node: &MetaNode, migration: MigrationId) -> Result<(), String> {
     let state = node
@@ -1013,6 +1018,7 @@ impl Agent {
         let qemu = self.cfg.qemu.clone();
         let record = m.clone();
         let node = self.node.clone();
+        let admitted_ms_ago = now_ms().saturating_sub(m.started_at_ms.unwrap_or(0));
         tracing::info!(vm = %id, migration, from = m.source, "receiving a VM");
         tokio::spawn(async move {
             let start = async {
@@ -1026,16 +1032,17 @@ impl Agent {
                 }
                 Ok(inst)
             };
-            // This node's view may be stale (it was cut off or frozen while the migration
-            // ended): the leader confirms the migration still waits for this node, while
-            // QEMU starts.
-            let (result, confirmed) = tokio::join!(start, still_preparing(&node, migration));
-            let result = match (result, confirmed) {
-                (Ok(inst), Err(why)) => {
-                    inst.kill().await;
-                    Err(why)
+            // A migration admitted a while ago may have ended meanwhile without this node
+            // seeing it yet (it was frozen or cut off): the leader confirms it still waits
+            // for this node before anything starts. A young one cannot have been given up
+            // for this node being down, and a cancel is seen when `ready` is refused.
+            let result = if admitted_ms_ago >= CONFIRM_AFTER.as_millis() as u64 {
+                match still_preparing(&node, migration).await {
+                    Ok(()) => start.await,
+                    Err(why) => Err(why),
                 }
-                (result, _) => result,
+            } else {
+                start.await
             };
             if result.is_err() {
                 remove_taps(&spec.nics).await;

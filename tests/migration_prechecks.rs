@@ -11,8 +11,8 @@
 //! Then node 3 goes down (its daemon frozen with SIGSTOP, so it stops heartbeating) right
 //! after a migration to it was admitted: the Raft leader ends that stranded migration as
 //! failed once node 3 counts as down, and a new migration to node 3 is refused because it is
-//! down; the guest runs on in node 1's QEMU throughout. Once thawed, node 3 runs no QEMU for
-//! the guest.
+//! down; the guest runs on in node 1's QEMU throughout. Once thawed, node 3 starts no QEMU
+//! for the guest.
 //!
 //! After each refusal: no migration record exists, no QEMU runs (nor ran: no run directory)
 //! for the VM on the destination, and the guest still runs on node 1 in the same QEMU. At the
@@ -444,8 +444,8 @@ async fn test_migrate_is_refused_before_anything_starts() {
         }
     })
     .await;
-    // (Its first look may be at its stale view, which still shows the migration preparing:
-    // the leader's answer stops any QEMU it starts for it.)
+    // (Its first look is at its stale view, which still shows the migration preparing: it
+    // asks the leader before starting anything.)
     let dir3 = s.dir(3).display().to_string();
     let vm_id = s.vm_id.clone();
     wait_until("no QEMU for g1 on node 3", Duration::from_secs(30), || {
@@ -462,6 +462,10 @@ async fn test_migrate_is_refused_before_anything_starts() {
         .filter(|(_, cmd)| cmd.contains(&dir3))
         .collect();
     assert!(on3.is_empty(), "node 3 runs a QEMU for g1: {on3:#?}");
+    assert!(
+        !s.run_dir(3).exists(),
+        "node 3 started g1's QEMU after thawing"
+    );
     assert_eq!(
         json(&ep, &["migration", "show", &stranded_id])["phase"],
         "failed"
