@@ -30,6 +30,8 @@ use crate::shared::Shared;
 const POLL: Duration = Duration::from_millis(100);
 /// How often the source records progress in the cluster state.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
+/// When the source records its first progress (and the phase `copying`).
+const FIRST_REPORT: Duration = Duration::from_millis(250);
 /// A copy that sends nothing for this long is given up (the migration network is cut, or
 /// the destination stopped reading); QEMU alone would wait for TCP to time out. Long
 /// enough that a destination starved of CPU for a while is not taken for a cut one.
@@ -52,7 +54,9 @@ pub fn qemu_settings(p: &MigrationParams) -> (serde_json::Value, serde_json::Val
     (caps, params)
 }
 
-async fn configure(qmp: &Qmp, p: &MigrationParams) -> Result<(), String> {
+/// Gives QEMU the capabilities and parameters of a migration (both sides; the source's while
+/// the destination starts).
+pub async fn configure(qmp: &Qmp, p: &MigrationParams) -> Result<(), String> {
     let (caps, params) = qemu_settings(p);
     qmp.execute(
         "migrate-set-capabilities",
@@ -297,13 +301,35 @@ pub async fn restore_from_volume(
     Ok(())
 }
 
-/// Runs the source's part of migration `m` (which is `ready`) on `inst`.
+/// Whether `inst`'s QEMU is sending (or has sent) migration `m` already: its migration
+/// status, if so. Asked by a restarted daemon, which cannot know whether the earlier one
+/// began the copy. A QEMU keeps the status of its last outgoing migration, so an earlier
+/// attempt's end must not pass for this one's: a completed copy whose guest runs again
+/// was an earlier attempt (whose switchover was refused); a failed or cancelled one counts
+/// as this one's only once the record says the copy began.
+async fn under_way(inst: &Instance, m: &MigrationRecord) -> Option<String> {
+    let status = inst.qmp.query_migrate().await.ok()?.status?;
+    let ours = match status.as_str() {
+        "completed" => inst
+            .qmp
+            .query_status()
+            .await
+            .is_ok_and(|s| s != RunState::Running),
+        "failed" | "cancelled" => m.phase == MigrationPhase::Copying,
+        "none" => false,
+        _ => true,
+    };
+    ours.then_some(status)
+}
+
+/// Runs the source's part of migration `m` (which is `ready` or `copying`) on `inst`.
 pub async fn drive_source(
     node: MetaNode,
     csv: Shared,
     inst: Instance,
     m: MigrationRecord,
     dest_addr: String,
+    configured: Option<tokio::task::JoinHandle<Result<(), String>>>,
 ) -> SourceEnd {
     let id = m.id;
     let fail = |why: String| {
@@ -316,27 +342,16 @@ pub async fn drive_source(
     let started = Instant::now();
     // A quick migration's copy of the stream into the shared volume.
     let mut saving: Option<tokio::task::JoinHandle<Result<u64, String>>> = None;
-    if m.phase == MigrationPhase::Copying {
+    // A migration this daemon saw being prepared has not been sent yet (`configured`);
+    // otherwise (this daemon restarted) QEMU tells whether it was.
+    let under_way = if configured.is_some() {
+        None
+    } else {
+        under_way(&inst, &m).await
+    };
+    if let Some(status) = under_way {
         // This daemon restarted while its QEMU was sending: take up where it stands.
-        let status = inst.qmp.query_migrate().await.ok().and_then(|i| i.status);
-        let sending = matches!(
-            status.as_deref(),
-            Some(
-                "setup"
-                    | "active"
-                    | "device"
-                    | "pre-switchover"
-                    | "completed"
-                    | "cancelling"
-                    | "cancelled"
-                    | "failed"
-            )
-        );
-        if !sending {
-            resume_here(&inst, &m).await;
-            fail(format!("source: QEMU is not sending (status {status:?})")).await;
-            return SourceEnd::Stayed;
-        }
+        let status = Some(status);
         if m.params.policy == MigrationPolicy::Quick {
             // The copy onto the volume died with the earlier daemon: the saved state is not
             // known to be whole, so the guest stays here.
@@ -348,8 +363,17 @@ pub async fn drive_source(
             return SourceEnd::Stayed;
         }
         tracing::info!(migration = id, ?status, "taking up a migration under way");
+    } else if m.phase == MigrationPhase::Copying {
+        resume_here(&inst, &m).await;
+        fail("source: QEMU is not sending, though the copy began".into()).await;
+        return SourceEnd::Stayed;
     } else {
-        if let Err(e) = configure(&inst.qmp, &m.params).await {
+        // Given while the destination started, else now.
+        let done = match configured {
+            Some(task) => matches!(task.await, Ok(Ok(()))),
+            None => false,
+        };
+        if !done && let Err(e) = configure(&inst.qmp, &m.params).await {
             fail(format!("source: {e}")).await;
             return SourceEnd::Stayed;
         }
@@ -386,17 +410,9 @@ pub async fn drive_source(
             return SourceEnd::Stayed;
         }
     }
-    let _ = write(
-        &node,
-        Command::AdvanceMigration {
-            id,
-            from: MigrationPhase::Ready,
-            to: MigrationPhase::Copying,
-            at_ms: Some(now_ms()),
-        },
-    )
-    .await;
-    let mut last_report = Instant::now();
+    // The first progress report also records the phase `copying`; a copy done before it
+    // needs no command until the switchover.
+    let mut next_report = Instant::now() + FIRST_REPORT;
     let mut events = inst.qmp.events();
     let mut cancelling = false;
     // Why this node cancelled the copy itself, when it did.
@@ -491,8 +507,8 @@ pub async fn drive_source(
             tracing::info!(migration = id, "cancelling the copy");
             let _ = inst.qmp.execute("migrate_cancel", None).await;
         }
-        if last_report.elapsed() >= REPORT_EVERY {
-            last_report = Instant::now();
+        if Instant::now() >= next_report {
+            next_report = Instant::now() + REPORT_EVERY;
             let p = progress(&info, started.elapsed());
             let node = node.clone();
             tokio::spawn(async move {

@@ -109,6 +109,9 @@ struct Agent {
     given_up: HashSet<Uuid>,
     /// Migrations whose source part runs here.
     sending: HashSet<MigrationId>,
+    /// Migrations from here whose QEMU was given its migration settings while the
+    /// destination started (see [`crate::migrate::configure`]).
+    configuring: HashMap<MigrationId, tokio::task::JoinHandle<Result<(), String>>>,
     /// The named CPU models QEMU runs here, once listed.
     cpu_models: Option<Vec<String>>,
     /// Whether the cluster has them.
@@ -139,6 +142,7 @@ async fn run(node: MetaNode, cfg: VmHostConfig) {
         slots: HashMap::new(),
         given_up: HashSet::new(),
         sending: HashSet::new(),
+        configuring: HashMap::new(),
         cpu_models: None,
         cpu_reported: false,
         receiving: HashSet::new(),
@@ -830,6 +834,11 @@ impl Agent {
     /// after the switchover, clean up after a failure.
     async fn migrations(&mut self, state: &ClusterState) {
         let me = self.me();
+        self.configuring.retain(|id, _| {
+            state.migrations.get(id).is_some_and(|m| {
+                matches!(m.phase, MigrationPhase::Preparing | MigrationPhase::Ready)
+            })
+        });
         let mine: Vec<MigrationRecord> = state
             .migrations
             .values()
@@ -864,6 +873,25 @@ impl Agent {
                     _ => {}
                 }
             }
+            // While the destination starts, the source's QEMU gets its settings, off the
+            // critical path.
+            if m.source == me
+                && m.phase == MigrationPhase::Preparing
+                && !self.configuring.contains_key(&m.id)
+                && let Some(Slot::Running {
+                    inst,
+                    stopping: false,
+                    ..
+                }) = self.slots.get(&m.vm)
+            {
+                let (inst, params) = (inst.clone(), m.params.clone());
+                self.configuring.insert(
+                    m.id,
+                    tokio::spawn(
+                        async move { crate::migrate::configure(&inst.qmp, &params).await },
+                    ),
+                );
+            }
             let sendable = matches!(m.phase, MigrationPhase::Ready | MigrationPhase::Copying);
             if m.source == me && sendable && !self.sending.contains(&m.id) {
                 let Some(Slot::Running {
@@ -884,9 +912,12 @@ impl Agent {
                 let addr = dest.spec.migration_addr.clone();
                 let migration = m.clone();
                 let csv = self.cfg.csv.clone();
+                let configured = self.configuring.remove(&m.id);
                 tracing::info!(vm = %m.vm, migration = m.id, to = m.dest, "sending the VM");
                 tokio::spawn(async move {
-                    let end = crate::migrate::drive_source(node, csv, inst, migration, addr).await;
+                    let end =
+                        crate::migrate::drive_source(node, csv, inst, migration, addr, configured)
+                            .await;
                     let _ = tx.send(Event::Sent {
                         migration: m.id,
                         end,

@@ -609,7 +609,12 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
     assert_eq!(v["state"], "running", "{v}");
     let owner = v["owner"].as_u64().unwrap();
     match m["phase"].as_str() {
-        Some("completed") => assert_eq!(owner, 3),
+        Some("completed") => {
+            assert_eq!(owner, 3);
+            // The restarted daemon saw from QEMU that the copy was under way.
+            let log = s.cluster.nodes[1].log();
+            assert!(log.contains("taking up a migration under way"), "{log}");
+        }
         _ => assert_eq!(owner, 2, "{m}"),
     }
     // Exactly one QEMU runs the guest.

@@ -94,9 +94,10 @@ pub enum MigrationPhase {
     Queued,
     /// The destination starts its QEMU, waiting for the incoming state.
     Preparing,
-    /// The destination listens; the source may send.
+    /// The destination listens; the source may send (and has begun, until its first
+    /// progress report says so).
     Ready,
-    /// The source sends memory and device state.
+    /// The source sends memory and device state (recorded with its first progress report).
     Copying,
     /// The source finished and paused; the VM belongs to the destination, which resumes it.
     Committed,
@@ -633,6 +634,11 @@ impl ClusterState {
         if m.phase.is_terminal() {
             return Ok(Outcome::Unchanged);
         }
+        // The source's first report says the copy is under way: it does not spend a
+        // command of its own on that, which would cost every node work while QEMU copies.
+        if m.phase == MigrationPhase::Ready {
+            m.phase = MigrationPhase::Copying;
+        }
         m.progress = Some(progress.clone());
         Ok(Outcome::Applied)
     }
@@ -649,7 +655,8 @@ impl ClusterState {
         if m.phase == MigrationPhase::Committed {
             return Ok(Outcome::Unchanged);
         }
-        if m.phase != MigrationPhase::Copying {
+        // Ready: a copy that ended before the source's first progress report.
+        if !matches!(m.phase, MigrationPhase::Ready | MigrationPhase::Copying) {
             return Err(precondition(format!(
                 "migration {id} is {}: it cannot switch over",
                 m.phase.as_str()
@@ -1318,9 +1325,28 @@ mod tests {
             step(&mut s, MigrationPhase::Copying, MigrationPhase::Committed).is_err(),
             "not a step"
         );
+        // A copy that ends before the source's first report commits from `ready`.
+        let mut quick_copy = s.clone();
+        assert_eq!(commit(&mut quick_copy), Ok(Outcome::Applied));
+        assert_eq!(quick_copy.vms[&vm].owner, 2);
+        // The first progress report records the copy under way.
+        assert_eq!(
+            apply(
+                &mut s,
+                Command::ReportMigration {
+                    id,
+                    progress: MigrationProgress {
+                        transferred_bytes: 1,
+                        ..Default::default()
+                    },
+                },
+            ),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(s.migrations[&id].phase, MigrationPhase::Copying);
         assert_eq!(
             step(&mut s, MigrationPhase::Ready, MigrationPhase::Copying),
-            Ok(Outcome::Applied)
+            Ok(Outcome::Unchanged)
         );
         // The VM can neither be stopped nor moved meanwhile.
         let e = apply(
