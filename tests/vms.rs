@@ -166,24 +166,8 @@ async fn test_vm_lifecycle_on_a_lun() {
         still,
         "a paused guest prints nothing"
     );
-    let out = migrator(&[
-        "--endpoint",
-        &ep,
-        "migrate",
-        "g1",
-        "--to",
-        "3",
-        "--policy",
-        "postcopy",
-    ]);
-    assert!(
-        stderr(&out).contains("is paused: post-copy needs the guest running"),
-        "{}",
-        stderr(&out)
-    );
-    let node3 = cluster.nodes[2].dir.clone();
-    for (to, policy) in [("3", "precopy"), ("2", "quick")] {
-        let out = migrator(&[
+    let migrate = |to: &str, policy: &str| {
+        migrator(&[
             "--endpoint",
             &ep,
             "migrate",
@@ -192,7 +176,17 @@ async fn test_vm_lifecycle_on_a_lun() {
             to,
             "--policy",
             policy,
-        ]);
+        ])
+    };
+    let out = migrate("3", "postcopy");
+    assert!(
+        stderr(&out).contains("is paused: post-copy needs the guest running"),
+        "{}",
+        stderr(&out)
+    );
+    let node3 = cluster.nodes[2].dir.clone();
+    for (to, policy) in [("3", "precopy"), ("2", "quick")] {
+        let out = migrate(to, policy);
         assert!(out.status.success(), "{policy}: {}", stderr(&out));
         assert!(
             stdout(&out).contains("(paused, as it stays)"),
