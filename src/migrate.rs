@@ -548,7 +548,10 @@ pub async fn drive_source(
         migration = id,
         completed,
         qemu_total_ms = info.total_time,
+        qemu_setup_ms = info.setup_time,
         qemu_downtime_ms = info.downtime,
+        passes = info.ram.as_ref().map(|r| r.dirty_sync_count),
+        sent_bytes = info.ram.as_ref().map(|r| r.transferred),
         "copy done: committing the switchover"
     );
     let commit = write(

@@ -179,6 +179,10 @@ async fn main() {
                 "qemu_downtime_ms": qemu_downtime,
                 "start_ms": (listening - t0).as_millis() as u64,
                 "copy_ms": (completed - listening).as_millis() as u64,
+                "qemu_total_ms": info.total_time,
+                "qemu_setup_ms": info.setup_time,
+                "passes": info.ram.as_ref().map(|r| r.dirty_sync_count),
+                "sent_bytes": info.ram.as_ref().map(|r| r.transferred),
             })
         );
         if src.qmp.quit().await.is_err() || !src.wait_exit(Duration::from_secs(10)).await {
