@@ -327,6 +327,16 @@ pub enum Command {
 }
 
 impl Command {
+    /// Puts the clock of the node that takes the command from a client (`now_ms`) into it
+    /// where the state machine judges by it: a migration's pre-checks read the nodes'
+    /// heartbeats against it, and the client's clock (an operator's workstation) is not
+    /// kept in step with the nodes'.
+    pub fn stamp_clock(&mut self, now: u64) {
+        if let Command::StartMigration { now_ms, .. } = self {
+            *now_ms = now;
+        }
+    }
+
     /// A short name for logs.
     pub fn name(&self) -> &'static str {
         match self {

@@ -1631,4 +1631,27 @@ mod tests {
             .is_err()
         );
     }
+
+    #[test]
+    fn test_the_serving_node_stamps_a_migration_request_with_its_clock() {
+        let mut s = cluster(1);
+        let now = 3_600_000;
+        for n in 1..=4 {
+            apply(&mut s, Command::Heartbeat { id: n, at_ms: now }).unwrap();
+        }
+        // A client whose clock runs an hour ahead would read every node as down.
+        let mut cmd = Command::StartMigration {
+            vm: Uuid::from_u128(101),
+            dest: 2,
+            params: params(),
+            now_ms: now + 3_600_000,
+        };
+        assert!(apply(&mut s.clone(), cmd.clone()).is_err());
+        // The node that takes it from the client puts its own clock in.
+        cmd.stamp_clock(now + 10);
+        assert!(matches!(apply(&mut s, cmd), Ok(Outcome::Created { .. })));
+        let mut other = Command::Heartbeat { id: 1, at_ms: 7 };
+        other.stamp_clock(now);
+        assert_eq!(other, Command::Heartbeat { id: 1, at_ms: 7 });
+    }
 }

@@ -108,7 +108,9 @@ impl Cluster for ClusterService {
                 crate::command::COMMAND_VERSION
             )));
         }
-        let result = match self.node.write(request.cmd).await {
+        let mut cmd = request.cmd;
+        cmd.stamp_clock(crate::node::now_ms());
+        let result = match self.node.write(cmd).await {
             Ok((outcome, index)) => (Ok(outcome), index),
             Err(crate::node::NodeError::Rejected(e)) => (Err(e), 0),
             Err(e) => return Err(e.into()),
