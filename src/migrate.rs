@@ -351,18 +351,17 @@ pub async fn drive_source(
     };
     if let Some(status) = under_way {
         // This daemon restarted while its QEMU was sending: take up where it stands.
-        let status = Some(status);
         if m.params.policy == MigrationPolicy::Quick {
             // The copy onto the volume died with the earlier daemon: the saved state is not
             // known to be whole, so the guest stays here.
-            if status.as_deref() != Some("completed") {
+            if status != "completed" {
                 let _ = inst.qmp.execute("migrate_cancel", None).await;
             }
             resume_here(&inst, &m).await;
             fail("source: the daemon restarted while saving the guest".into()).await;
             return SourceEnd::Stayed;
         }
-        tracing::info!(migration = id, ?status, "taking up a migration under way");
+        tracing::info!(migration = id, %status, "taking up a migration under way");
     } else if m.phase == MigrationPhase::Copying {
         resume_here(&inst, &m).await;
         fail("source: QEMU is not sending, though the copy began".into()).await;

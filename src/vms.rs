@@ -321,41 +321,34 @@ impl Agent {
                     // A paused VM starts running and is paused by the next pass.
                     self.start(state, vm, 0).await;
                 }
+                // Paused but wanted running, or the other way round: QMP `cont` or `stop`.
                 (
-                    VmDesired::Paused,
+                    want @ (VmDesired::Running | VmDesired::Paused),
                     Some(Slot::Running {
                         inst,
                         stopping: false,
                         restarts,
                     }),
-                ) if reported == Some(VmState::Running) => {
+                ) if reported
+                    == Some(if want == VmDesired::Paused {
+                        VmState::Running
+                    } else {
+                        VmState::Paused
+                    }) =>
+                {
                     let (inst, restarts) = (inst.clone(), *restarts);
-                    match inst.qmp.stop().await {
+                    let (done, now, verb) = if want == VmDesired::Paused {
+                        (inst.qmp.stop().await, VmState::Paused, "pause")
+                    } else {
+                        (inst.qmp.cont().await, VmState::Running, "resume")
+                    };
+                    match done {
                         Ok(()) => {
-                            tracing::info!(vm = %vm.id, "guest paused");
-                            self.report(vm.id, VmState::Paused, self.accel_name(), restarts)
-                                .await;
-                        }
-                        Err(e) => tracing::warn!(vm = %vm.id, error = %e, "cannot pause the guest"),
-                    }
-                }
-                (
-                    VmDesired::Running,
-                    Some(Slot::Running {
-                        inst,
-                        stopping: false,
-                        restarts,
-                    }),
-                ) if reported == Some(VmState::Paused) => {
-                    let (inst, restarts) = (inst.clone(), *restarts);
-                    match inst.qmp.cont().await {
-                        Ok(()) => {
-                            tracing::info!(vm = %vm.id, "guest resumed");
-                            self.report(vm.id, VmState::Running, self.accel_name(), restarts)
-                                .await;
+                            tracing::info!(vm = %vm.id, "guest {verb}d");
+                            self.report(vm.id, now, self.accel_name(), restarts).await;
                         }
                         Err(e) => {
-                            tracing::warn!(vm = %vm.id, error = %e, "cannot resume the guest")
+                            tracing::warn!(vm = %vm.id, error = %e, "cannot {verb} the guest")
                         }
                     }
                 }
