@@ -154,6 +154,48 @@ async fn test_three_nodes_survive_leader_crash_and_full_restart() {
     assert_eq!(s3.members.len(), 3);
 }
 
+/// A follower frozen (SIGSTOP) for longer than the election timeout and then thawed does
+/// not unseat the leader: before it starts an election it asks whether it could win
+/// (Pre-Vote), and with a leader in touch with the rest it cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_thawed_follower_does_not_unseat_the_leader() {
+    let mut cluster = Cluster::new(3);
+    cluster.start_initialized(&[]).await;
+    cluster.wait_members().await;
+    let (leader, before) = cluster.leader_via(1).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let pid = cluster
+        .node(follower)
+        .child
+        .as_ref()
+        .unwrap()
+        .id()
+        .to_string();
+    let signal = |sig: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    // Longer than the longest election timeout (2 s by default).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    signal("-CONT");
+    // Its election timer ran out while it was frozen: time for it to act on that, and for
+    // the others to answer.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (now_leader, after) = cluster.leader_via(leader).await;
+    assert_eq!(now_leader, leader, "the leader stays");
+    assert_eq!(after.term, before.term, "no election was held");
+    let (seen, s) = cluster.leader_via(follower).await;
+    assert_eq!(
+        (seen, s.term),
+        (leader, before.term),
+        "the thawed follower follows the same leader in the same term"
+    );
+}
+
 /// SIGTERM on the leader hands leadership to another voter before the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_sigterm_transfers_leadership() {

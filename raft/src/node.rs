@@ -301,6 +301,11 @@ impl MetaNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.snapshot_every_entries),
             max_in_snapshot_log_to_keep: 100,
             install_snapshot_timeout: 10_000,
+            // A node that was cut off or frozen (its election timer ran out meanwhile) asks
+            // first whether it could win, so that it does not depose a leader the rest of
+            // the cluster still follows. Without it, such a node raised the term and forced
+            // an election on rejoining, and for that moment the cluster had no leader.
+            enable_pre_vote: Some(true),
             ..Default::default()
         };
         let config = Arc::new(
