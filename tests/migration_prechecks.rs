@@ -433,7 +433,7 @@ async fn test_migrate_is_refused_before_anything_starts() {
     // Thawed, node 3 sees the migration ended and starts nothing for it.
     signal("-CONT");
     wait_until("node 3 to be up again", Duration::from_secs(60), || {
-        // (Thawed, node 3 may call an election: a transient error is retried.)
+        // (A transient error, should one come, is retried.)
         let members = try_json(&ep, &["node", "list"]);
         async move {
             members?
