@@ -164,24 +164,10 @@ async fn test_a_thawed_follower_does_not_unseat_the_leader() {
     cluster.wait_members().await;
     let (leader, before) = cluster.leader_via(1).await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
-    let pid = cluster
-        .node(follower)
-        .child
-        .as_ref()
-        .unwrap()
-        .id()
-        .to_string();
-    let signal = |sig: &str| {
-        let st = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap();
-        assert!(st.success(), "kill {sig} {pid}");
-    };
-    signal("-STOP");
+    cluster.node(follower).signal("-STOP");
     // Longer than the longest election timeout (2 s by default).
     tokio::time::sleep(Duration::from_secs(4)).await;
-    signal("-CONT");
+    cluster.node(follower).signal("-CONT");
     // Its election timer ran out while it was frozen: time for it to act on that, and for
     // the others to answer.
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -379,15 +379,7 @@ async fn test_migrate_is_refused_before_anything_starts() {
     assert!(out.status.success(), "{}", stderr(&out));
 
     // 4. Node 3 goes down just after a migration to it was admitted.
-    let node3 = s.cluster.nodes[2].child.as_ref().unwrap().id().to_string();
-    let signal = |sig: &str| {
-        let st = std::process::Command::new("kill")
-            .args([sig, &node3])
-            .status()
-            .unwrap();
-        assert!(st.success(), "kill {sig} {node3}");
-    };
-    signal("-STOP");
+    s.cluster.nodes[2].signal("-STOP");
     let out = migrator(&[
         "--endpoint",
         &ep,
@@ -431,7 +423,7 @@ async fn test_migrate_is_refused_before_anything_starts() {
         "{v}"
     );
     // Thawed, node 3 sees the migration ended and starts nothing for it.
-    signal("-CONT");
+    s.cluster.nodes[2].signal("-CONT");
     wait_until("node 3 to be up again", Duration::from_secs(60), || {
         // (A transient error, should one come, is retried.)
         let members = try_json(&ep, &["node", "list"]);

@@ -190,6 +190,18 @@ impl Node {
         }
     }
 
+    /// Sends the daemon `sig`, spelled as `kill` takes it ("-STOP", "-CONT").
+    pub fn signal(&self, sig: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("node not running")
+            .id()
+            .to_string();
+        let st = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(st.success(), "kill {sig} {pid} (node {})", self.id);
+    }
+
     /// SIGTERM and wait for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().expect("node not running");
