@@ -11,3 +11,4 @@ pub mod accel;
 pub mod cmdline;
 pub mod process;
 pub mod qmp;
+mod spawn;

@@ -6,11 +6,11 @@
 //! and serial log live there (see [`RunPaths`]).
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::cmdline::{LaunchSpec, RunPaths, qemu_args};
 use crate::qmp::{Qmp, QmpError};
+use crate::spawn::run_as_guest;
 
 /// How long [`Instance::shutdown`] waits before pressing the power button again.
 const PRESS_AGAIN: Duration = Duration::from_secs(5);
@@ -92,55 +92,6 @@ fn signal(pid: i32, sig: rustix::process::Signal) -> bool {
         .is_some_and(|p| rustix::process::kill_process(p, sig).is_ok())
 }
 
-/// Runs `cmd` (QEMU with `-daemonize`, which returns once the guest is set up) to its end
-/// and returns its output, started the way a guest's QEMU must be:
-/// - at the default niceness (0), whatever its daemon's, which runs above its guests.
-///   Niceness is per thread on Linux and a child takes its spawning thread's, so the spawn
-///   happens in a thread of its own that first lowers itself to 0 (no privilege needed). A
-///   daemon started below normal priority starts its guests there too.
-/// - in a process group of its own, so that a terminal's Ctrl-C meant for a daemon run in
-///   the foreground does not reach a QEMU still starting (once daemonized, QEMU has a
-///   session of its own anyway).
-/// - with `posix_spawn` (vfork and exec), never `fork`. A fork copies the daemon's page
-///   tables and leaves every page of it copy-on-write, so each of its threads then takes a
-///   page fault on each page it writes. Under nested virtualization both cost a lot:
-///   measured here, a fork and exec from a process of 50 MiB took 3.2 ms against 0.6 ms.
-///   (The standard library spawns with `posix_spawn` unless a `pre_exec` hook or similar
-///   forces a fork.)
-fn run_as_guest(
-    mut cmd: std::process::Command,
-) -> tokio::sync::oneshot::Receiver<std::io::Result<std::process::Output>> {
-    use std::os::unix::process::CommandExt;
-    cmd.process_group(0);
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawner = std::thread::Builder::new()
-        .name("qemu-spawn".into())
-        .spawn(move || {
-            let _ = tx.send(at_default_niceness().and_then(|()| cmd.output()));
-        });
-    if let Err(e) = spawner {
-        // The receiver then reports the spawner's end; say why in the log.
-        tracing::error!(error = %e, "cannot start a thread to spawn QEMU");
-    }
-    rx
-}
-
-/// Lowers the calling thread to niceness 0 if it runs above that (always allowed); a
-/// thread at 0 or below priority stays as it is.
-#[allow(unsafe_code)]
-fn at_default_niceness() -> std::io::Result<()> {
-    // SAFETY: getpriority and setpriority read and change only the calling thread's
-    // scheduling (PRIO_PROCESS with 0 is the calling thread on Linux).
-    unsafe {
-        if libc::getpriority(libc::PRIO_PROCESS, 0) < 0
-            && libc::setpriority(libc::PRIO_PROCESS, 0, 0) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 impl Instance {
     /// Starts QEMU for `spec` and connects to its QMP socket, within `timeout`. A QEMU that
     /// already runs from the same run directory is an error (never two instances of one
@@ -169,12 +120,8 @@ impl Instance {
             }
         }
         // With -daemonize the command returns once the guest is set up (or has failed).
-        let mut cmd = std::process::Command::new(qemu);
-        cmd.args(qemu_args(spec))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let out = tokio::time::timeout(timeout, run_as_guest(cmd))
+        let args = qemu_args(spec).into_iter().map(Into::into).collect();
+        let out = tokio::time::timeout(timeout, run_as_guest(qemu.as_os_str(), args))
             .await
             .map_err(|_| ProcessError::Refused(format!("no answer within {timeout:?}")))?
             .unwrap_or_else(|_| Err(std::io::Error::other("the thread spawning QEMU ended")))
@@ -283,43 +230,6 @@ mod tests {
     use crate::accel::Accel;
     use crate::cmdline::Boot;
     use crate::qmp::RunState;
-
-    /// What `run_as_guest` gives a child: a process group of its own, and niceness 0 even
-    /// when the thread that asks runs above that, as the daemon's threads do.
-    #[tokio::test]
-    async fn test_a_guest_starts_in_a_group_of_its_own_at_niceness_zero() {
-        // Ask from a thread of niceness -5, so that the reset is seen. Niceness is per
-        // thread on Linux, and this thread is the test's own.
-        #[allow(unsafe_code)]
-        // SAFETY: setpriority on the calling thread only changes its scheduling.
-        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -5) } != 0 {
-            println!("skipping: no privilege to raise a thread's priority (run as root)");
-            return;
-        }
-        let mut cmd = std::process::Command::new("/bin/sh");
-        cmd.args(["-c", "cat /proc/$$/stat"]).stdout(Stdio::piped());
-        let out = run_as_guest(cmd).await.unwrap().expect("sh runs");
-        let stat = String::from_utf8(out.stdout).unwrap();
-        // The fields after the command name (which may hold spaces) in its parentheses.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        let pid: i32 = stat.split_whitespace().next().unwrap().parse().unwrap();
-        assert_eq!(
-            fields[2].parse::<i32>().unwrap(),
-            pid,
-            "group leader: {stat}"
-        );
-        assert_eq!(fields[16], "0", "niceness 0: {stat}");
-        #[allow(unsafe_code)]
-        // SAFETY: as above.
-        unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, 0, 0)
-        };
-    }
 
     /// QEMU and the test guest (scripts/build-guest), or a skip line.
     fn guest() -> Option<(PathBuf, PathBuf)> {
