@@ -124,7 +124,6 @@ impl Instance {
         let out = tokio::time::timeout(timeout, run_as_guest(qemu.as_os_str(), args))
             .await
             .map_err(|_| ProcessError::Refused(format!("no answer within {timeout:?}")))?
-            .unwrap_or_else(|_| Err(std::io::Error::other("the thread spawning QEMU ended")))
             .map_err(|source| ProcessError::Spawn {
                 qemu: qemu.to_path_buf(),
                 source,

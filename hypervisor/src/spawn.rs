@@ -27,22 +27,16 @@ use std::process::{ExitStatus, Output};
 ///   process a session of its own without forking, so this calls `posix_spawnp` itself.
 ///
 /// Standard input and output are `/dev/null`; the environment is the daemon's.
-pub fn run_as_guest(
-    program: &OsStr,
-    args: Vec<OsString>,
-) -> tokio::sync::oneshot::Receiver<io::Result<Output>> {
+pub async fn run_as_guest(program: &OsStr, args: Vec<OsString>) -> io::Result<Output> {
     let program = program.to_owned();
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let spawner = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("qemu-spawn".into())
         .spawn(move || {
             let _ = tx.send(at_default_niceness().and_then(|()| spawn_wait(&program, &args)));
-        });
-    if let Err(e) = spawner {
-        // The receiver then reports the spawner's end; say why in the log.
-        tracing::error!(error = %e, "cannot start a thread to spawn QEMU");
-    }
-    rx
+        })?;
+    rx.await
+        .unwrap_or_else(|_| Err(io::Error::other("the thread spawning QEMU ended")))
 }
 
 /// Lowers the calling thread to niceness 0 if it runs above that (always allowed); a thread
@@ -244,7 +238,6 @@ mod tests {
                       read x && echo read >&2; exit 3";
         let out = run_as_guest(OsStr::new("sh"), vec!["-c".into(), script.into()])
             .await
-            .unwrap()
             .expect("sh runs");
         #[allow(unsafe_code)]
         // SAFETY: as above.
@@ -280,7 +273,6 @@ mod tests {
     async fn test_a_missing_program_is_an_error() {
         let err = run_as_guest(OsStr::new("/nonexistent/qemu"), Vec::new())
             .await
-            .unwrap()
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
