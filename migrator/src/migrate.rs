@@ -1,16 +1,17 @@
 //! `migrator migrate VM --to NODE` and `migrator migration list|show|cancel`.
 //!
 //! The migration itself runs in the daemons (see the `csvd_raft::migration` record); this
-//! command asks for it, then follows the record: a progress line on stderr (transferred,
+//! command asks for it, then follows the record as the node pushes each change to it (see
+//! [`ClusterClient::watch_migration`]): a progress line on stderr (transferred,
 //! remaining, dirty rate, predicted completion and downtime), or with `--json` one JSON
 //! object per change on stdout, the last one carrying the outcome with `total_ms` and
 //! `downtime_ms`.
 
 use std::io::IsTerminal;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use csvd_raft::ClusterState;
-use csvd_raft::api::ClusterClient;
+use csvd_raft::api::{ClientError, ClusterClient, MigrationWatch};
 use csvd_raft::command::{Command, Outcome};
 use csvd_raft::migration::{
     DEFAULT_DOWNTIME_MS, MigrationId, MigrationParams, MigrationPhase, MigrationPolicy,
@@ -19,6 +20,7 @@ use csvd_raft::migration::{
 use csvd_raft::state::NodeAdminState;
 use csvd_raft::vm::{VmDesired, VmState};
 use serde::Serialize;
+use tonic::Code;
 
 use crate::cli::MigrationCmd;
 use crate::volumes::{human, json, table};
@@ -165,8 +167,9 @@ pub async fn follow(
 ) -> Result<String, String> {
     let tty = std::io::stderr().is_terminal();
     let mut last: Option<String> = None;
+    let mut follower = Follower::new(id);
     loop {
-        let m = fetch(client, id).await?;
+        let m = follower.next(client).await?;
         let line = if as_json {
             serde_json::to_string(&event(&m)).unwrap_or_default()
         } else {
@@ -215,7 +218,6 @@ pub async fn follow(
                 )),
             };
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -420,17 +422,102 @@ async fn fetch(client: &mut ClusterClient, id: MigrationId) -> Result<MigrationR
         .ok_or_else(|| format!("migration {id} is gone"))
 }
 
+/// How long a follower keeps trying to reach the cluster again (a leader change, a node
+/// restarting) before it gives up on following; the migration itself goes on regardless.
+const REGAIN: Duration = Duration::from_secs(30);
+/// How often a follower polls a node too old to push changes.
+const POLL: Duration = Duration::from_millis(100);
+
+/// Follows one migration's record: pushed by the node on each change
+/// ([`ClusterClient::watch_migration`]), or polled from a node too old to offer that.
+struct Follower {
+    id: MigrationId,
+    watch: Option<MigrationWatch>,
+    /// The node does not push: poll, every [`POLL`] after the first read.
+    polling: bool,
+    polled: bool,
+    /// Since when the cluster has not answered, while it does not.
+    lost_since: Option<Instant>,
+}
+
+impl Follower {
+    fn new(id: MigrationId) -> Self {
+        Self {
+            id,
+            watch: None,
+            polling: false,
+            polled: false,
+            lost_since: None,
+        }
+    }
+
+    /// The record's next version (the first call: the current one).
+    async fn next(&mut self, client: &mut ClusterClient) -> Result<MigrationRecord, String> {
+        loop {
+            if self.polling {
+                if self.polled {
+                    tokio::time::sleep(POLL).await;
+                }
+                self.polled = true;
+                return fetch(client, self.id).await;
+            }
+            let failure = match &mut self.watch {
+                Some(w) => match w.next().await {
+                    Some(Ok(m)) => {
+                        self.lost_since = None;
+                        return Ok(m);
+                    }
+                    Some(Err(e)) => e,
+                    // Ended without a final phase: the node went away.
+                    None => ClientError::Unreachable {
+                        endpoint: client.endpoint().to_string(),
+                        reason: "the node ended the watch".into(),
+                    },
+                },
+                None => match client.watch_migration(self.id).await {
+                    Ok(w) => {
+                        self.watch = Some(w);
+                        continue;
+                    }
+                    Err(ClientError::Refused {
+                        code: Code::Unimplemented,
+                        ..
+                    }) => {
+                        self.polling = true;
+                        continue;
+                    }
+                    Err(e) => e,
+                },
+            };
+            self.watch = None;
+            let transient = matches!(
+                failure,
+                ClientError::Unreachable { .. }
+                    | ClientError::Refused {
+                        code: Code::Unavailable,
+                        ..
+                    }
+            );
+            let since = *self.lost_since.get_or_insert_with(Instant::now);
+            if !transient || since.elapsed() > REGAIN {
+                return Err(failure.to_string());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
 /// Waits for migration `id` to end, without printing.
 async fn follow_quiet(
     client: &mut ClusterClient,
     id: MigrationId,
 ) -> Result<MigrationRecord, String> {
+    let mut follower = Follower::new(id);
     loop {
-        let m = fetch(client, id).await?;
+        let m = follower.next(client).await?;
         if m.phase.is_terminal() {
             return Ok(m);
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

@@ -10,6 +10,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
 use crate::command::{Command, Outcome, Request as CommandRequest, Response};
+use crate::migration::{MigrationId, MigrationRecord};
 use crate::pb::cluster_client::ClusterClient as PbClusterClient;
 use crate::pb::{self};
 use crate::state::NodeSpec;
@@ -295,6 +296,28 @@ impl ClusterClient {
         self.decode_reply(&resp.json)
     }
 
+    /// Follows live migration `id`: the stream yields its record once the node is current,
+    /// then each change, and ends after the record in a final phase. The call has no
+    /// deadline (a migration takes as long as it takes); the node ends the stream with an
+    /// error if it loses the cluster.
+    pub async fn watch_migration(
+        &mut self,
+        id: MigrationId,
+    ) -> Result<MigrationWatch, ClientError> {
+        let mut req = self.request(pb::WatchMigrationRequest { id });
+        req.metadata_mut().remove("grpc-timeout");
+        let events = self
+            .inner
+            .watch_migration(req)
+            .await
+            .map_err(|s| self.error(s))?
+            .into_inner();
+        Ok(MigrationWatch {
+            endpoint: self.endpoint.clone(),
+            events,
+        })
+    }
+
     /// Reads the status from the node's own applied state, which may lag the leader.
     pub async fn local_status(&mut self) -> Result<ClusterStatus, ClientError> {
         self.status_with(true).await
@@ -418,5 +441,31 @@ pub fn spec_from_pb(s: pb::NodeSpec) -> NodeSpec {
         memory_bytes: s.memory_bytes,
         version: s.version,
         protocol_version: s.protocol_version,
+    }
+}
+
+/// A live migration followed by [`ClusterClient::watch_migration`].
+#[derive(Debug)]
+pub struct MigrationWatch {
+    endpoint: String,
+    events: tonic::Streaming<pb::MigrationEvent>,
+}
+
+impl MigrationWatch {
+    /// The next version of the record; `None` once the stream has ended (after a final
+    /// phase, or if the node went away: then the last record seen was not final).
+    pub async fn next(&mut self) -> Option<Result<MigrationRecord, ClientError>> {
+        match self.events.message().await {
+            Ok(Some(ev)) => {
+                Some(
+                    serde_json::from_slice(&ev.json).map_err(|e| ClientError::BadReply {
+                        endpoint: self.endpoint.clone(),
+                        reason: e.to_string(),
+                    }),
+                )
+            }
+            Ok(None) => None,
+            Err(s) => Some(Err(classify_status(&self.endpoint, s))),
+        }
     }
 }

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::api::{ClusterClient, ClusterStatus, MemberStatus, Role};
 use crate::command::{Command, Outcome, Request};
+use crate::migration::{MigrationId, MigrationRecord};
 use crate::network::{ClusterIdCell, GrpcNetwork, RaftService};
 use crate::state::{ApplyError, NodeAdminState, NodeSpec, validate_spec};
 use crate::store::{LogStore, StateMachine, StateView};
@@ -33,6 +34,9 @@ pub const MAX_VOTERS: usize = 5;
 
 /// How long a write waits for a leader before giving up.
 const LEADER_WAIT: Duration = Duration::from_secs(15);
+/// How long a migration watch may go without a change before its node checks that it still
+/// reaches the leader.
+pub const WATCH_CHECK: Duration = Duration::from_secs(5);
 
 /// Name of the marker a node leaves in its data directory after it was removed.
 pub const LEFT_MARKER: &str = "LEFT";
@@ -376,7 +380,7 @@ impl MetaNode {
         RaftService::new(self.inner.raft.clone(), self.inner.cluster.clone())
     }
 
-    /// The locally applied state (may lag the leader; see [`MetaNode::linearizable_view`]).
+    /// The locally applied state (may lag the leader; see [`MetaNode::read_state`]).
     pub fn local_view(&self) -> Arc<StateView> {
         self.inner.sm.view()
     }
@@ -587,6 +591,59 @@ impl MetaNode {
             }
             other => NodeError::Remote(Status::unavailable(other.to_string())),
         })
+    }
+
+    /// Follows migration `id` into `tx`: its record once this node has applied every entry
+    /// committed when the call came (so the first one is as new as any acknowledged write),
+    /// then each changed record as this node applies it, ending after the one in a final
+    /// phase. A record that does not exist by then is a `NOT_FOUND` error.
+    /// While nothing changes the node checks every [`WATCH_CHECK`] that it still reaches the
+    /// leader, so a node cut off from the cluster ends the watch with an error instead of
+    /// going silent. Returns when the receiver is dropped.
+    pub async fn watch_migration(
+        &self,
+        id: MigrationId,
+        tx: tokio::sync::mpsc::Sender<Result<MigrationRecord, NodeError>>,
+    ) {
+        let mut changes = self.subscribe();
+        let result = async {
+            let barrier = self.status().await?.committed_index;
+            let mut last: Option<MigrationRecord> = None;
+            loop {
+                let view = changes.borrow_and_update().clone();
+                if view.applied_index() >= barrier {
+                    let Some(m) = view.state.migrations.get(&id) else {
+                        return Err(NodeError::Remote(Status::not_found(format!(
+                            "no migration {id}"
+                        ))));
+                    };
+                    if last.as_ref() != Some(m) {
+                        if tx.send(Ok(m.clone())).await.is_err() {
+                            return Ok(());
+                        }
+                        if m.phase.is_terminal() {
+                            return Ok(());
+                        }
+                        last = Some(m.clone());
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return Ok(()),
+                    changed = tokio::time::timeout(WATCH_CHECK, changes.changed()) => match changed {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Err(NodeError::Fatal("the state machine stopped".into())),
+                        // Quiet for a while: make sure this node still hears the leader.
+                        Err(_) => {
+                            self.status().await?;
+                        }
+                    },
+                }
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = tx.send(Err(e)).await;
+        }
     }
 
     /// The status from this node's own applied state (possibly stale).

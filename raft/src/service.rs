@@ -1,5 +1,8 @@
 //! The gRPC Cluster service: the operator and node-agent API of a metadata node.
 
+use futures::stream::BoxStream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::api::spec_from_pb;
@@ -92,6 +95,25 @@ impl Cluster for ClusterService {
         let state = self.node.read_state().await?;
         let json = serde_json::to_vec(&state).map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(pb::StateResponse { json }))
+    }
+
+    type WatchMigrationStream = BoxStream<'static, Result<pb::MigrationEvent, Status>>;
+
+    async fn watch_migration(
+        &self,
+        req: Request<pb::WatchMigrationRequest>,
+    ) -> Result<Response<Self::WatchMigrationStream>, Status> {
+        self.check(&req)?;
+        let id = req.into_inner().id;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let node = self.node.clone();
+        tokio::spawn(async move { node.watch_migration(id, tx).await });
+        let events = ReceiverStream::new(rx).map(|r| {
+            let m = r.map_err(Status::from)?;
+            let json = serde_json::to_vec(&m).map_err(|e| Status::internal(e.to_string()))?;
+            Ok(pb::MigrationEvent { json })
+        });
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn write(
