@@ -479,10 +479,9 @@ impl Follower {
                         self.watch = Some(w);
                         continue;
                     }
-                    Err(ClientError::Refused {
-                        code: Code::Unimplemented,
-                        ..
-                    }) => {
+                    // The node spoke to migrator before (the migration exists), so this
+                    // is a csvd too old to offer the watch (UNIMPLEMENTED).
+                    Err(ClientError::NotCsvd { .. }) => {
                         self.polling = true;
                         continue;
                     }

@@ -41,6 +41,11 @@ pub fn state_disk_name(id: MigrationId) -> String {
     format!("migration-{id}.state")
 }
 
+/// How many ended migrations the cluster state keeps as history (the newest); older ones
+/// go when another migration ends, so the state every node holds, copies on each change and
+/// snapshots stays bounded however many migrations a cluster runs.
+pub const MIGRATION_HISTORY: usize = 256;
+
 /// Default downtime QEMU aims for at switchover, in milliseconds.
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 
@@ -728,7 +733,23 @@ impl ClusterState {
             let _ = self.delete_disk(disk);
         }
         self.admit_queued(now_ms);
+        self.prune_migration_history();
         Ok(Outcome::Applied)
+    }
+
+    /// Drops the oldest ended migrations beyond [`MIGRATION_HISTORY`]. Ended ones hold no
+    /// saved-state disk (it goes when they end), and open ones are never dropped.
+    fn prune_migration_history(&mut self) {
+        let ended: Vec<MigrationId> = self
+            .migrations
+            .values()
+            .filter(|m| m.phase.is_terminal())
+            .map(|m| m.id)
+            .collect();
+        let excess = ended.len().saturating_sub(MIGRATION_HISTORY);
+        for id in &ended[..excess] {
+            self.migrations.remove(id);
+        }
     }
 
     pub(crate) fn cancel_migration(
@@ -742,6 +763,7 @@ impl ClusterState {
                 m.phase = MigrationPhase::Cancelled;
                 m.finished_at_ms = Some(now_ms);
                 self.admit_queued(now_ms);
+                self.prune_migration_history();
                 Ok(Outcome::Applied)
             }
             MigrationPhase::Cancelled => Ok(Outcome::Unchanged),
@@ -934,6 +956,42 @@ mod tests {
                 committed,
             },
         )
+    }
+
+    #[test]
+    fn test_history_keeps_the_newest_ended_migrations_and_every_open_one() {
+        let mut s = cluster(2);
+        apply(
+            &mut s,
+            Command::SetMigrationLimits {
+                limits: MigrationLimits {
+                    per_node: 2,
+                    cluster: None,
+                },
+                now_ms: 1,
+            },
+        )
+        .unwrap();
+        let open = start(&mut s, 2, 3).unwrap();
+        assert_eq!(s.migrations[&open].phase, MigrationPhase::Preparing);
+        let mut ended = vec![];
+        for _ in 0..MIGRATION_HISTORY + 3 {
+            let id = start(&mut s, 1, 2).unwrap();
+            finish(&mut s, id, MigrationPhase::Failed, false).unwrap();
+            ended.push(id);
+        }
+        assert_eq!(s.migrations.len(), MIGRATION_HISTORY + 1);
+        assert!(s.migrations.contains_key(&open), "an open migration stays");
+        assert!(!s.migrations[&open].phase.is_terminal());
+        // The three oldest ended ones went; the newest stay, and ids are not reused.
+        for id in &ended[..3] {
+            assert!(!s.migrations.contains_key(id), "{id}");
+        }
+        for id in &ended[3..] {
+            assert!(s.migrations.contains_key(id), "{id}");
+        }
+        let next = start(&mut s, 1, 2).unwrap();
+        assert!(next > *ended.last().unwrap());
     }
 
     #[test]

@@ -107,7 +107,10 @@ pub struct ClusterState {
     /// Virtual machines, by id.
     #[serde(default)]
     pub vms: BTreeMap<Uuid, crate::vm::VmRecord>,
-    /// Live migrations, by id (ended ones stay, as history).
+    /// Live migrations, by id (the newest [`MIGRATION_HISTORY`] ended ones stay, as
+    /// history).
+    ///
+    /// [`MIGRATION_HISTORY`]: crate::migration::MIGRATION_HISTORY
     #[serde(default)]
     pub migrations: BTreeMap<crate::migration::MigrationId, crate::migration::MigrationRecord>,
     /// The id the next migration gets.
