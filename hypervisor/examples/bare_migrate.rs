@@ -20,7 +20,10 @@
 //! ```
 //!
 //! With RUNS 0 it migrates once per line read on its standard input, until it ends (so that
-//! a driver can interleave these migrations with others).
+//! a driver can interleave these migrations with others). The lines `stop` and `cont`
+//! instead stop the running guest's QEMU (SIGSTOP) or let it go on (SIGCONT), and are
+//! answered with a line `stopped` or `continued`, so that a driver can keep this guest from
+//! running while another one migrates.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,6 +32,7 @@ use csvd_hypervisor::accel::Accel;
 use csvd_hypervisor::cmdline::{Boot, DiskAttach, LaunchSpec};
 use csvd_hypervisor::process::Instance;
 use csvd_hypervisor::qmp::RunState;
+use rustix::process::{Pid, Signal, kill_process};
 use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 
@@ -107,9 +111,26 @@ async fn main() {
     let params = json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": downtime });
     let port = 18_990u16;
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
-    for run in 1.. {
+    let mut run = 0;
+    loop {
+        run += 1;
         let go = if runs == 0 {
-            matches!(lines.next_line().await, Ok(Some(_)))
+            match lines.next_line().await {
+                Ok(Some(l)) if matches!(l.trim(), "stop" | "cont") => {
+                    let (sig, said) = if l.trim() == "stop" {
+                        (Signal::STOP, "stopped")
+                    } else {
+                        (Signal::CONT, "continued")
+                    };
+                    let pid = Pid::from_raw(src.pid).expect("a QEMU pid");
+                    kill_process(pid, sig).unwrap_or_else(|e| panic!("cannot signal QEMU: {e}"));
+                    println!("{said}");
+                    run -= 1;
+                    continue;
+                }
+                Ok(Some(_)) => true,
+                _ => false,
+            }
         } else {
             run <= runs
         };
