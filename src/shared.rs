@@ -93,17 +93,18 @@ async fn follow_devices_and_reports(node: MetaNode, csv: Shared, globs: Vec<Stri
     let mut tick = tokio::time::interval(PROBE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut told: HashSet<(PathBuf, String)> = HashSet::new();
+    // Views are shared, never copied: each change would otherwise copy the whole state.
     let mut states = node.subscribe();
-    let first = states.borrow_and_update().state.clone();
-    csv.apply(&first).await;
+    let first = states.borrow_and_update().clone();
+    csv.apply(&first.state).await;
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let state = node.local_view().state.clone();
-                probe(&csv, &state, &globs, &mut told).await;
-                report(&node, &csv, &state).await;
+                let view = node.local_view();
+                probe(&csv, &view.state, &globs, &mut told).await;
+                report(&node, &csv, &view.state).await;
                 if node.current_leader() == Some(node.id()) {
-                    failover(&node, &state).await;
+                    failover(&node, &view.state).await;
                 }
             }
             changed = states.changed() => {
@@ -112,9 +113,9 @@ async fn follow_devices_and_reports(node: MetaNode, csv: Shared, globs: Vec<Stri
                 }
                 // Adopt the change and acknowledge it at once: freed space waits for every
                 // node's acknowledgement.
-                let state = states.borrow_and_update().state.clone();
-                csv.apply(&state).await;
-                report(&node, &csv, &state).await;
+                let view = states.borrow_and_update().clone();
+                csv.apply(&view.state).await;
+                report(&node, &csv, &view.state).await;
             }
         }
     }

@@ -158,11 +158,12 @@ async fn run(node: MetaNode, cfg: VmHostConfig) {
             changed = states.changed() => if changed.is_err() { return },
             Some(ev) = rx.recv() => agent.on_event(ev).await,
         }
-        let state = node.local_view().state.clone();
-        if !agent.cpu_reported && state.cluster_id.is_some() {
+        // The view is shared, not copied (a copy per change would cost the whole state).
+        let view = node.local_view();
+        if !agent.cpu_reported && view.state.cluster_id.is_some() {
             agent.cpu_reported = agent.report_cpu().await;
         }
-        agent.reconcile(&state).await;
+        agent.reconcile(&view.state).await;
     }
 }
 
@@ -244,7 +245,8 @@ impl Agent {
                     self.watch(id, &inst);
                     // The destination QEMU of a migration still under way (or committed but
                     // not yet resumed) is adopted as such.
-                    let state = self.node.local_view().state.clone();
+                    let view = self.node.local_view();
+                    let state = &view.state;
                     let me = self.me();
                     let incoming = state.migrations.values().find(|m| {
                         m.vm == id
@@ -571,7 +573,8 @@ impl Agent {
                     )
                 };
                 let _ = crate::migrate::give_up(&self.node, migration, phase, why).await;
-                let state = self.node.local_view().state.clone();
+                let view = self.node.local_view();
+                let state = &view.state;
                 if let Some(vm) = state.vms.get(&id) {
                     remove_taps(&nic_attachments(vm, self.me())).await;
                 }
@@ -584,7 +587,8 @@ impl Agent {
             None => return,
         };
         // Taps of a NIC are this instance's; QEMU does not remove them.
-        let state = self.node.local_view().state.clone();
+        let view = self.node.local_view();
+        let state = &view.state;
         if let Some(vm) = state.vms.get(&id) {
             let nics = nic_attachments(vm, self.me());
             remove_taps(&nics).await;
@@ -620,7 +624,7 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(500 * u64::from(n))).await;
             if let Some(vm) = state.vms.get(&id).filter(|v| v.desired.wants_qemu()) {
                 let vm = vm.clone();
-                self.start(&state, &vm, n).await;
+                self.start(state, &vm, n).await;
             }
         } else {
             self.given_up.insert(id);
