@@ -664,6 +664,53 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
     })
     .await;
 
+    // migrator follows a migration through the node it talks to (neither source nor
+    // destination) dying and coming back: it watches afresh and reports the outcome.
+    let dest = (1..=3).find(|n| *n != owner).unwrap();
+    let via = (1..=3).find(|n| *n != owner && *n != dest).unwrap();
+    let ep = s.cluster.nodes[via as usize - 1].endpoint();
+    s.ep = s.cluster.nodes[owner as usize - 1].endpoint();
+    let to = dest.to_string();
+    let follower = std::process::Command::new(common::bin("migrator"))
+        .args([
+            "--endpoint",
+            &ep,
+            "--json",
+            "migrate",
+            "g1",
+            "--to",
+            &to,
+            "--bandwidth",
+            "8",
+        ])
+        .env_remove("CSVD_ENDPOINT")
+        .env_remove("CSVD_CLUSTER_ID")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run migrator");
+    wait_copying(&s).await;
+    s.cluster.node(via).kill9();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    s.cluster.node(via).restart();
+    let out = tokio::task::spawn_blocking(move || follower.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let last: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(last["outcome"], "completed", "{last}");
+    wait_until(
+        "g1 running on its new node",
+        Duration::from_secs(60),
+        || {
+            let v = s.vm();
+            async move { (v["state"] == "running" && v["owner"] == dest).then_some(()) }
+        },
+    )
+    .await;
+
     // One boot throughout: the guest was never restarted.
     let boots: std::collections::HashSet<String> = (1..=3)
         .flat_map(|n| common::agent_lines(&s.serial(n)))

@@ -465,7 +465,15 @@ impl MigrationWatch {
                 )
             }
             Ok(None) => None,
-            Err(s) => Some(Err(classify_status(&self.endpoint, s))),
+            Err(s) => Some(Err(match classify_status(&self.endpoint, s) {
+                // The node has answered this call already: a body cut off mid-stream (h2
+                // says "error reading a body") is a lost connection, not a stranger.
+                ClientError::NotCsvd { reason, .. } => ClientError::Unreachable {
+                    endpoint: self.endpoint.clone(),
+                    reason: format!("the connection broke: {reason}"),
+                },
+                other => other,
+            })),
         }
     }
 }
