@@ -250,6 +250,9 @@ struct Writer {
 
 impl Writer {
     fn run(self, rx: mpsc::Receiver<Op>) {
+        // A flush this slow is logged (etcd's "slow fdatasync" in spirit, at a lower bar:
+        // a guest's switchover commit waits for it).
+        const SLOW_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
         // The committed index is written at most this often: each write dirties a second
         // table in the transaction, and a stale value is safe (see `save_committed`).
         const COMMITTED_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -270,7 +273,17 @@ impl Writer {
                 None => true,
                 Some((c, at)) => c != committed && at.elapsed() >= COMMITTED_EVERY,
             };
+            let started = std::time::Instant::now();
             let result = self.commit(&batch, due.then_some(committed));
+            let took = started.elapsed();
+            if took >= SLOW_FLUSH {
+                // Every commit waits for this: a migration's switchover among them.
+                tracing::warn!(
+                    ms = took.as_millis() as u64,
+                    ops = batch.len(),
+                    "slow disk: the Raft log took this long to reach it"
+                );
+            }
             if due && result.is_ok() {
                 committed_written = Some((committed, std::time::Instant::now()));
             }
