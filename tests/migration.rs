@@ -671,20 +671,9 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
     let ep = s.cluster.nodes[via as usize - 1].endpoint();
     s.ep = s.cluster.nodes[owner as usize - 1].endpoint();
     let to = dest.to_string();
-    let follower = std::process::Command::new(common::bin("migrator"))
-        .args([
-            "--endpoint",
-            &ep,
-            "--json",
-            "migrate",
-            "g1",
-            "--to",
-            &to,
-            "--bandwidth",
-            "8",
-        ])
-        .env_remove("CSVD_ENDPOINT")
-        .env_remove("CSVD_CLUSTER_ID")
+    let args = ["--endpoint", &ep, "--json", "migrate", "g1", "--to", &to];
+    let follower = common::migrator_command(&args)
+        .args(["--bandwidth", "8"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

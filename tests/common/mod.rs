@@ -394,12 +394,17 @@ impl Cluster {
 
 /// Runs `migrator` with `args`; returns its output.
 pub fn migrator(args: &[&str]) -> Output {
-    Command::new(bin("migrator"))
-        .args(args)
+    migrator_command(args).output().expect("run migrator")
+}
+
+/// `migrator ARGS` to run as the caller likes (in the background, say), with no endpoint
+/// or cluster id from the environment.
+pub fn migrator_command(args: &[&str]) -> Command {
+    let mut c = Command::new(bin("migrator"));
+    c.args(args)
         .env_remove("CSVD_ENDPOINT")
-        .env_remove("CSVD_CLUSTER_ID")
-        .output()
-        .expect("run migrator")
+        .env_remove("CSVD_CLUSTER_ID");
+    c
 }
 
 /// stderr of a finished process as text.
