@@ -479,9 +479,11 @@ impl Follower {
                         self.watch = Some(w);
                         continue;
                     }
-                    // The node spoke to migrator before (the migration exists), so this
-                    // is a csvd too old to offer the watch (UNIMPLEMENTED).
-                    Err(ClientError::NotCsvd { .. }) => {
+                    // A csvd too old to offer the watch.
+                    Err(ClientError::Refused {
+                        code: Code::Unimplemented,
+                        ..
+                    }) => {
                         self.polling = true;
                         continue;
                     }
@@ -489,9 +491,12 @@ impl Follower {
                 },
             };
             self.watch = None;
+            // The node answered this migrator before (the migration exists), so a reply
+            // that is not gRPC is a connection broken mid-way, as when the node dies.
             let transient = matches!(
                 failure,
                 ClientError::Unreachable { .. }
+                    | ClientError::NotCsvd { .. }
                     | ClientError::Refused {
                         code: Code::Unavailable,
                         ..

@@ -299,7 +299,8 @@ impl ClusterClient {
     /// Follows live migration `id`: the stream yields its record once the node is current,
     /// then each change, and ends after the record in a final phase. The call has no
     /// deadline (a migration takes as long as it takes); the node ends the stream with an
-    /// error if it loses the cluster.
+    /// error if it loses the cluster. A node without the call answers
+    /// [`ClientError::Refused`] with `UNIMPLEMENTED`.
     pub async fn watch_migration(
         &mut self,
         id: MigrationId,
@@ -310,7 +311,14 @@ impl ClusterClient {
             .inner
             .watch_migration(req)
             .await
-            .map_err(|s| self.error(s))?
+            .map_err(|s| match s.code() {
+                // A csvd from before the watch: the caller may read the record instead.
+                Code::Unimplemented => ClientError::Refused {
+                    code: Code::Unimplemented,
+                    message: s.message().to_string(),
+                },
+                _ => self.error(s),
+            })?
             .into_inner();
         Ok(MigrationWatch {
             endpoint: self.endpoint.clone(),
