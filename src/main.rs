@@ -67,16 +67,13 @@ fn main() -> ExitCode {
 /// Sets this thread's scheduling niceness (threads started later inherit it). The daemon
 /// runs above its guests by default, so that Raft heartbeats, the I/O lease and the iSCSI
 /// target are not queued behind busy guests' processors; QEMU is started at 0 whatever
-/// this is (see `csvd_hypervisor::process`). Without the privilege to raise it, the daemon
+/// this is (see `csvd_hypervisor::spawn`). Without the privilege to raise it, the daemon
 /// runs on at its inherited niceness and says so.
-#[allow(unsafe_code)]
 fn set_niceness(nice: i32) {
-    // SAFETY: setpriority only changes the calling thread's scheduling attributes.
-    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
-    if rc != 0 {
+    if let Err(error) = csvd_hypervisor::spawn::set_thread_niceness(nice) {
         tracing::warn!(
             nice,
-            error = %std::io::Error::last_os_error(),
+            %error,
             "cannot set the daemon's niceness; it runs at the inherited one"
         );
     }

@@ -39,18 +39,25 @@ pub async fn run_as_guest(program: &OsStr, args: Vec<OsString>) -> io::Result<Ou
         .unwrap_or_else(|_| Err(io::Error::other("the thread spawning QEMU ended")))
 }
 
+/// Sets the calling thread's niceness (on Linux, niceness is per thread, and threads it
+/// starts afterwards inherit it). Raising priority (a negative value) needs privilege.
+#[allow(unsafe_code)]
+pub fn set_thread_niceness(nice: i32) -> io::Result<()> {
+    // SAFETY: setpriority changes only the calling thread's scheduling (PRIO_PROCESS with 0
+    // is the calling thread on Linux).
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Lowers the calling thread to niceness 0 if it runs above that (always allowed); a thread
 /// at 0 or below priority stays as it is.
 #[allow(unsafe_code)]
 fn at_default_niceness() -> io::Result<()> {
-    // SAFETY: getpriority and setpriority read and change only the calling thread's
-    // scheduling (PRIO_PROCESS with 0 is the calling thread on Linux).
-    unsafe {
-        if libc::getpriority(libc::PRIO_PROCESS, 0) < 0
-            && libc::setpriority(libc::PRIO_PROCESS, 0, 0) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
+    // SAFETY: getpriority only reads the calling thread's scheduling.
+    if unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) } < 0 {
+        set_thread_niceness(0)?;
     }
     Ok(())
 }
