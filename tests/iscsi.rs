@@ -668,13 +668,25 @@ async fn test_iscsi_alua_follows_node_mode_and_sessions_reinstate() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let r = via3.command(s.lun, &cdb::read16(0, 8), &[], 4096).await;
-    assert_eq!(
-        r.sense_code(),
-        Some((6, 0x2a, 0x06)),
-        "unit attention on node 3: {:?}",
-        r.sense_code()
-    );
+    // Node 1 having applied the change says nothing of node 3, which learns of it from its
+    // own copy of the cluster state: until then its reads succeed as before.
+    loop {
+        let r = via3.command(s.lun, &cdb::read16(0, 8), &[], 4096).await;
+        if r.sense_code() == Some((6, 0x2a, 0x06)) {
+            break;
+        }
+        assert_eq!(
+            r.status,
+            0,
+            "before the unit attention: {:?}",
+            r.sense_code()
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no unit attention on node 3"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let r = via3.command(s.lun, &cdb::read16(0, 8), &[], 4096).await;
     assert_eq!(r.status, 0, "redirected I/O still works through node 3");
 
