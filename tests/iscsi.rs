@@ -367,6 +367,11 @@ async fn test_iscsi_cli_shows_paths_and_access() {
     assert!(r.data == block, "the refused write changed the data");
     let out = migrator(&["--endpoint", &endpoint, "lun", "unprotect", "disk1"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("writable on every node"),
+        "{}",
+        stdout(&out)
+    );
     let r = via3.command(s.lun, &[0; 6], &[], 0).await;
     assert_eq!(
         r.sense_code(),
@@ -820,8 +825,12 @@ async fn test_iscsi_vm_disk_takes_writes_from_owner_node_only() {
         "2",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // Each portal fences by its own node's view of the VMs.
+    s.cluster.wait_applied_everywhere().await;
 
-    let r = write_until(&mut stale, s.lun, 0, &vec![0x62u8; 4096], 0x18).await;
+    let r = stale
+        .command(s.lun, &cdb::write16(0, 8), &vec![0x62u8; 4096], 0)
+        .await;
     assert_eq!(r.status, 0x18, "node 1's write must conflict: {r:?}");
     let r = stale.command(s.lun, &cdb::read16(0, 8), &[], 4096).await;
     assert_eq!(r.status, 0, "node 1 still reads: {r:?}");

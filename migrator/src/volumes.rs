@@ -321,15 +321,23 @@ pub async fn run_lun(
                         format!("LUN {id} was created, but its access list was not set: {e}")
                     })?;
             }
+            // Every node's portal offers the LUN once it has adopted the volume's new epoch:
+            // wait for that, briefly, so the LUN answers everywhere when the command returns.
+            let waiting = wait_adopted(client, v.id).await;
             Ok(if as_json {
-                json(
-                    &serde_json::json!({ "id": id, "name": name, "volume": v.id, "size_bytes": size }),
-                )
+                json(&serde_json::json!({
+                    "id": id,
+                    "name": name,
+                    "volume": v.id,
+                    "size_bytes": size,
+                    "adopted_everywhere": waiting.as_ref().is_ok_and(|w| w.is_empty()),
+                }))
             } else {
                 format!(
-                    "created LUN {id} ({name}, {}) on volume {}",
+                    "created LUN {id} ({name}, {}) on volume {}; {}",
                     human(*size),
-                    v.name
+                    v.name,
+                    adoption(&waiting)
                 )
             })
         }
@@ -443,16 +451,16 @@ pub async fn run_lun(
                 json(&serde_json::json!({
                     "id": d.id,
                     "write_protected": on,
-                    "adopted_everywhere": waiting.is_empty(),
+                    "adopted_everywhere": waiting.as_ref().is_ok_and(|w| w.is_empty()),
                 }))
-            } else if waiting.is_empty() {
+            } else if waiting.as_ref().is_ok_and(|w| w.is_empty()) {
                 format!("LUN {} ({}) is {what} on every node", d.id, d.name)
             } else {
                 format!(
-                    "LUN {} ({}) is {what}; node(s) {} have not adopted the change yet",
+                    "LUN {} ({}) is {what}; {}",
                     d.id,
                     d.name,
-                    node_list(&waiting)
+                    adoption(&waiting)
                 )
             })
         }
@@ -465,10 +473,22 @@ pub async fn run_lun(
                 })
                 .await
                 .map_err(|e| e.to_string())?;
+            // Each portal reports the new capacity once its node has adopted it.
+            let waiting = wait_adopted(client, d.volume).await;
             Ok(if as_json {
-                json(&serde_json::json!({ "id": d.id, "size_bytes": size }))
+                json(&serde_json::json!({
+                    "id": d.id,
+                    "size_bytes": size,
+                    "adopted_everywhere": waiting.as_ref().is_ok_and(|w| w.is_empty()),
+                }))
             } else {
-                format!("LUN {} ({}) is now {}", d.id, d.name, human(*size))
+                format!(
+                    "LUN {} ({}) is now {}; {}",
+                    d.id,
+                    d.name,
+                    human(*size),
+                    adoption(&waiting)
+                )
             })
         }
         LunCmd::Delete { lun } => {
@@ -532,23 +552,39 @@ async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Vec<u64> {
 }
 
 /// Waits up to 15 s for every node to acknowledge the volume's current epoch (the barrier
-/// behind which it adopts a change); returns the nodes that have not (empty once all have).
-async fn wait_adopted(client: &mut ClusterClient, volume: uuid::Uuid) -> Vec<u64> {
+/// behind which it adopts a change); returns the nodes that have not (empty once all have),
+/// or why that could not be checked.
+async fn wait_adopted(client: &mut ClusterClient, volume: uuid::Uuid) -> Result<Vec<u64>, String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let mut epoch = None;
     loop {
-        let Ok(state) = client.state().await else {
-            return Vec::new();
+        let state = match client.state().await {
+            Ok(s) => s,
+            Err(e) if std::time::Instant::now() > deadline => return Err(e.to_string()),
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let Some(v) = state.volumes.get(&volume) else {
-            return Vec::new();
+            return Err("the volume is gone".into());
         };
         let want = *epoch.get_or_insert(v.epoch);
         let waiting = behind(&state, v, want);
         if waiting.is_empty() || std::time::Instant::now() > deadline {
-            return waiting;
+            return Ok(waiting);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// How far a change to a volume got, for the end of a command's message: `on every node`,
+/// or which nodes have not adopted it yet.
+fn adoption(waiting: &Result<Vec<u64>, String>) -> String {
+    match waiting {
+        Ok(w) if w.is_empty() => "on every node".into(),
+        Ok(w) => format!("node(s) {} have not adopted the change yet", node_list(w)),
+        Err(e) => format!("not confirmed on every node ({e})"),
     }
 }
 

@@ -378,6 +378,33 @@ impl Cluster {
         );
     }
 
+    /// Waits until every running node has applied what the cluster had committed when this
+    /// was called. A node's own decisions (its portal's, its agents') follow what it has
+    /// applied, which may lag behind the leader that acknowledged a write.
+    pub async fn wait_applied_everywhere(&self) {
+        let running: Vec<&Node> = self.nodes.iter().filter(|n| n.child.is_some()).collect();
+        let mut c = running.first().expect("a running node").client();
+        let committed = wait_until("the committed index", Duration::from_secs(30), || {
+            let mut c = c.clone();
+            async move { c.status().await.ok().map(|s| s.committed_index) }
+        })
+        .await;
+        for n in running {
+            wait_until(
+                &format!("node {} to apply index {committed}", n.id),
+                Duration::from_secs(30),
+                || async move {
+                    n.local_status()
+                        .await
+                        .is_some_and(|s| s.applied_index >= committed)
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+        let _ = &mut c;
+    }
+
     /// Waits for a leader seen from `via`; returns (leader id, status).
     pub async fn leader_via(&self, via: u64) -> (u64, ClusterStatus) {
         let client = self.nodes.iter().find(|n| n.id == via).unwrap().client();
@@ -536,10 +563,12 @@ pub async fn lun_cluster_with(
             async move {
                 let s = c.state().await.ok()?;
                 let v = s.volumes.values().next()?;
+                // Direct, and past the epoch that added the LUN: a node may report a mode
+                // it probed before it applied the LUN's creation.
                 (v.nodes.len() == 3
-                    && v.nodes
-                        .values()
-                        .all(|n| n.mode == csvd_raft::volume::IoMode::Direct))
+                    && v.nodes.values().all(|n| {
+                        n.mode == csvd_raft::volume::IoMode::Direct && n.acked_epoch == v.epoch
+                    }))
                 .then_some(())
             }
         },
