@@ -70,21 +70,58 @@ pub async fn configure(qmp: &Qmp, p: &MigrationParams) -> Result<(), String> {
     Ok(())
 }
 
-/// The destination's QEMU (started with `-incoming defer -S`) listens on `listen` (a quick
-/// migration's state comes from the shared volume instead, after the switchover: see
-/// [`restore_from_volume`]).
-pub async fn listen_incoming(qmp: &Qmp, m: &MigrationRecord, listen: &str) -> Result<(), String> {
+/// How many ports a destination tries, from its node's migration port up. A QEMU keeps its
+/// port until its migration ends, so when several migrations arrive at once (a per-node
+/// limit above 1) each listens on the next free one.
+pub const INCOMING_PORTS: u16 = 32;
+
+/// Held from choosing a port until QEMU listens on it, so that two migrations arriving at
+/// once do not both choose the same free port. (QEMU cannot be asked to try another: a
+/// failed `migrate-incoming` leaves its incoming side unusable.)
+static CHOOSING_PORT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The destination's QEMU (started with `-incoming defer -S`) listens on `listen`, the
+/// node's migration address, or on the first free port above it; returns the address it
+/// listens on (`None` for a quick migration, whose state comes from the shared volume
+/// after the switchover: see [`restore_from_volume`]).
+pub async fn listen_incoming(
+    qmp: &Qmp,
+    m: &MigrationRecord,
+    listen: &str,
+) -> Result<Option<String>, String> {
     configure(qmp, &m.params).await?;
     if m.params.policy == MigrationPolicy::Quick {
-        return Ok(());
+        return Ok(None);
     }
+    let _choosing = CHOOSING_PORT.lock().await;
+    let addr = free_incoming_addr(listen)?;
     qmp.execute(
         "migrate-incoming",
-        Some(json!({ "uri": format!("tcp:{listen}") })),
+        Some(json!({ "uri": format!("tcp:{addr}") })),
     )
     .await
-    .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    Ok(())
+    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    Ok(Some(addr))
+}
+
+/// `listen`, or the first port above it (of [`INCOMING_PORTS`]) that nothing listens on.
+fn free_incoming_addr(listen: &str) -> Result<String, String> {
+    let Ok(base) = listen.parse::<std::net::SocketAddr>() else {
+        return Ok(listen.to_string());
+    };
+    let candidates =
+        (0..INCOMING_PORTS).filter_map(|k| base.port().checked_add(k).map(|p| (base.ip(), p)));
+    for addr in candidates.map(std::net::SocketAddr::from) {
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => return Ok(addr.to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {}
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+        }
+    }
+    Err(format!(
+        "cannot listen for the migration: {listen} and the {} ports above it are all in use",
+        INCOMING_PORTS - 1
+    ))
 }
 
 /// Writes `cmd`, retrying while the cluster has no leader; `Err(Some(e))` when the state
@@ -804,6 +841,28 @@ async fn wait_last_page(inst: &Instance) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_incoming_port_is_the_first_free_one_from_the_migration_port() {
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = held.local_addr().unwrap();
+        let got: std::net::SocketAddr = free_incoming_addr(&base.to_string())
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(got.ip(), base.ip());
+        assert!(
+            got.port() > base.port() && got.port() < base.port() + INCOMING_PORTS,
+            "{base} is taken: {got}"
+        );
+        drop(held);
+        assert_eq!(free_incoming_addr(&base.to_string()), Ok(base.to_string()));
+        // Not an IP address and port: used as given, for QEMU to resolve.
+        assert_eq!(
+            free_incoming_addr("node2.example:8000"),
+            Ok("node2.example:8000".to_string())
+        );
+    }
 
     #[test]
     fn test_qemu_settings_follow_the_operator() {

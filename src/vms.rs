@@ -85,11 +85,12 @@ enum Event {
         id: Uuid,
         how: Stopped,
     },
-    /// The destination's QEMU of a migration started (and listens) or could not.
+    /// The destination's QEMU of a migration started (and listens, on the address given)
+    /// or could not.
     Incoming {
         id: Uuid,
         migration: MigrationId,
-        result: Result<Instance, String>,
+        result: Result<(Instance, Option<String>), String>,
     },
     /// The source's part of a migration ended.
     Sent {
@@ -906,7 +907,10 @@ impl Agent {
                 let node = self.node.clone();
                 let inst = inst.clone();
                 let tx = self.events.clone();
-                let addr = dest.spec.migration_addr.clone();
+                let addr = m
+                    .listen_addr
+                    .clone()
+                    .unwrap_or_else(|| dest.spec.migration_addr.clone());
                 let migration = m.clone();
                 let csv = self.cfg.csv.clone();
                 let configured = self.configuring.remove(&m.id);
@@ -1013,7 +1017,7 @@ impl Agent {
     }
 
     /// Starts the destination QEMU of migration `m`, listening on this node's migration
-    /// address (the result comes back as an event).
+    /// address or a free port above it (the result comes back as an event).
     fn receive(&mut self, state: &ClusterState, m: &MigrationRecord) {
         let (id, migration) = (m.vm, m.id);
         let tx = self.events.clone();
@@ -1054,11 +1058,13 @@ impl Agent {
                 let inst = Instance::start(&qemu, &spec, START_TIMEOUT)
                     .await
                     .map_err(|e| e.to_string())?;
-                if let Err(e) = crate::migrate::listen_incoming(&inst.qmp, &record, &listen).await {
-                    inst.kill().await;
-                    return Err(e);
+                match crate::migrate::listen_incoming(&inst.qmp, &record, &listen).await {
+                    Ok(addr) => Ok((inst, addr)),
+                    Err(e) => {
+                        inst.kill().await;
+                        Err(e)
+                    }
                 }
-                Ok(inst)
             };
             // A migration admitted a while ago may have ended meanwhile without this node
             // seeing it yet (it was frozen or cut off): the leader confirms it still waits
@@ -1088,12 +1094,12 @@ impl Agent {
         &mut self,
         id: Uuid,
         migration: MigrationId,
-        result: Result<Instance, String>,
+        result: Result<(Instance, Option<String>), String>,
     ) {
         self.receiving.remove(&migration);
         match result {
-            Ok(inst) => {
-                tracing::info!(vm = %id, migration, "listening for the VM's state");
+            Ok((inst, listen)) => {
+                tracing::info!(vm = %id, migration, addr = ?listen, "listening for the VM's state");
                 self.watch(id, &inst);
                 self.slots.insert(id, Slot::Incoming { inst, migration });
                 let _ = crate::migrate::write(
@@ -1103,6 +1109,7 @@ impl Agent {
                         from: MigrationPhase::Preparing,
                         to: MigrationPhase::Ready,
                         at_ms: Some(now_ms()),
+                        listen,
                     },
                 )
                 .await;

@@ -585,7 +585,12 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
         async move { (v["owner"] == 2 && v["state"] == "running").then_some(()) }
     })
     .await;
-    assert!(!s.qemu_alive(1), "the source QEMU is gone");
+    // Node 1 stops its QEMU once it has applied the switchover, on its own time.
+    wait_until("the source QEMU to end", Duration::from_secs(20), || {
+        let gone = !s.qemu_alive(1);
+        async move { gone.then_some(()) }
+    })
+    .await;
 
     // The source's csvd dies mid-copy and comes back: it takes the migration up again.
     let out = migrator(&[
@@ -617,9 +622,13 @@ async fn test_daemons_killed_mid_migration_leave_one_running_guest() {
         }
         _ => assert_eq!(owner, 2, "{m}"),
     }
-    // Exactly one QEMU runs the guest.
-    let running: Vec<u64> = (1..=3).filter(|n| s.qemu_alive(*n)).collect();
-    assert_eq!(running, vec![owner], "{m}");
+    // Exactly one QEMU runs the guest, once the other node has applied the migration's end
+    // and stopped its own.
+    wait_until("one QEMU for the guest", Duration::from_secs(30), || {
+        let running: Vec<u64> = (1..=3).filter(|n| s.qemu_alive(*n)).collect();
+        async move { (running == vec![owner]).then_some(()) }
+    })
+    .await;
 
     // The Raft leader dies mid-copy: a new one is elected and the switchover commits
     // through it (or the migration fails cleanly); the guest runs on exactly one node.
@@ -798,6 +807,55 @@ async fn test_two_migrations_at_once_on_four_nodes_and_a_third_queues() {
         started_c >= first_end,
         "c started only after a slot freed: {c}"
     );
+    // The first migration into node 4 listened on its migration address.
+    assert_eq!(
+        b["listen_addr"].as_str(),
+        Some(cluster.nodes[3].migration.as_str()),
+        "{b}"
+    );
+
+    // Two per node: b and c leave node 4 for node 2 at once. A destination QEMU holds its
+    // port until its migration ends, so the second listens on another port and both copy
+    // side by side.
+    let out = migrator(&["--endpoint", &ep, "migration", "limits", "--per-node", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (mb, pb) = start("b", "2");
+    let (mc, pc) = start("c", "2");
+    assert_eq!((pb.as_str(), pc.as_str()), ("preparing", "preparing"));
+    wait_until(
+        "two copies into node 2 at once",
+        Duration::from_secs(60),
+        || {
+            let (b, c) = (show(mb), show(mc));
+            async move { (b["phase"] == "copying" && c["phase"] == "copying").then_some(()) }
+        },
+    )
+    .await;
+    for id in [mb, mc] {
+        let m = wait_until("the migrations to end", Duration::from_secs(180), || {
+            let m = show(id);
+            let done =
+                ["completed", "failed", "cancelled"].contains(&m["phase"].as_str().unwrap_or(""));
+            async move { done.then_some(m) }
+        })
+        .await;
+        assert_eq!(m["phase"], "completed", "{m}");
+    }
+    let (b, c) = (show(mb), show(mc));
+    let ports: std::collections::BTreeSet<&str> = [&b, &c]
+        .iter()
+        .map(|m| m["listen_addr"].as_str().expect("a listening address"))
+        .collect();
+    assert_eq!(ports.len(), 2, "one port each: {b} {c}");
+    assert!(
+        ports.contains(cluster.nodes[1].migration.as_str()),
+        "one of them on node 2's migration address: {ports:?}"
+    );
+    for name in ["a", "b", "c"] {
+        let out = migrator(&["--endpoint", &ep, "--json", "vm", "show", name]);
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap_or_default();
+        assert_eq!(v["owner"], 2, "{v}");
+    }
     for name in ["a", "b", "c"] {
         let out = migrator(&["--endpoint", &ep, "vm", "stop", name]);
         assert!(out.status.success(), "{}", stderr(&out));

@@ -261,6 +261,11 @@ pub enum Command {
         /// The proposer's wall clock, ms since the Unix epoch (recorded for `ready`).
         #[serde(default)]
         at_ms: Option<u64>,
+        /// For `ready`: the address (`host:port`) the destination's QEMU listens on, which
+        /// is the node's migration address or, with several migrations arriving at once, a
+        /// port above it.
+        #[serde(default)]
+        listen: Option<String>,
     },
     /// The source's view of the copy.
     ReportMigration {

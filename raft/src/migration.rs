@@ -185,6 +185,10 @@ pub struct MigrationRecord {
     /// The destination's clock when it said `ready` (its QEMU up and listening).
     #[serde(default)]
     pub ready_at_ms: Option<u64>,
+    /// Where the destination's QEMU listens (`host:port`), said with `ready`; absent (a
+    /// destination that does not say), the destination node's migration address.
+    #[serde(default)]
+    pub listen_addr: Option<String>,
     /// The source's clock when its QEMU completed (paused for good), ms since the epoch.
     #[serde(default)]
     pub switchover_at_ms: Option<u64>,
@@ -572,6 +576,7 @@ impl ClusterState {
             error: None,
             qemu_downtime_ms: None,
             ready_at_ms: None,
+            listen_addr: None,
             switchover_at_ms: None,
             total_ms: None,
             downtime_ms: None,
@@ -600,6 +605,7 @@ impl ClusterState {
         from: MigrationPhase,
         to: MigrationPhase,
         at_ms: Option<u64>,
+        listen: Option<String>,
     ) -> Result<Outcome, ApplyError> {
         let allowed = matches!(
             (from, to),
@@ -626,6 +632,7 @@ impl ClusterState {
         m.phase = to;
         if to == MigrationPhase::Ready {
             m.ready_at_ms = at_ms;
+            m.listen_addr = listen;
         }
         Ok(Outcome::Applied)
     }
@@ -1356,6 +1363,7 @@ mod tests {
                     from,
                     to,
                     at_ms: None,
+                    listen: None,
                 },
             )
         };
@@ -1609,6 +1617,7 @@ mod tests {
                     from,
                     to,
                     at_ms: Some(4 * down),
+                    listen: None,
                 },
             )
             .unwrap();

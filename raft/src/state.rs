@@ -608,9 +608,10 @@ impl ClusterState {
                 from,
                 to,
                 at_ms,
+                listen,
             } => {
                 self.require_initialized()?;
-                self.advance_migration(*id, *from, *to, *at_ms)
+                self.advance_migration(*id, *from, *to, *at_ms, listen.clone())
             }
             Command::ReportMigration { id, progress } => {
                 self.require_initialized()?;

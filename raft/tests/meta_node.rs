@@ -240,11 +240,13 @@ async fn test_a_migration_watch_gets_each_change_and_ends_with_the_final_phase()
         from: MigrationPhase::Preparing,
         to: MigrationPhase::Ready,
         at_ms: Some(csvd_raft::node::now_ms()),
+        listen: Some("127.0.0.1:7100".into()),
     })
     .await
     .unwrap();
     let ready = watch.next().await.unwrap().unwrap();
     assert_eq!(ready.phase, MigrationPhase::Ready);
+    assert_eq!(ready.listen_addr.as_deref(), Some("127.0.0.1:7100"));
 
     node.write(Command::CancelMigration {
         id,
