@@ -49,6 +49,9 @@ pub fn qemu_settings(p: &MigrationParams) -> (serde_json::Value, serde_json::Val
     ]);
     let params = json!({
         "max-bandwidth": p.bandwidth_mibps.map_or(UNCAPPED_BYTES_PER_SEC, |m| m << 20),
+        // Post-copy's background stream too (0: uncapped); the pages the running guest
+        // waits for jump the queue either way.
+        "max-postcopy-bandwidth": p.bandwidth_mibps.map_or(0, |m| m << 20),
         "downtime-limit": p.downtime_ms,
     });
     (caps, params)
@@ -93,15 +96,21 @@ pub async fn listen_incoming(
     if m.params.policy == MigrationPolicy::Quick {
         return Ok(None);
     }
+    listen_on_free_port(qmp, listen, "migrate-incoming")
+        .await
+        .map(Some)
+}
+
+/// Has QEMU listen for a migration stream with `command` (`migrate-incoming`, or
+/// `migrate-recover` for a resumed post-copy stream) on `listen` or the first free port
+/// above it; returns the address.
+async fn listen_on_free_port(qmp: &Qmp, listen: &str, command: &str) -> Result<String, String> {
     let _choosing = CHOOSING_PORT.lock().await;
     let addr = free_incoming_addr(listen)?;
-    qmp.execute(
-        "migrate-incoming",
-        Some(json!({ "uri": format!("tcp:{addr}") })),
-    )
-    .await
-    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    Ok(Some(addr))
+    qmp.execute(command, Some(json!({ "uri": format!("tcp:{addr}") })))
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    Ok(addr)
 }
 
 /// `listen`, or the first port above it (of [`INCOMING_PORTS`]) that nothing listens on.
@@ -650,7 +659,7 @@ pub async fn drive_source(
         }
     };
     if moved && !completed {
-        finish_postcopy(&inst, id).await;
+        finish_postcopy(&node, &inst, id).await;
     }
     if moved {
         tracing::info!(
@@ -684,9 +693,31 @@ pub async fn drive_source(
     }
 }
 
+/// Post-copy: a stream that sent nothing for this long while pages remain is broken (a cut
+/// network tells neither QEMU anything): it is paused and resumed on a new connection.
+const POSTCOPY_STALL: Duration = Duration::from_secs(5);
+
+/// Post-copy: how long the source tries to resume a broken stream before it gives up and the
+/// destination restarts the guest from its disk.
+const RECOVERY_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long after starting to resume a stream the source waits before it counts a paused
+/// stream as broken again.
+const RESUME_GRACE: Duration = Duration::from_secs(2);
+
+/// How long resuming a post-copy stream may take before the source tries afresh.
+const RESUME_STUCK: Duration = Duration::from_secs(5);
+
 /// After a post-copy switchover is committed: lets the guest go to the destination and
 /// serves the pages it still lacks until QEMU has sent them all.
-async fn finish_postcopy(inst: &Instance, id: MigrationId) {
+///
+/// When the stream breaks (QEMU says so, or nothing is sent for [`POSTCOPY_STALL`]) the
+/// source pauses it and records the break; the destination pauses its side too, listens
+/// afresh and records where ([`Command::RecoverPostcopy`]); the source resumes the stream
+/// there, and QEMU sends the pages still missing. Both guests' memory stays whole: the one
+/// on the destination just waits for the pages it touches meanwhile. After
+/// [`RECOVERY_WINDOW`] without success the source gives up.
+async fn finish_postcopy(node: &MetaNode, inst: &Instance, id: MigrationId) {
     match inst.qmp.execute("migrate-start-postcopy", None).await {
         Ok(_) => tracing::info!(
             migration = id,
@@ -696,14 +727,33 @@ async fn finish_postcopy(inst: &Instance, id: MigrationId) {
         Err(e) => tracing::info!(migration = id, error = %e, "post-copy not started"),
     }
     let mut events = inst.qmp.events();
+    let mut last_sent = (0u64, Instant::now());
+    let mut broken_since: Option<Instant> = None;
+    // The break whose stream this node last resumed, and when.
+    let mut resumed: Option<(u32, Instant)> = None;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
             _ = migration_event(&mut events) => {}
         }
-        match inst.qmp.query_migrate().await.map(|i| i.status) {
-            Ok(Some(s)) if s == "completed" => return,
-            Ok(Some(s)) if matches!(s.as_str(), "failed" | "postcopy-paused" | "cancelled") => {
+        let info = match inst.qmp.query_migrate().await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::error!(migration = id, error = %e, "the source QEMU ended during post-copy");
+                return;
+            }
+        };
+        match info.status.as_deref().unwrap_or("") {
+            "completed" => {
+                if broken_since.is_some() || resumed.is_some() {
+                    tracing::info!(
+                        migration = id,
+                        "post-copy: every page sent after the stream was resumed"
+                    );
+                }
+                return;
+            }
+            s @ ("failed" | "cancelled") => {
                 tracing::error!(
                     migration = id,
                     status = %s,
@@ -711,12 +761,115 @@ async fn finish_postcopy(inst: &Instance, id: MigrationId) {
                 );
                 return;
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(migration = id, error = %e, "the source QEMU ended during post-copy");
-                return;
+            "postcopy-active" => {
+                let sent = info.ram.as_ref().map_or(0, |r| r.transferred);
+                if sent != last_sent.0 {
+                    last_sent = (sent, Instant::now());
+                    broken_since = None;
+                } else if last_sent.1.elapsed() >= POSTCOPY_STALL {
+                    tracing::warn!(
+                        migration = id,
+                        "post-copy: nothing sent for {} s: pausing the stream to resume it on a new connection",
+                        POSTCOPY_STALL.as_secs()
+                    );
+                    let _ = inst.qmp.execute("migrate-pause", None).await;
+                    last_sent.1 = Instant::now();
+                }
             }
+            "postcopy-paused" => {
+                let since = *broken_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= RECOVERY_WINDOW {
+                    tracing::error!(
+                        migration = id,
+                        "post-copy: the stream could not be resumed within {} s: giving up; the destination restarts the guest",
+                        RECOVERY_WINDOW.as_secs()
+                    );
+                    return;
+                }
+                let recovery = node
+                    .local_view()
+                    .state
+                    .migrations
+                    .get(&id)
+                    .and_then(|m| m.recovery.clone());
+                let current = recovery.as_ref().map_or(0, |r| r.attempt);
+                let listening = recovery.and_then(|r| r.listen);
+                match (listening, resumed) {
+                    // The destination listens for this break's stream: resume it there.
+                    (Some(addr), r) if r.is_none_or(|(a, _)| a != current) => {
+                        resumed = Some((current, Instant::now()));
+                        tracing::info!(migration = id, to = %addr, attempt = current, "post-copy: resuming the stream");
+                        let uri = format!("tcp:{addr}");
+                        if let Err(e) = inst
+                            .qmp
+                            .execute("migrate", Some(json!({ "uri": uri, "resume": true })))
+                            .await
+                        {
+                            tracing::warn!(migration = id, error = %e, "post-copy: the stream cannot be resumed yet");
+                        }
+                    }
+                    // A break not recorded yet: the first, or the resumed stream broke again.
+                    (None, None) if current == 0 => {
+                        announce_break(node, id, 1).await;
+                    }
+                    (Some(_), Some((a, at))) if a == current && at.elapsed() >= RESUME_GRACE => {
+                        announce_break(node, id, current + 1).await;
+                    }
+                    // Waiting for the destination to listen.
+                    _ => {}
+                }
+            }
+            // The stream is being resumed: connecting (a network still cut leaves TCP
+            // trying for two minutes, and the connection comes up on its first try after
+            // the network is back), then the handshake, which QEMU can be told to give up
+            // when it hangs. Both count against the window.
+            s @ ("postcopy-recover-setup" | "postcopy-recover") => {
+                if broken_since.is_some_and(|t| t.elapsed() >= RECOVERY_WINDOW) {
+                    tracing::error!(
+                        migration = id,
+                        "post-copy: the stream could not be resumed within {} s: giving up; the destination restarts the guest",
+                        RECOVERY_WINDOW.as_secs()
+                    );
+                    return;
+                }
+                if let Some((attempt, at)) = resumed
+                    && s == "postcopy-recover"
+                    && at.elapsed() >= RESUME_STUCK
+                {
+                    tracing::warn!(
+                        migration = id,
+                        "post-copy: the resumed stream hangs; trying again"
+                    );
+                    let _ = inst.qmp.execute("migrate-pause", None).await;
+                    // Counted as broken again once paused, but not kicked again at once.
+                    let now = Instant::now();
+                    resumed = Some((attempt, now.checked_sub(RESUME_GRACE).unwrap_or(now)));
+                }
+            }
+            _ => {}
         }
+    }
+}
+
+/// Records break `attempt` of a post-copy stream, for the destination to listen afresh.
+async fn announce_break(node: &MetaNode, id: MigrationId, attempt: u32) {
+    tracing::warn!(
+        migration = id,
+        attempt,
+        "post-copy: the stream broke; asking the destination to listen again"
+    );
+    if let Err(e) = write(
+        node,
+        Command::RecoverPostcopy {
+            id,
+            attempt,
+            listen: None,
+            now_ms: now_ms(),
+        },
+    )
+    .await
+    {
+        tracing::warn!(migration = id, error = ?e, "post-copy: the break was not recorded");
     }
 }
 
@@ -782,7 +935,7 @@ pub async fn resume_destination(
     // The migration's total ends with the guest running here, or with a post-copy's last page.
     let mut ended = resumed;
     if m.params.policy == MigrationPolicy::Postcopy {
-        wait_last_page(inst).await?;
+        wait_last_page(node, inst, m).await?;
         ended = now_ms();
     }
     let qemu = m.qemu_downtime_ms.unwrap_or(0);
@@ -815,21 +968,94 @@ pub async fn resume_destination(
 /// How long the destination waits for its guest to run after the commit.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Waits until a post-copy destination has every page of the guest's memory.
-async fn wait_last_page(inst: &Instance) -> Result<(), String> {
+/// How much longer than the source the destination waits for a broken post-copy stream to
+/// be resumed, so that it never gives up on a stream the source still resumes.
+const RECOVERY_SLACK: Duration = Duration::from_secs(15);
+
+/// Waits until a post-copy destination has every page of the guest's memory. A stream that
+/// breaks is resumed (see [`finish_postcopy`]): when the source records a break, this side
+/// pauses its end, listens afresh on a free migration port and records where.
+async fn wait_last_page(
+    node: &MetaNode,
+    inst: &Instance,
+    m: &MigrationRecord,
+) -> Result<(), String> {
     let mut events = inst.qmp.events();
+    // The break whose resumed stream this node listens for.
+    let mut answered = 0u32;
+    let mut broken_since: Option<Instant> = None;
     loop {
-        match inst.qmp.query_migrate().await {
-            Ok(info) => match info.status.as_deref() {
-                Some("completed") | None => return Ok(()),
-                Some(s @ ("failed" | "postcopy-paused" | "cancelled")) => {
+        let status = match inst.qmp.query_migrate().await {
+            Ok(info) => info.status,
+            Err(e) => return Err(format!("QEMU ended during post-copy: {e}")),
+        };
+        match status.as_deref() {
+            Some("completed") | None => return Ok(()),
+            Some(s @ ("failed" | "cancelled")) => {
+                return Err(format!(
+                    "post-copy broke off ({s}) before every page arrived from the source"
+                ));
+            }
+            Some(s) => {
+                if s == "postcopy-active" {
+                    broken_since = None;
+                } else if broken_since.get_or_insert_with(Instant::now).elapsed()
+                    >= RECOVERY_WINDOW + RECOVERY_SLACK
+                {
                     return Err(format!(
-                        "post-copy broke off ({s}) before every page arrived from the source"
+                        "post-copy broke off ({s}) and was not resumed within {} s",
+                        (RECOVERY_WINDOW + RECOVERY_SLACK).as_secs()
                     ));
                 }
-                _ => {}
-            },
-            Err(e) => return Err(format!("QEMU ended during post-copy: {e}")),
+                let view = node.local_view();
+                let asked = view
+                    .state
+                    .migrations
+                    .get(&m.id)
+                    .and_then(|r| r.recovery.as_ref())
+                    .map_or(0, |r| r.attempt);
+                if asked > answered {
+                    match s {
+                        // The source saw the stream break; a cut network may not have told
+                        // this side.
+                        "postcopy-active" => {
+                            tracing::warn!(
+                                migration = m.id,
+                                "post-copy: the source reports the stream broken: pausing this end"
+                            );
+                            let _ = inst.qmp.execute("migrate-pause", None).await;
+                        }
+                        "postcopy-paused" => {
+                            let base = view
+                                .state
+                                .nodes
+                                .get(&node.id())
+                                .map(|n| n.spec.migration_addr.clone())
+                                .unwrap_or_default();
+                            match listen_on_free_port(&inst.qmp, &base, "migrate-recover").await {
+                                Ok(addr) => {
+                                    answered = asked;
+                                    tracing::info!(migration = m.id, %addr, attempt = asked, "post-copy: listening for the resumed stream");
+                                    let _ = write(
+                                        node,
+                                        Command::RecoverPostcopy {
+                                            id: m.id,
+                                            attempt: asked,
+                                            listen: Some(addr),
+                                            now_ms: now_ms(),
+                                        },
+                                    )
+                                    .await;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(migration = m.id, error = %e, "post-copy: cannot listen for the resumed stream yet")
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL) => {}
@@ -874,6 +1100,7 @@ mod tests {
         let (caps, params) = qemu_settings(&p);
         // No silent 128 MiB/s cap.
         assert_eq!(params["max-bandwidth"], UNCAPPED_BYTES_PER_SEC);
+        assert_eq!(params["max-postcopy-bandwidth"], 0, "uncapped");
         assert_eq!(params["downtime-limit"], 50);
         assert_eq!(caps[1]["capability"], "auto-converge");
         assert_eq!(caps[1]["state"], false);
@@ -884,6 +1111,7 @@ mod tests {
         };
         let (caps, params) = qemu_settings(&p);
         assert_eq!(params["max-bandwidth"], 200u64 << 20);
+        assert_eq!(params["max-postcopy-bandwidth"], 200u64 << 20);
         assert_eq!(caps[1]["state"], true);
     }
 }

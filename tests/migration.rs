@@ -3,7 +3,8 @@
 //! migrate` moves it between nodes. The counter continues across the switch (no reboot),
 //! the records on the shared volume stay contiguous, the downtime is reported. A cancelled
 //! migration, one whose destination QEMU is killed, and one whose migration network is cut
-//! (nftables drops the destination's migration port) leave the VM running on its source.
+//! (nftables drops the destination's migration port) leave the VM running on its source; one
+//! whose source QEMU is killed fails, and the guest boots again on its source.
 //! Skips with a clear line when QEMU, the test guest (scripts/build-guest) or, for the cut,
 //! a working `nft` is missing.
 
@@ -126,6 +127,11 @@ impl Setup {
 /// A three-node cluster with VM g1 (128 MiB, the test guest with `append`) running on node 1
 /// and writing records to its LUN.
 async fn setup(append: &str) -> Option<Setup> {
+    setup_with(append, "128").await
+}
+
+/// [`setup`] with `memory` MiB for the guest.
+async fn setup_with(append: &str, memory: &str) -> Option<Setup> {
     let guest = common::test_guest()?;
     // Room on the volume for a quick migration's saved state besides the LUN.
     let (cluster, _, lun) =
@@ -136,7 +142,7 @@ async fn setup(append: &str) -> Option<Setup> {
         &ep,
         &guest,
         "g1",
-        "128",
+        memory,
         "1",
         append,
         &["--disk", "disk1", "--nic", "lan"],
@@ -371,6 +377,75 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
         .map(|(b, _)| b)
         .collect();
     assert_eq!(boots.len(), 1, "{boots:?}");
+
+    // The source QEMU is killed mid-copy: the guest is lost with it. The migration fails,
+    // the destination's QEMU goes, and the restart policy boots the guest again on its
+    // owner, the source.
+    let boot = common::agent_lines(&s.serial(1)).last().unwrap().0.clone();
+    let id = s.start_slow(2);
+    wait_until("the copy", Duration::from_secs(60), || {
+        let c = copying(&s);
+        async move { c.then_some(()) }
+    })
+    .await;
+    let pid = std::fs::read_to_string(
+        s.cluster.nodes[0]
+            .dir
+            .join("vms")
+            .join(&s.vm_id)
+            .join("qemu.pid"),
+    )
+    .unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let failed = wait_until("the failure", Duration::from_secs(60), || {
+        let m = migration_json(&s.ep, id);
+        let done =
+            ["completed", "failed", "cancelled"].contains(&m["phase"].as_str().unwrap_or(""));
+        async move { done.then_some(m) }
+    })
+    .await;
+    assert_eq!(failed["phase"], "failed", "{failed}");
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("source")),
+        "{failed}"
+    );
+    let serial = s.serial(1);
+    let reboot = wait_until(
+        "the guest booted again on node 1",
+        Duration::from_secs(120),
+        || {
+            let last = common::agent_lines(&serial)
+                .last()
+                .filter(|(b, n)| *b != boot && *n >= 5)
+                .map(|(b, _)| b.clone());
+            async move { last }
+        },
+    )
+    .await;
+    let v = s.vm();
+    assert_eq!(
+        (v["owner"].as_u64(), v["state"].as_str()),
+        (Some(1), Some("running")),
+        "{v}"
+    );
+    wait_until("one QEMU for g1, node 1's", Duration::from_secs(30), || {
+        let one = qemu_nodes(&s) == vec![1];
+        async move { one.then_some(()) }
+    })
+    .await;
+    assert!(
+        common::agent_lines(&s.serial(2))
+            .iter()
+            .all(|(b, _)| *b != reboot),
+        "the new boot ran on node 1 only"
+    );
+
     let out = migrator(&["--endpoint", &s.ep, "vm", "stop", "g1"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
@@ -742,7 +817,7 @@ async fn test_two_migrations_at_once_on_four_nodes_and_a_third_queues() {
     let ep = cluster.nodes[0].endpoint();
     // a on node 1, b on node 3, c on node 1: each copy is slowed down to take seconds.
     for (name, node) in [("a", "1"), ("b", "3"), ("c", "1")] {
-        let append = "console=ttyS0 quiet panic=-1 csvd.dirty_mib=16";
+        let append = "console=ttyS0 quiet panic=-1";
         let out = common::create_guest_vm(&ep, &guest, name, "128", node, append, &[]);
         assert!(out.status.success(), "{}", stderr(&out));
         let out = migrator(&["--endpoint", &ep, "vm", "start", name]);
@@ -916,21 +991,41 @@ struct NetCut {
 }
 
 impl NetCut {
+    /// Cuts the TCP traffic of one address and port.
     fn new(addr: &str) -> NetCut {
         let addr: std::net::SocketAddr = addr.parse().expect("an IP address and port");
+        Self::cut(addr.ip(), Some(addr.port()))
+    }
+
+    /// Cuts every TCP connection to or from `ip` (a node's whole migration network).
+    fn ip(ip: std::net::IpAddr) -> NetCut {
+        Self::cut(ip, None)
+    }
+
+    fn cut(ip: std::net::IpAddr, port: Option<u16>) -> NetCut {
         forget_stale_cuts();
-        let table = format!("{CUT_TABLE_PREFIX}{}_{}", std::process::id(), addr.port());
-        let (family, ip, port) = (
-            if addr.is_ipv4() { "ip" } else { "ip6" },
-            addr.ip(),
-            addr.port(),
+        let table = format!(
+            "{CUT_TABLE_PREFIX}{}_{}",
+            std::process::id(),
+            port.map_or_else(
+                || ip.to_string().replace(['.', ':'], "x"),
+                |p| p.to_string()
+            )
         );
+        let family = if ip.is_ipv4() { "ip" } else { "ip6" };
+        let (dport, sport) = match port {
+            Some(p) => (format!(" tcp dport {p}"), format!(" tcp sport {p}")),
+            None => (
+                " meta l4proto tcp".to_string(),
+                " meta l4proto tcp".to_string(),
+            ),
+        };
         let script = format!(
             "table inet {table} {{\n\
              \tchain input {{\n\
              \t\ttype filter hook input priority filter; policy accept;\n\
-             \t\t{family} daddr {ip} tcp dport {port} counter drop\n\
-             \t\t{family} saddr {ip} tcp sport {port} counter drop\n\
+             \t\t{family} daddr {ip}{dport} counter drop\n\
+             \t\t{family} saddr {ip}{sport} counter drop\n\
              \t}}\n\
              }}\n"
         );
@@ -1036,6 +1131,127 @@ fn epoch_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// Post-copy, with node 2's migration network cut right after the switchover, while the
+/// guest already runs on node 2 but lacks most of the memory it keeps rewriting: the source
+/// sees nothing sent, pauses the stream and records the break; node 2 pauses its end and
+/// listens afresh. Once the network is back the stream resumes, the last pages arrive, and
+/// the guest goes on where it was: same boot, counter, disk records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_post_copy_cut_after_the_switchover_resumes_when_the_network_is_back() {
+    if !common::ensure_bridge() {
+        eprintln!("skip: cannot create the bridge lan (needs root)");
+        return;
+    }
+    if !nft_usable() {
+        return;
+    }
+    let Some(s) = setup_with(
+        "console=ttyS0 quiet panic=-1 csvd.period_ms=50 csvd.dirty_mib=96",
+        "256",
+    )
+    .await
+    else {
+        return;
+    };
+    let dest: std::net::SocketAddr = s.cluster.nodes[1].migration.parse().unwrap();
+    // Capped so that pre-copy alone would never converge: post-copy moves the guest after
+    // one pass, with its rewritten memory still on node 1.
+    let out = s.migrate_output(
+        2,
+        &["--policy", "postcopy", "--bandwidth", "16", "--no-wait"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = v["migration"].as_u64().unwrap();
+    // Cut once the guest runs on node 2 (it reports so as soon as QEMU runs it there, while
+    // its pages still come), before the last page arrived.
+    let client = s.cluster.nodes[0].client();
+    let vm_id: uuid::Uuid = s.vm_id.parse().unwrap();
+    let cut = wait_until(
+        "the guest running on node 2 during post-copy",
+        Duration::from_secs(120),
+        || {
+            let mut c = client.clone();
+            async move {
+                let state = c.state().await.ok()?;
+                let m = &state.migrations[&id];
+                assert!(!m.phase.is_terminal(), "ended before the cut: {m:?}");
+                let v = &state.vms[&vm_id];
+                (m.phase == csvd_raft::migration::MigrationPhase::Committed
+                    && v.owner == 2
+                    && v.runtime
+                        .as_ref()
+                        .is_some_and(|r| r.node == 2 && r.state == csvd_raft::vm::VmState::Running))
+                .then(|| NetCut::ip(dest.ip()))
+            }
+        },
+    )
+    .await;
+    let cut_at = std::time::Instant::now();
+    let answered = wait_until(
+        "the break recorded and node 2 listening again",
+        Duration::from_secs(60),
+        || {
+            let m = migration_json(&s.ep, id);
+            async move { m["recovery"]["listen"].is_string().then_some(m) }
+        },
+    )
+    .await;
+    assert_eq!(answered["phase"], "committed", "{answered}");
+    assert_eq!(answered["recovery"]["attempt"], 1, "{answered}");
+    // Nothing gets through while the network is cut: the guest waits for its pages.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(migration_json(&s.ep, id)["phase"], "committed");
+    let dropped = cut.dropped_packets();
+    assert!(dropped > 0, "the cut dropped no packet");
+    drop(cut);
+    let cut_for = cut_at.elapsed();
+    let done = wait_until("the migration to end", Duration::from_secs(120), || {
+        let m = migration_json(&s.ep, id);
+        let done =
+            ["completed", "failed", "cancelled"].contains(&m["phase"].as_str().unwrap_or(""));
+        async move { done.then_some(m) }
+    })
+    .await;
+    assert_eq!(done["phase"], "completed", "{done}");
+    eprintln!(
+        "cut for {} ms ({dropped} packets dropped); ended {} ms after the cut was lifted; {}",
+        cut_for.as_millis(),
+        (cut_at.elapsed() - cut_for).as_millis(),
+        done["recovery"]
+    );
+    let v = s.vm();
+    assert_eq!(
+        (v["owner"].as_u64(), v["state"].as_str()),
+        (Some(2), Some("running")),
+        "{v}"
+    );
+    // The same guest, on node 2 alone: its counter went on from node 1's and goes on.
+    let boot = s.continues_on(1, 2).await;
+    let serial = s.serial(2);
+    let at_end = common::agent_lines(&serial).last().unwrap().1;
+    wait_until("the guest to go on", Duration::from_secs(30), || {
+        let now = common::agent_lines(&serial).last().map_or(0, |l| l.1);
+        async move { (now > at_end + 20).then_some(()) }
+    })
+    .await;
+    assert!(common::agent_lines(&serial).iter().all(|(b, _)| *b == boot));
+    wait_until("one QEMU for g1, node 2's", Duration::from_secs(30), || {
+        let one = qemu_nodes(&s) == vec![2];
+        async move { one.then_some(()) }
+    })
+    .await;
+    let disk = s.cluster.nodes[0].client().state().await.unwrap().disks[&s.lun].clone();
+    let recs = common::guest_records(&s.image, &disk);
+    let boot_id = u64::from_str_radix(&boot, 16).unwrap();
+    assert!(recs.iter().all(|r| r.0 == boot_id), "one boot on the disk");
+    for w in recs.windows(2) {
+        assert_eq!(w[1].1, w[0].1 + 1, "contiguous sequence numbers");
+    }
+    let out = migrator(&["--endpoint", &s.ep, "vm", "stop", "g1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

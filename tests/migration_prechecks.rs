@@ -456,7 +456,8 @@ async fn test_migrate_is_refused_before_anything_starts() {
     assert!(on3.is_empty(), "node 3 runs a QEMU for g1: {on3:#?}");
     assert!(
         !s.run_dir(3).exists(),
-        "node 3 started g1's QEMU after thawing"
+        "node 3 started g1's QEMU after thawing; its log:\n{}",
+        s.cluster.nodes[2].log()
     );
     assert_eq!(
         json(&ep, &["migration", "show", &stranded_id])["phase"],

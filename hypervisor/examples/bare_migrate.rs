@@ -19,6 +19,9 @@
 //!     GUEST_DIR MEMORY_MIB DIRTY_MIB RUNS DOWNTIME_MS [ISCSI_URL INITIATOR]
 //! ```
 //!
+//! `MIGRATION_POLICY=auto-converge` in the environment turns on QEMU's auto-converge (as
+//! `migrator migrate --policy auto-converge` does); otherwise it is plain pre-copy.
+//!
 //! With RUNS 0 it migrates once per line read on its standard input, until it ends (so that
 //! a driver can interleave these migrations with others). The lines `stop` and `cont`
 //! instead stop the running guest's QEMU (SIGSTOP) or let it go on (SIGCONT), and are
@@ -104,9 +107,12 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
+    // MIGRATION_POLICY=auto-converge throttles a busy guest, as `migrate --policy
+    // auto-converge` does; anything else is plain pre-copy.
+    let auto_converge = std::env::var("MIGRATION_POLICY").is_ok_and(|p| p == "auto-converge");
     let caps = json!({ "capabilities": [
         { "capability": "events", "state": true },
-        { "capability": "auto-converge", "state": false },
+        { "capability": "auto-converge", "state": auto_converge },
     ]});
     let params = json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": downtime });
     let port = 18_990u16;

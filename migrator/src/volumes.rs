@@ -500,17 +500,23 @@ pub async fn run_lun(
             // The space becomes reusable once every node has adopted the deletion; wait
             // for that, briefly, so a create right after finds it free.
             let waiting = wait_released(client, d).await;
+            let released = waiting.as_ref().is_ok_and(|w| w.is_empty());
             Ok(if as_json {
-                json(&serde_json::json!({ "deleted": d.id, "space_released": waiting.is_empty() }))
-            } else if waiting.is_empty() {
-                format!("deleted LUN {} ({})", d.id, d.name)
+                json(&serde_json::json!({ "deleted": d.id, "space_released": released }))
             } else {
-                format!(
-                    "deleted LUN {} ({}); its space is reusable once node(s) {} acknowledge the change",
-                    d.id,
-                    d.name,
-                    node_list(&waiting)
-                )
+                match waiting {
+                    Ok(w) if w.is_empty() => format!("deleted LUN {} ({})", d.id, d.name),
+                    Ok(w) => format!(
+                        "deleted LUN {} ({}); its space is reusable once node(s) {} acknowledge the change",
+                        d.id,
+                        d.name,
+                        node_list(&w)
+                    ),
+                    Err(e) => format!(
+                        "deleted LUN {} ({}); whether its space is reusable yet is unknown ({e})",
+                        d.id, d.name
+                    ),
+                }
             })
         }
     }
@@ -526,15 +532,20 @@ fn node_list(nodes: &[u64]) -> String {
 }
 
 /// Waits up to 15 s for the deleted disk's extents to be released; returns the nodes that have
-/// not acknowledged the deletion yet (empty once released).
-async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Vec<u64> {
+/// not acknowledged the deletion yet (empty once released), or why that could not be checked.
+async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Result<Vec<u64>, String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
-        let Ok(state) = client.state().await else {
-            return Vec::new();
+        let state = match client.state().await {
+            Ok(s) => s,
+            Err(e) if std::time::Instant::now() > deadline => return Err(e.to_string()),
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let Some(v) = state.volumes.get(&d.volume) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let held: Vec<_> = v
             .pending_free
@@ -542,10 +553,10 @@ async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Vec<u64> {
             .filter(|p| d.extents.contains(&p.extent))
             .collect();
         let Some(epoch) = held.iter().map(|p| p.epoch).max() else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         if std::time::Instant::now() > deadline {
-            return behind(&state, v, epoch);
+            return Ok(behind(&state, v, epoch));
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

@@ -274,6 +274,19 @@ pub enum Command {
         /// Bytes, rates, estimates.
         progress: crate::migration::MigrationProgress,
     },
+    /// Post-copy, after the switchover, when the migration stream broke: the source says
+    /// it broke (break number `attempt`, no `listen`), then the destination says where it
+    /// listens for the resumed stream (`listen`, for that break).
+    RecoverPostcopy {
+        /// The migration.
+        id: crate::migration::MigrationId,
+        /// Which break (1 for the first).
+        attempt: u32,
+        /// The destination's new listening address (`host:port`).
+        listen: Option<String>,
+        /// The proposer's wall clock, ms since the Unix epoch.
+        now_ms: u64,
+    },
     /// The switchover: the VM becomes the destination's, unless the migration was cancelled
     /// or failed first.
     CommitMigration {
@@ -373,6 +386,7 @@ impl Command {
             Command::AdvanceMigration { .. } => "advance_migration",
             Command::ReportMigration { .. } => "report_migration",
             Command::CommitMigration { .. } => "commit_migration",
+            Command::RecoverPostcopy { .. } => "recover_postcopy",
             Command::FinishMigration { .. } => "finish_migration",
             Command::CancelMigration { .. } => "cancel_migration",
             Command::SetMigrationLimits { .. } => "set_migration_limits",

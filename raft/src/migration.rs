@@ -142,6 +142,19 @@ impl MigrationPhase {
     }
 }
 
+/// A post-copy migration whose stream broke after the switchover: the guest runs on the
+/// destination but lacks pages that only the source has. Both QEMUs pause the stream, the
+/// destination listens afresh, and the source resumes the stream there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyRecovery {
+    /// Which break this is (1 for the first).
+    pub attempt: u32,
+    /// Where the destination listens for the resumed stream, once it does.
+    pub listen: Option<String>,
+    /// The source's clock at the first break, ms since the epoch.
+    pub since_ms: u64,
+}
+
 /// The source's latest view of the copy (QEMU's query-migrate).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationProgress {
@@ -189,6 +202,10 @@ pub struct MigrationRecord {
     /// destination that does not say), the destination node's migration address.
     #[serde(default)]
     pub listen_addr: Option<String>,
+    /// Post-copy: the migration stream broke after the switchover and was (or is being)
+    /// mended. `None` while it never broke.
+    #[serde(default)]
+    pub recovery: Option<PostcopyRecovery>,
     /// The source's clock when its QEMU completed (paused for good), ms since the epoch.
     #[serde(default)]
     pub switchover_at_ms: Option<u64>,
@@ -577,6 +594,7 @@ impl ClusterState {
             qemu_downtime_ms: None,
             ready_at_ms: None,
             listen_addr: None,
+            recovery: None,
             switchover_at_ms: None,
             total_ms: None,
             downtime_ms: None,
@@ -653,6 +671,54 @@ impl ClusterState {
         }
         m.progress = Some(progress.clone());
         Ok(Outcome::Applied)
+    }
+
+    /// Post-copy after the switchover: the source reports break `attempt` of the migration
+    /// stream (`listen` none), or the destination where it listens for the stream resumed
+    /// after that break.
+    pub(crate) fn recover_postcopy(
+        &mut self,
+        id: MigrationId,
+        attempt: u32,
+        listen: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Outcome, ApplyError> {
+        let m = self.migration_mut(id)?;
+        if m.phase != MigrationPhase::Committed || m.params.policy != MigrationPolicy::Postcopy {
+            return Err(precondition(format!(
+                "migration {id} is {} ({}): it has no post-copy stream to mend",
+                m.phase.as_str(),
+                m.params.policy.as_str()
+            )));
+        }
+        let current = m.recovery.as_ref().map_or(0, |r| r.attempt);
+        match listen {
+            None if attempt == current => Ok(Outcome::Unchanged),
+            None if attempt == current + 1 => {
+                let since_ms = m.recovery.as_ref().map_or(now_ms, |r| r.since_ms);
+                m.recovery = Some(PostcopyRecovery {
+                    attempt,
+                    listen: None,
+                    since_ms,
+                });
+                Ok(Outcome::Applied)
+            }
+            None => Err(precondition(format!(
+                "migration {id}: break {attempt} cannot follow break {current}"
+            ))),
+            Some(addr) => match m.recovery.as_mut() {
+                Some(r) if r.attempt == attempt => {
+                    if r.listen.as_deref() == Some(addr) {
+                        return Ok(Outcome::Unchanged);
+                    }
+                    r.listen = Some(addr.to_string());
+                    Ok(Outcome::Applied)
+                }
+                _ => Err(precondition(format!(
+                    "migration {id}: break {attempt} is not the current one ({current})"
+                ))),
+            },
+        }
     }
 
     /// The switchover: the source's QEMU completed and paused; the VM becomes the
@@ -1348,6 +1414,102 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn test_a_broken_post_copy_stream_is_mended_one_break_at_a_time() {
+        let mut s = cluster(1);
+        let id = match apply(
+            &mut s,
+            Command::StartMigration {
+                vm: Uuid::from_u128(101),
+                dest: 2,
+                params: MigrationParams {
+                    policy: MigrationPolicy::Postcopy,
+                    ..params()
+                },
+                now_ms: 10,
+            },
+        ) {
+            Ok(Outcome::Created { id }) => id,
+            other => panic!("{other:?}"),
+        };
+        let recover = |s: &mut ClusterState, attempt, listen: Option<&str>, now_ms| {
+            apply(
+                s,
+                Command::RecoverPostcopy {
+                    id,
+                    attempt,
+                    listen: listen.map(str::to_string),
+                    now_ms,
+                },
+            )
+        };
+        // Nothing to mend before the switchover.
+        assert!(recover(&mut s, 1, None, 50).is_err());
+        for (from, to) in [
+            (MigrationPhase::Preparing, MigrationPhase::Ready),
+            (MigrationPhase::Ready, MigrationPhase::Copying),
+        ] {
+            apply(
+                &mut s,
+                Command::AdvanceMigration {
+                    id,
+                    from,
+                    to,
+                    at_ms: None,
+                    listen: None,
+                },
+            )
+            .unwrap();
+        }
+        apply(
+            &mut s,
+            Command::CommitMigration {
+                id,
+                qemu_downtime_ms: 0,
+                switchover_at_ms: 40,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.migrations[&id].recovery, None);
+        // The destination cannot answer a break the source has not reported.
+        assert!(recover(&mut s, 1, Some("127.0.0.1:8001"), 50).is_err());
+        assert_eq!(recover(&mut s, 1, None, 50), Ok(Outcome::Applied));
+        assert_eq!(
+            recover(&mut s, 1, None, 51),
+            Ok(Outcome::Unchanged),
+            "a retry"
+        );
+        assert!(recover(&mut s, 3, None, 52).is_err(), "break 2 comes first");
+        assert_eq!(
+            recover(&mut s, 1, Some("127.0.0.1:8001"), 53),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(
+            s.migrations[&id].recovery,
+            Some(PostcopyRecovery {
+                attempt: 1,
+                listen: Some("127.0.0.1:8001".into()),
+                since_ms: 50
+            })
+        );
+        // The resumed stream broke again: a new break, the first one's time kept.
+        assert_eq!(recover(&mut s, 2, None, 60), Ok(Outcome::Applied));
+        assert_eq!(
+            s.migrations[&id].recovery,
+            Some(PostcopyRecovery {
+                attempt: 2,
+                listen: None,
+                since_ms: 50
+            })
+        );
+        assert!(
+            recover(&mut s, 1, Some("127.0.0.1:8002"), 61).is_err(),
+            "an answer to an earlier break"
+        );
+        finish(&mut s, id, MigrationPhase::Completed, true).unwrap();
+        assert!(recover(&mut s, 3, None, 70).is_err(), "ended");
     }
 
     #[test]

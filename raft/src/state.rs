@@ -617,6 +617,15 @@ impl ClusterState {
                 self.require_initialized()?;
                 self.report_migration(*id, progress)
             }
+            Command::RecoverPostcopy {
+                id,
+                attempt,
+                listen,
+                now_ms,
+            } => {
+                self.require_initialized()?;
+                self.recover_postcopy(*id, *attempt, listen.as_deref(), *now_ms)
+            }
             Command::CommitMigration {
                 id,
                 qemu_downtime_ms,

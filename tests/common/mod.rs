@@ -288,7 +288,9 @@ impl Cluster {
             id,
             grpc: format!("127.0.0.1:{}", free_port()),
             iscsi: format!("127.0.0.1:{}", free_port()),
-            migration: format!("127.0.0.1:{}", free_port()),
+            // Each node's migration network on an address of its own (loopback has all of
+            // 127/8), so that a test can cut one node's migration network whole.
+            migration: format!("127.0.0.{}:{}", 10 + id, free_port()),
             dir,
             child: None,
             starts: 0,
