@@ -36,6 +36,9 @@ const FIRST_REPORT: Duration = Duration::from_millis(250);
 /// the destination stopped reading); QEMU alone would wait for TCP to time out. Long
 /// enough that a destination starved of CPU for a while is not taken for a cut one.
 pub const STALL: Duration = Duration::from_secs(20);
+/// Plain pre-copy is given up when this many passes over memory in a row have not left less
+/// to send than the best one before them.
+const NO_CONVERGENCE_PASSES: u64 = 5;
 /// The bandwidth QEMU may use when the operator sets none: no cap worth the name (QEMU's
 /// own default is 128 MiB/s).
 const UNCAPPED_BYTES_PER_SEC: u64 = 100 << 30;
@@ -464,6 +467,10 @@ pub async fn drive_source(
     let mut stalled: Option<String> = None;
     let mut last_sent = (0u64, Instant::now());
     let postcopy = m.params.policy == MigrationPolicy::Postcopy;
+    // Plain pre-copy: the least memory left at the start of a pass so far, and at which
+    // pass; and the last pass seen.
+    let mut least_left: Option<(u64, u64)> = None;
+    let mut pass_seen = 0u64;
     let info = loop {
         // QEMU announces each change of the migration's status (the `events` capability):
         // the end of the copy is seen at once, not at the next poll.
@@ -522,6 +529,43 @@ pub async fn drive_source(
             }
             _ => {}
         }
+        // Plain pre-copy of a guest that rewrites its memory faster than it is sent never
+        // ends: once passes no longer leave less to send, it is given up, the guest still
+        // running here, with a word on the policies that move such a guest.
+        if let Some(ram) = info.ram.as_ref()
+            && m.params.policy == MigrationPolicy::Precopy
+            && !cancelling
+            && ram.dirty_sync_count >= 2
+            && ram.dirty_sync_count != pass_seen
+        {
+            // Shortly after the pass began, what is left is about what the last one found
+            // dirty; only a clear gain (a tenth) counts as progress.
+            pass_seen = ram.dirty_sync_count;
+            match least_left {
+                Some((least, _)) if ram.remaining >= least - least / 10 => {}
+                _ => least_left = Some((ram.remaining, ram.dirty_sync_count)),
+            }
+            if let Some((least, at)) = least_left
+                && ram.dirty_sync_count >= at + NO_CONVERGENCE_PASSES
+            {
+                cancelling = true;
+                let why = format!(
+                    "pre-copy does not converge: after {} passes {} MiB are still left to send \
+                     (the guest dirties {} MiB/s; {:.0} MiB/s sent); --policy auto-converge or \
+                     postcopy moves a guest this busy",
+                    ram.dirty_sync_count,
+                    least >> 20,
+                    (ram.dirty_pages_rate * ram.page_size) >> 20,
+                    ram.mbps / 8.0 / 1.048576
+                );
+                tracing::warn!(migration = id, "{why}; cancelling the copy");
+                // Recorded first: the destination's QEMU ends with the stream, and its own
+                // report of that must not stand for the reason.
+                fail(why.clone()).await;
+                stalled = Some(why);
+                let _ = inst.qmp.execute("migrate_cancel", None).await;
+            }
+        }
         let sent = info.ram.as_ref().map_or(0, |r| r.transferred);
         if sent != last_sent.0 {
             last_sent = (sent, Instant::now());
@@ -539,6 +583,7 @@ pub async fn drive_source(
                 )
             };
             tracing::warn!(migration = id, "{why}; cancelling the copy");
+            fail(why.clone()).await;
             stalled = Some(why);
             let _ = inst.qmp.execute("migrate_cancel", None).await;
         }

@@ -343,6 +343,35 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
         .collect();
     assert_eq!(boots.len(), 1, "{boots:?}");
 
+    // Plain pre-copy of a guest this busy (32 MiB rewritten without pause) at 32 MiB/s
+    // never converges: it is given up by policy, and the guest runs on on node 1.
+    let (ok, last, _) = s.migrate(2, &["--policy", "precopy", "--bandwidth", "32"]);
+    assert!(!ok, "{last}");
+    assert_eq!(last["outcome"], "failed", "{last}");
+    let m = migration_json(&s.ep, last["migration"].as_u64().unwrap());
+    let error = m["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("pre-copy does not converge") && error.contains("auto-converge"),
+        "{m}"
+    );
+    let v = s.vm();
+    assert_eq!(
+        (v["owner"].as_u64(), v["state"].as_str()),
+        (Some(1), Some("running")),
+        "{v}"
+    );
+    let n = common::agent_lines(&s.serial(1)).len();
+    let serial = s.serial(1);
+    wait_until(
+        "the guest to go on on node 1",
+        Duration::from_secs(30),
+        || {
+            let more = common::agent_lines(&serial).len() > n + 5;
+            async move { more.then_some(()) }
+        },
+    )
+    .await;
+
     // A busy guest still moves under auto-converge.
     let (ok, last, err) = s.migrate(2, &["--policy", "auto-converge"]);
     assert!(ok, "{err} {last}");

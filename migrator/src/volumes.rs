@@ -531,19 +531,26 @@ fn node_list(nodes: &[u64]) -> String {
         .join(", ")
 }
 
+/// The cluster state, read again while reading fails, until `deadline`.
+async fn state_until(
+    client: &mut ClusterClient,
+    deadline: std::time::Instant,
+) -> Result<ClusterState, String> {
+    loop {
+        match client.state().await {
+            Ok(s) => return Ok(s),
+            Err(e) if std::time::Instant::now() > deadline => return Err(e.to_string()),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(200)).await,
+        }
+    }
+}
+
 /// Waits up to 15 s for the deleted disk's extents to be released; returns the nodes that have
 /// not acknowledged the deletion yet (empty once released), or why that could not be checked.
 async fn wait_released(client: &mut ClusterClient, d: &DiskRecord) -> Result<Vec<u64>, String> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
-        let state = match client.state().await {
-            Ok(s) => s,
-            Err(e) if std::time::Instant::now() > deadline => return Err(e.to_string()),
-            Err(_) => {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                continue;
-            }
-        };
+        let state = state_until(client, deadline).await?;
         let Some(v) = state.volumes.get(&d.volume) else {
             return Ok(Vec::new());
         };
@@ -569,14 +576,7 @@ async fn wait_adopted(client: &mut ClusterClient, volume: uuid::Uuid) -> Result<
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let mut epoch = None;
     loop {
-        let state = match client.state().await {
-            Ok(s) => s,
-            Err(e) if std::time::Instant::now() > deadline => return Err(e.to_string()),
-            Err(_) => {
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                continue;
-            }
-        };
+        let state = state_until(client, deadline).await?;
         let Some(v) = state.volumes.get(&volume) else {
             return Err("the volume is gone".into());
         };

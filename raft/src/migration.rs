@@ -1011,6 +1011,29 @@ mod tests {
         }
     }
 
+    /// Takes migration `id` through `ready` and `copying` to its commit, at `at_ms`.
+    fn switch_over(s: &mut ClusterState, id: MigrationId, at_ms: u64) {
+        for (from, to) in [
+            (MigrationPhase::Preparing, MigrationPhase::Ready),
+            (MigrationPhase::Ready, MigrationPhase::Copying),
+        ] {
+            let step = Command::AdvanceMigration {
+                id,
+                from,
+                to,
+                at_ms: Some(at_ms),
+                listen: None,
+            };
+            apply(s, step).unwrap();
+        }
+        let commit = Command::CommitMigration {
+            id,
+            qemu_downtime_ms: 1,
+            switchover_at_ms: at_ms,
+        };
+        apply(s, commit).unwrap();
+    }
+
     fn finish(
         s: &mut ClusterState,
         id: MigrationId,
@@ -1447,31 +1470,7 @@ mod tests {
         };
         // Nothing to mend before the switchover.
         assert!(recover(&mut s, 1, None, 50).is_err());
-        for (from, to) in [
-            (MigrationPhase::Preparing, MigrationPhase::Ready),
-            (MigrationPhase::Ready, MigrationPhase::Copying),
-        ] {
-            apply(
-                &mut s,
-                Command::AdvanceMigration {
-                    id,
-                    from,
-                    to,
-                    at_ms: None,
-                    listen: None,
-                },
-            )
-            .unwrap();
-        }
-        apply(
-            &mut s,
-            Command::CommitMigration {
-                id,
-                qemu_downtime_ms: 0,
-                switchover_at_ms: 40,
-            },
-        )
-        .unwrap();
+        switch_over(&mut s, id, 40);
         assert_eq!(s.migrations[&id].recovery, None);
         // The destination cannot answer a break the source has not reported.
         assert!(recover(&mut s, 1, Some("127.0.0.1:8001"), 50).is_err());
@@ -1768,31 +1767,7 @@ mod tests {
             stranded[0].1
         );
         // A committed migration is its destination's to finish, down or not.
-        for (from, to) in [
-            (MigrationPhase::Preparing, MigrationPhase::Ready),
-            (MigrationPhase::Ready, MigrationPhase::Copying),
-        ] {
-            apply(
-                &mut s,
-                Command::AdvanceMigration {
-                    id: queued,
-                    from,
-                    to,
-                    at_ms: Some(4 * down),
-                    listen: None,
-                },
-            )
-            .unwrap();
-        }
-        apply(
-            &mut s,
-            Command::CommitMigration {
-                id: queued,
-                qemu_downtime_ms: 1,
-                switchover_at_ms: 4 * down,
-            },
-        )
-        .unwrap();
+        switch_over(&mut s, queued, 4 * down);
         assert!(s.stranded_migrations(8 * down).is_empty());
     }
 
