@@ -321,10 +321,12 @@ pub async fn drain(
             let cmd = Command::StartMigration {
                 vm: v.id,
                 dest,
+                // Auto-converge: it is pre-copy for a quiet guest, and throttles a busy one
+                // until it converges, so that maintenance empties the node either way.
                 params: MigrationParams {
                     bandwidth_mibps: None,
                     downtime_ms: DEFAULT_DOWNTIME_MS,
-                    policy: MigrationPolicy::Precopy,
+                    policy: MigrationPolicy::AutoConverge,
                 },
                 now_ms: csvd_raft::node::now_ms(),
             };
