@@ -76,10 +76,12 @@ enum Event {
         result: Result<Instance, String>,
         restarts: u32,
     },
-    /// QEMU ended; `guest_off` when the guest powered itself off.
+    /// QEMU ended; `guest_off` when the guest powered itself off, `load_failed` when it
+    /// said that loading an incoming migration failed (its stream broke off).
     Ended {
         id: Uuid,
         guest_off: bool,
+        load_failed: bool,
     },
     ShutDown {
         id: Uuid,
@@ -465,12 +467,15 @@ impl Agent {
         let (inst, tx) = (inst.clone(), self.events.clone());
         let mut events = inst.qmp.events();
         tokio::spawn(async move {
-            let mut guest_off = false;
+            let (mut guest_off, mut load_failed) = (false, false);
             loop {
                 tokio::select! {
                     ev = events.recv() => match ev {
                         Ok(e) if e.name == "SHUTDOWN" => {
                             guest_off |= e.data.get("guest").and_then(|g| g.as_bool()) == Some(true);
+                        }
+                        Ok(e) if e.name == "MIGRATION" => {
+                            load_failed |= e.data.get("status").and_then(|s| s.as_str()) == Some("failed");
                         }
                         Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
@@ -479,7 +484,11 @@ impl Agent {
                 }
             }
             inst.wait_exit(Duration::from_secs(10)).await;
-            let _ = tx.send(Event::Ended { id, guest_off });
+            let _ = tx.send(Event::Ended {
+                id,
+                guest_off,
+                load_failed,
+            });
         });
     }
 
@@ -518,7 +527,11 @@ impl Agent {
                 // The watcher reports the end; nothing else to do here.
                 let _ = how;
             }
-            Event::Ended { id, guest_off } => self.ended(id, guest_off).await,
+            Event::Ended {
+                id,
+                guest_off,
+                load_failed,
+            } => self.ended(id, guest_off, load_failed).await,
             Event::Incoming {
                 id,
                 migration,
@@ -545,8 +558,9 @@ impl Agent {
         }
     }
 
-    /// QEMU of `id` ended: on request, by the guest, or by a crash.
-    async fn ended(&mut self, id: Uuid, guest_off: bool) {
+    /// QEMU of `id` ended: on request, by the guest, or by a crash (`load_failed`: an
+    /// incoming migration's QEMU whose stream broke off).
+    async fn ended(&mut self, id: Uuid, guest_off: bool, load_failed: bool) {
         let (inst, stopping, restarts) = match self.slots.remove(&id) {
             Some(Slot::Running {
                 inst,
@@ -557,23 +571,32 @@ impl Agent {
                 // The destination QEMU died before the switchover: the VM stays on the
                 // source, and the migration fails.
                 tracing::warn!(vm = %id, migration, "the destination QEMU ended");
-                // After a cancel the source closes the stream, which ends this QEMU too.
-                let cancelled = self
+                // After a cancel or a failure the source closes the stream, which ends this
+                // QEMU too: nothing to add then.
+                let (cancelled, ended) = self
                     .node
                     .local_view()
                     .state
                     .migrations
                     .get(&migration)
-                    .is_some_and(|m| m.cancel_requested);
+                    .map_or((false, true), |m| {
+                        (m.cancel_requested, m.phase.is_terminal())
+                    });
                 let (phase, why) = if cancelled {
                     (MigrationPhase::Cancelled, None)
                 } else {
-                    (
-                        MigrationPhase::Failed,
-                        Some("the destination QEMU ended".to_string()),
-                    )
+                    // A stream that broke off ends this QEMU too: the source's QEMU or its
+                    // connection failed, not this one.
+                    let why = if load_failed {
+                        "the migration stream from the source broke off (the destination could not load it)"
+                    } else {
+                        "the destination QEMU ended"
+                    };
+                    (MigrationPhase::Failed, Some(why.to_string()))
                 };
-                let _ = crate::migrate::give_up(&self.node, migration, phase, why).await;
+                if !ended {
+                    let _ = crate::migrate::give_up(&self.node, migration, phase, why).await;
+                }
                 let view = self.node.local_view();
                 let state = &view.state;
                 if let Some(vm) = state.vms.get(&id) {

@@ -438,6 +438,9 @@ async fn test_cancelled_or_broken_migrations_leave_the_guest_on_its_source() {
     })
     .await;
     assert_eq!(failed["phase"], "failed", "{failed}");
+    // Whichever node records it first, the source's csvd or the destination's (whose QEMU
+    // ends with the stream), the reason names the source.
+    eprintln!("source QEMU killed: {}", failed["error"]);
     assert!(
         failed["error"]
             .as_str()

@@ -773,7 +773,17 @@ impl ClusterState {
         let m = self.migration_mut(id)?;
         if m.phase.is_terminal() {
             return if m.phase == phase {
-                Ok(Outcome::Unchanged)
+                // Both nodes may report a failure, each with what it saw (the destination's
+                // QEMU ends with the stream when the source's dies): the record keeps both.
+                match (m.error.as_mut(), error) {
+                    (Some(first), Some(more))
+                        if phase == MigrationPhase::Failed && !first.contains(more) =>
+                    {
+                        *first = format!("{first}; {more}").chars().take(1024).collect();
+                        Ok(Outcome::Applied)
+                    }
+                    _ => Ok(Outcome::Unchanged),
+                }
             } else {
                 Err(precondition(format!(
                     "migration {id} already ended: {}",
@@ -1509,6 +1519,42 @@ mod tests {
         );
         finish(&mut s, id, MigrationPhase::Completed, true).unwrap();
         assert!(recover(&mut s, 3, None, 70).is_err(), "ended");
+    }
+
+    #[test]
+    fn test_a_failure_keeps_what_each_node_reported() {
+        let mut s = cluster(1);
+        let id = start(&mut s, 1, 2).unwrap();
+        let fail = |s: &mut ClusterState, why: &str| {
+            apply(
+                s,
+                Command::FinishMigration {
+                    id,
+                    phase: MigrationPhase::Failed,
+                    error: Some(why.into()),
+                    total_ms: None,
+                    downtime_ms: None,
+                    now_ms: 20,
+                    committed: false,
+                },
+            )
+        };
+        assert_eq!(
+            fail(&mut s, "the destination QEMU ended"),
+            Ok(Outcome::Applied)
+        );
+        assert_eq!(fail(&mut s, "source QEMU: gone"), Ok(Outcome::Applied));
+        assert_eq!(
+            fail(&mut s, "source QEMU: gone"),
+            Ok(Outcome::Unchanged),
+            "a retry"
+        );
+        assert_eq!(
+            s.migrations[&id].error.as_deref(),
+            Some("the destination QEMU ended; source QEMU: gone")
+        );
+        assert_eq!(s.migrations[&id].finished_at_ms, Some(20));
+        assert!(finish(&mut s, id, MigrationPhase::Cancelled, false).is_err());
     }
 
     #[test]
