@@ -788,6 +788,17 @@ async fn finish_postcopy(node: &MetaNode, inst: &Instance, id: MigrationId) {
                 return;
             }
         };
+        // A stream broken for longer than the window (paused, or being resumed): give up.
+        if broken_since.is_some_and(|t| t.elapsed() >= RECOVERY_WINDOW)
+            && info.status.as_deref() != Some("completed")
+        {
+            tracing::error!(
+                migration = id,
+                "post-copy: the stream could not be resumed within {} s: giving up; the destination restarts the guest",
+                RECOVERY_WINDOW.as_secs()
+            );
+            return;
+        }
         match info.status.as_deref().unwrap_or("") {
             "completed" => {
                 if broken_since.is_some() || resumed.is_some() {
@@ -822,15 +833,7 @@ async fn finish_postcopy(node: &MetaNode, inst: &Instance, id: MigrationId) {
                 }
             }
             "postcopy-paused" => {
-                let since = *broken_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= RECOVERY_WINDOW {
-                    tracing::error!(
-                        migration = id,
-                        "post-copy: the stream could not be resumed within {} s: giving up; the destination restarts the guest",
-                        RECOVERY_WINDOW.as_secs()
-                    );
-                    return;
-                }
+                broken_since.get_or_insert_with(Instant::now);
                 let recovery = node
                     .local_view()
                     .state
@@ -864,21 +867,12 @@ async fn finish_postcopy(node: &MetaNode, inst: &Instance, id: MigrationId) {
                     _ => {}
                 }
             }
-            // The stream is being resumed: connecting (a network still cut leaves TCP
-            // trying for two minutes, and the connection comes up on its first try after
-            // the network is back), then the handshake, which QEMU can be told to give up
-            // when it hangs. Both count against the window.
-            s @ ("postcopy-recover-setup" | "postcopy-recover") => {
-                if broken_since.is_some_and(|t| t.elapsed() >= RECOVERY_WINDOW) {
-                    tracing::error!(
-                        migration = id,
-                        "post-copy: the stream could not be resumed within {} s: giving up; the destination restarts the guest",
-                        RECOVERY_WINDOW.as_secs()
-                    );
-                    return;
-                }
+            // The stream is being resumed: connecting (`postcopy-recover-setup`: a network
+            // still cut leaves TCP trying for two minutes, and the connection comes up on
+            // its first try after the network is back), then the handshake, which QEMU can
+            // be told to give up when it hangs. Both count against the window above.
+            "postcopy-recover" => {
                 if let Some((attempt, at)) = resumed
-                    && s == "postcopy-recover"
                     && at.elapsed() >= RESUME_STUCK
                 {
                     tracing::warn!(
